@@ -1,0 +1,606 @@
+"""The engine: a preallocated slot KV cache and three jitted steps, `prefill` -> `insert` -> `generate`.
+
+- `prefill(tokens, sampling)` runs one prompt, padded to a power-of-two bucket, and samples its first token.
+- `insert(prefix, state, slot)` writes the prompt's K/V into a slot of the one fixed-shape cache and arms the slot.
+- `generate(state)` advances every slot `decode_steps` tokens in one dispatch (a `lax.scan`), empty and finished
+  slots masked, and copies the tokens back to the host once.
+
+Cache layout: k and v are each [L, B, K, S, H] (layers, slots, kv heads, cache positions, head dim). A slot's
+positions for one kv head are contiguous, so decode attention over a window [0, W) reads W * H contiguous values per
+(layer, slot, head). Decode attends over a power-of-two window W >= the longest active sequence, so a step reads
+the cache in proportion to what is in use, not to max_seq_len; each window is one compiled shape.
+
+Every shape is compiled ahead of time by `warmup()`; afterwards nothing compiles, whatever requests come and go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from engine.config import ModelConfig
+from engine.model import CACHE_AXES, Transformer, abstract_params
+from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotSampling, hits_stop, sample, token_logprobs
+from sharding.rules import DEFAULT_RULES, MeshAxes, logical_to_spec, single_device_mesh, tree_shardings
+
+log = logging.getLogger(__name__)
+
+
+class CapacityError(ValueError):
+    """The requested slots x context do not fit the device, or a request does not fit the context."""
+
+
+def default_dtype() -> str:
+    """float32 on CPU (XLA:CPU bf16 matmuls are ~25x slower), bfloat16 on TPU/GPU."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    out, x = [], lo
+    while x < hi:
+        out.append(x)
+        x *= 2
+    return (*out, hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Static shape and dtype choices; everything per-request lives in arrays instead."""
+
+    num_slots: int = 8
+    """B: requests decoded together."""
+    max_seq_len: int = 2048
+    """S: cache positions per slot; prompt + max_tokens must fit."""
+    max_prefill_len: int = 1024
+    """Longest prompt; prefill buckets are powers of two from `min_prefill_len` up to this."""
+    min_prefill_len: int = 16
+    """Smallest prefill bucket."""
+    min_window: int = 128
+    """Smallest decode attention window; windows are powers of two from this up to max_seq_len."""
+    decode_steps: int = 8
+    """Decode steps per dispatch: more amortizes host overhead, fewer frees finished slots sooner."""
+    dtype: str = dataclasses.field(default_factory=default_dtype)
+    """Weights, activations and cache dtype."""
+    scan_unroll: int = 1
+    """Unroll factor of the layer scan (1: rolled, L: fully unrolled)."""
+    memory_fraction: float = 0.9
+    """Share of device memory weights + cache may take before start-up refuses."""
+
+    def __post_init__(self) -> None:
+        if self.num_slots < 1:
+            raise CapacityError(f"num_slots must be >= 1, got {self.num_slots}")
+        if self.max_prefill_len > self.max_seq_len:
+            raise CapacityError(
+                f"max_prefill_len={self.max_prefill_len} exceeds max_seq_len={self.max_seq_len}; lower it"
+            )
+        if self.decode_steps < 1:
+            raise CapacityError(f"decode_steps must be >= 1, got {self.decode_steps}")
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two(min(self.min_prefill_len, self.max_prefill_len), self.max_prefill_len)
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        return _powers_of_two(min(self.min_window, self.max_seq_len), self.max_seq_len)
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries, one row per slot; a pytree living on device."""
+
+    k: jax.Array  # [L, B, K, S, H]
+    v: jax.Array  # [L, B, K, S, H]
+    lengths: jax.Array  # [B] tokens in the cache = position of the next input token
+    tokens: jax.Array  # [B] next input token (the last one sampled)
+    active: jax.Array  # [B] bool: still generating
+    remaining: jax.Array  # [B] tokens the request may still generate
+    generated: jax.Array  # [B] tokens generated so far (the request's random stream index)
+    want_logprobs: jax.Array  # [B] bool
+    sampling: SlotSampling
+
+
+@struct.dataclass
+class DevicePrefix:
+    """A prefilled prompt on device, ready for `insert`."""
+
+    k: jax.Array  # [L, K, T, H]
+    v: jax.Array  # [L, K, T, H]
+    length: jax.Array  # [] real prompt tokens
+    token: jax.Array  # [] first sampled token
+    remaining: jax.Array  # [] max_tokens - 1
+    want_logprobs: jax.Array  # [] bool
+    sampling: SlotSampling  # batch of one
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probability of a generated token and the most likely alternatives (id, logprob), best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+    """What `prefill` returns: the device prefix plus its first token, already on the host."""
+
+    device: DevicePrefix
+    bucket: int
+    length: int
+    token: int
+    finished: bool  # the first token already ends the request (stop id, or max_tokens == 1)
+    logprobs: TokenLogprobs | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """One `generate` dispatch, on the host: tokens[t, b] is valid where valid[t, b]."""
+
+    tokens: np.ndarray  # [steps, B] int32
+    valid: np.ndarray  # [steps, B] bool
+    active: np.ndarray  # [B] bool: still generating after the dispatch
+    logprob: np.ndarray  # [steps, B] float32
+    top_ids: np.ndarray  # [steps, B, MAX_LOGPROBS]
+    top_logprobs: np.ndarray  # [steps, B, MAX_LOGPROBS]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBudget:
+    """Bytes the engine needs, printed at start-up."""
+
+    weight_bytes: int
+    kv_bytes_per_token: int
+    kv_bytes_per_slot: int
+    kv_bytes_total: int
+    device_bytes: int | None
+
+    def describe(self) -> str:
+        gib = 2**30
+        dev = "unknown" if self.device_bytes is None else f"{self.device_bytes / gib:.2f} GiB"
+        return (
+            f"memory: weights {self.weight_bytes / gib:.3f} GiB; KV {self.kv_bytes_per_token / 1024:.1f} KiB/token, "
+            f"{self.kv_bytes_per_slot / 2**20:.1f} MiB/slot, {self.kv_bytes_total / gib:.3f} GiB total; "
+            f"device {dev}"
+        )
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+    """Memory one device can hold: the allocator's limit on TPU/GPU, physical RAM on CPU."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+class Engine:
+    """Owns the compiled steps and the weights; the caller (the scheduler) owns the DecodeState."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        params: Any,
+        config: EngineConfig,
+        *,
+        mesh: Mesh | None = None,
+        rules: dict[str, MeshAxes] | None = None,
+    ) -> None:
+        c = model_config
+        if config.max_seq_len > c.max_position_embeddings:
+            raise CapacityError(
+                f"max_seq_len={config.max_seq_len} exceeds the model's context "
+                f"({c.max_position_embeddings}); lower --max_seq_len"
+            )
+        self.model_config = c
+        self.config = config
+        self.dtype = jnp.dtype(config.dtype)
+        self.mesh = mesh or single_device_mesh()
+        self.rules = dict(DEFAULT_RULES if rules is None else rules)
+        self.model = Transformer(c, self.dtype, scan_unroll=config.scan_unroll)
+        self.budget = self._memory_budget()
+        log.info("%s", self.budget.describe())
+        self._check_fits()
+
+        _, logical = abstract_params(c, self.dtype)
+        self.param_shardings = tree_shardings(logical, self.rules, self.mesh)
+        self.params = jax.device_put(params, self.param_shardings)
+        self.state_shardings = self._state_shardings()
+        self.prefix_shardings = self._prefix_shardings()
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._compiled: dict[tuple[str, int], Any] = {}
+        self._host_lengths = np.zeros(config.num_slots, np.int64)
+        self._host_active = np.zeros(config.num_slots, bool)
+        self.last_window = 0
+
+    # ----- construction helpers ---------------------------------------------------------------------------------
+
+    @classmethod
+    def abstract_param_shardings(
+        cls, model_config: ModelConfig, dtype: Any, mesh: Mesh, rules: dict[str, MeshAxes] | None = None
+    ) -> Any:
+        """Abstract params (ShapeDtypeStruct with .sharding) to restore a checkpoint directly into."""
+        abstract, logical = abstract_params(model_config, jnp.dtype(dtype))
+        shardings = tree_shardings(logical, DEFAULT_RULES if rules is None else rules, mesh)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+    def _memory_budget(self) -> MemoryBudget:
+        c, e = self.model_config, self.config
+        per_token = c.kv_bytes_per_token(self.dtype.itemsize)
+        return MemoryBudget(
+            weight_bytes=c.num_params * self.dtype.itemsize,
+            kv_bytes_per_token=per_token,
+            kv_bytes_per_slot=per_token * e.max_seq_len,
+            kv_bytes_total=per_token * e.max_seq_len * e.num_slots,
+            device_bytes=device_memory_bytes(self.mesh.devices.flat[0]),
+        )
+
+    def _check_fits(self) -> None:
+        b, e = self.budget, self.config
+        if b.device_bytes is None:
+            return
+        # weights and cache are spread over the mesh; the budget is per device
+        per_device = (b.weight_bytes + b.kv_bytes_total) / self.mesh.size
+        limit = b.device_bytes * e.memory_fraction
+        if per_device > limit:
+            fit_slots = int((limit * self.mesh.size - b.weight_bytes) // max(b.kv_bytes_per_slot, 1))
+            raise CapacityError(
+                f"{e.num_slots} slots x {e.max_seq_len} tokens need {per_device / 2**30:.2f} GiB per device but "
+                f"only {limit / 2**30:.2f} GiB is available; use at most {max(fit_slots, 0)} slots at this "
+                "max_seq_len, or lower max_seq_len"
+            )
+
+    def _spec(self, logical: Sequence[str | None]) -> NamedSharding:
+        return NamedSharding(self.mesh, logical_to_spec(tuple(logical), self.rules, self.mesh))
+
+    def _state_shardings(self) -> DecodeState:
+        cache = self._spec(CACHE_AXES)
+        per_slot = self._spec(("slots",))
+        return DecodeState(
+            k=cache,
+            v=cache,
+            lengths=per_slot,
+            tokens=per_slot,
+            active=per_slot,
+            remaining=per_slot,
+            generated=per_slot,
+            want_logprobs=per_slot,
+            sampling=SlotSampling(
+                temperature=per_slot,
+                top_k=per_slot,
+                top_p=per_slot,
+                min_p=per_slot,
+                key=self._spec(("slots", None)),
+                stop_ids=self._spec(("slots", None)),
+            ),
+        )
+
+    def _prefix_shardings(self) -> DevicePrefix:
+        kv = self._spec(("layers", "kv_heads", None, "head_dim"))
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        return DevicePrefix(
+            k=kv,
+            v=kv,
+            length=rep,
+            token=rep,
+            remaining=rep,
+            want_logprobs=rep,
+            sampling=jax.tree.map(lambda _: rep, SlotSampling.empty(1)),
+        )
+
+    # ----- state ------------------------------------------------------------------------------------------------
+
+    def init_state(self) -> DecodeState:
+        """An empty cache and all slots free, allocated directly in their shardings."""
+        c, e = self.model_config, self.config
+        shape = (c.num_layers, e.num_slots, c.num_kv_heads, e.max_seq_len, c.head_dim)
+        b = e.num_slots
+
+        def make() -> DecodeState:
+            return DecodeState(
+                k=jnp.zeros(shape, self.dtype),
+                v=jnp.zeros(shape, self.dtype),
+                lengths=jnp.zeros((b,), jnp.int32),
+                tokens=jnp.zeros((b,), jnp.int32),
+                active=jnp.zeros((b,), bool),
+                remaining=jnp.zeros((b,), jnp.int32),
+                generated=jnp.zeros((b,), jnp.int32),
+                want_logprobs=jnp.zeros((b,), bool),
+                sampling=SlotSampling.empty(b),
+            )
+
+        self._host_lengths[:] = 0
+        self._host_active[:] = False
+        return jax.jit(make, out_shardings=self.state_shardings)()
+
+    # ----- compiled steps ---------------------------------------------------------------------------------------
+
+    def _prefill_fn(self, params, tokens, length, remaining, want_logprobs, sampling):
+        # tokens [1, T]; the logits of the last real token pick the first generated token
+        t = tokens.shape[1]
+        positions = jnp.arange(t, dtype=jnp.int32)[None]
+        logits, (k, v) = self.model.apply({"params": params}, tokens, positions, logits_index=(length - 1)[None])
+        token = sample(logits, sampling, jnp.zeros((1,), jnp.int32))
+        logprob, top_ids, top_vals = token_logprobs(logits, token, MAX_LOGPROBS)
+        prefix = DevicePrefix(
+            k=jnp.swapaxes(k[:, 0], 1, 2),  # [L, T, K, H] -> [L, K, T, H]
+            v=jnp.swapaxes(v[:, 0], 1, 2),
+            length=length,
+            token=token[0],
+            remaining=remaining,
+            want_logprobs=want_logprobs,
+            sampling=sampling,
+        )
+        return prefix, (logprob[0], top_ids[0], top_vals[0])
+
+    def _insert_fn(self, prefix: DevicePrefix, state: DecodeState, slot):
+        k = jax.lax.dynamic_update_slice(state.k, prefix.k[:, None], (0, slot, 0, 0, 0))
+        v = jax.lax.dynamic_update_slice(state.v, prefix.v[:, None], (0, slot, 0, 0, 0))
+        first_stops = hits_stop(prefix.token[None], prefix.sampling.stop_ids)[0]
+        sampling = jax.tree.map(lambda all_, one: all_.at[slot].set(one[0]), state.sampling, prefix.sampling)
+        return DecodeState(
+            k=k,
+            v=v,
+            lengths=state.lengths.at[slot].set(prefix.length),
+            tokens=state.tokens.at[slot].set(prefix.token),
+            active=state.active.at[slot].set(~first_stops & (prefix.remaining > 0)),
+            remaining=state.remaining.at[slot].set(prefix.remaining),
+            generated=state.generated.at[slot].set(1),
+            want_logprobs=state.want_logprobs.at[slot].set(prefix.want_logprobs),
+            sampling=sampling,
+        )
+
+    def _release_fn(self, state: DecodeState, slot):
+        return state.replace(active=state.active.at[slot].set(False))
+
+    def _generate_fn(self, params, state: DecodeState, *, window: int):
+        b = self.config.num_slots
+        s = self.config.max_seq_len
+        slots = jnp.arange(b)
+
+        def step(st: DecodeState, _):
+            cache = (st.k[:, :, :, :window], st.v[:, :, :, :window])
+            logits, (k_new, v_new) = self.model.apply(
+                {"params": params}, st.tokens[:, None], st.lengths[:, None], cache=cache, lengths=st.lengths
+            )
+            logits = logits[:, 0]  # [B, V]
+            pos = jnp.minimum(st.lengths, s - 1)
+            # k_new [L, B, K, H]: advanced indices (slot, pos) move to the front -> [B, L, K, H]
+            k = st.k.at[:, slots, :, pos, :].set(jnp.swapaxes(k_new, 0, 1))
+            v = st.v.at[:, slots, :, pos, :].set(jnp.swapaxes(v_new, 0, 1))
+            token = sample(logits, st.sampling, st.generated)
+            lp = jax.lax.cond(
+                jnp.any(st.want_logprobs & st.active),
+                lambda: token_logprobs(logits, token, MAX_LOGPROBS),
+                lambda: (
+                    jnp.zeros((b,), jnp.float32),
+                    jnp.zeros((b, MAX_LOGPROBS), jnp.int32),
+                    jnp.zeros((b, MAX_LOGPROBS), jnp.float32),
+                ),
+            )
+            live = st.active
+            step_int = live.astype(jnp.int32)
+            remaining = st.remaining - step_int
+            new = st.replace(
+                k=k,
+                v=v,
+                lengths=st.lengths + step_int,
+                tokens=jnp.where(live, token, st.tokens),
+                active=live & ~hits_stop(token, st.sampling.stop_ids) & (remaining > 0),
+                remaining=remaining,
+                generated=st.generated + step_int,
+            )
+            return new, (token, live, *lp)
+
+        state, (tokens, valid, logprob, top_ids, top_vals) = jax.lax.scan(
+            step, state, None, length=self.config.decode_steps
+        )
+        return state, (tokens, valid, state.active, logprob, top_ids, top_vals)
+
+    def _compile(self, kind: str, size: int):
+        key = (kind, size)
+        if key in self._compiled:
+            return self._compiled[key]
+        rep = self._replicated
+        i32 = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+        state_abs = jax.tree.map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+            jax.eval_shape(self._abstract_state),
+            self.state_shardings,
+        )
+        params_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.params)
+        if kind == "prefill":
+            fn = jax.jit(self._prefill_fn, out_shardings=(self.prefix_shardings, rep))
+            sampling_abs = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), SlotSampling.empty(1)
+            )
+            args = (
+                params_abs,
+                jax.ShapeDtypeStruct((1, size), jnp.int32, sharding=rep),
+                i32,
+                i32,
+                jax.ShapeDtypeStruct((), bool, sharding=rep),
+                sampling_abs,
+            )
+        elif kind == "insert":
+            fn = jax.jit(self._insert_fn, donate_argnums=(1,), out_shardings=self.state_shardings)
+            prefix_abs = jax.eval_shape(functools.partial(self._abstract_prefix, size))
+            prefix_abs = jax.tree.map(
+                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), prefix_abs, self.prefix_shardings
+            )
+            args = (prefix_abs, state_abs, i32)
+        elif kind == "release":
+            fn = jax.jit(self._release_fn, donate_argnums=(0,), out_shardings=self.state_shardings)
+            args = (state_abs, i32)
+        elif kind == "generate":
+            fn = jax.jit(
+                functools.partial(self._generate_fn, window=size),
+                donate_argnums=(1,),
+                out_shardings=(self.state_shardings, rep),
+            )
+            args = (params_abs, state_abs)
+        else:
+            raise KeyError(kind)
+        compiled = fn.lower(*args).compile()
+        self._compiled[key] = compiled
+        return compiled
+
+    def _abstract_state(self) -> DecodeState:
+        c, e = self.model_config, self.config
+        shape = (c.num_layers, e.num_slots, c.num_kv_heads, e.max_seq_len, c.head_dim)
+        b = e.num_slots
+        z = functools.partial(jnp.zeros, dtype=jnp.int32)
+        return DecodeState(
+            k=jnp.zeros(shape, self.dtype),
+            v=jnp.zeros(shape, self.dtype),
+            lengths=z((b,)),
+            tokens=z((b,)),
+            active=jnp.zeros((b,), bool),
+            remaining=z((b,)),
+            generated=z((b,)),
+            want_logprobs=jnp.zeros((b,), bool),
+            sampling=SlotSampling.empty(b),
+        )
+
+    def _abstract_prefix(self, t: int) -> DevicePrefix:
+        c = self.model_config
+        shape = (c.num_layers, c.num_kv_heads, t, c.head_dim)
+        z = jnp.zeros((), jnp.int32)
+        return DevicePrefix(
+            k=jnp.zeros(shape, self.dtype),
+            v=jnp.zeros(shape, self.dtype),
+            length=z,
+            token=z,
+            remaining=z,
+            want_logprobs=jnp.zeros((), bool),
+            sampling=SlotSampling.empty(1),
+        )
+
+    def warmup(self) -> None:
+        """Compiles every prefill bucket, insert bucket, decode window and the release step."""
+        for t in self.config.prefill_buckets:
+            self._compile("prefill", t)
+            self._compile("insert", t)
+        for w in self.config.windows:
+            self._compile("generate", w)
+        self._compile("release", 0)
+
+    # ----- the engine API ---------------------------------------------------------------------------------------
+
+    def bucket_for(self, length: int) -> int:
+        """The prefill bucket a prompt of `length` tokens runs in."""
+        for t in self.config.prefill_buckets:
+            if length <= t:
+                return t
+        raise CapacityError(
+            f"prompt has {length} tokens but the longest prefill is {self.config.max_prefill_len}; "
+            "shorten the prompt or raise max_prefill_len"
+        )
+
+    def check_request(self, prompt_len: int, params: SamplingParams) -> None:
+        """Raises ValueError / CapacityError saying what to change when the request cannot run."""
+        if prompt_len < 1:
+            raise ValueError("prompt is empty; send at least one token")
+        params.validate(self.model_config.vocab_size)
+        self.bucket_for(prompt_len)
+        if prompt_len + params.max_tokens > self.config.max_seq_len:
+            raise CapacityError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
+                f"{self.config.max_seq_len} tokens; lower max_tokens to at most {self.config.max_seq_len - prompt_len}"
+            )
+
+    def prefill(self, tokens: Sequence[int], params: SamplingParams, seed: int) -> Prefix:
+        """Runs the prompt and samples its first token (copied to the host: the caller streams it at once)."""
+        n = len(tokens)
+        self.check_request(n, params)
+        bad = [t for t in tokens if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        bucket = self.bucket_for(n)
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, :n] = tokens
+        sampling = SlotSampling.from_params(params, seed, self.model_config.eos_token_ids)
+        prefix, (logprob, top_ids, top_vals) = self._compile("prefill", bucket)(
+            self.params,
+            padded,
+            np.int32(n),
+            np.int32(params.max_tokens - 1),
+            np.bool_(params.logprobs is not None),
+            sampling,
+        )
+        token, logprob, top_ids, top_vals = jax.device_get((prefix.token, logprob, top_ids, top_vals))
+        token = int(token)
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.model_config.eos_token_ids))
+        lps = None
+        if params.logprobs is not None:
+            n_top = params.logprobs
+            lps = TokenLogprobs(
+                float(logprob), tuple((int(i), float(x)) for i, x in zip(top_ids[:n_top], top_vals[:n_top]))
+            )
+        return Prefix(
+            device=prefix,
+            bucket=bucket,
+            length=n,
+            token=token,
+            finished=token in stops or params.max_tokens == 1,
+            logprobs=lps,
+        )
+
+    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
+        """Places a prefilled prompt into `slot` (its previous contents are overwritten)."""
+        if not 0 <= slot < self.config.num_slots:
+            raise IndexError(f"slot {slot} outside [0, {self.config.num_slots})")
+        state = self._compile("insert", prefix.bucket)(prefix.device, state, np.int32(slot))
+        self._host_lengths[slot] = prefix.length
+        self._host_active[slot] = not prefix.finished
+        return state
+
+    def release(self, state: DecodeState, slot: int) -> DecodeState:
+        """Stops a slot (cancelled, or finished on the host by a stop string); its cache is reused as is."""
+        self._host_active[slot] = False
+        return self._compile("release", 0)(state, np.int32(slot))
+
+    def window_for(self, longest: int) -> int:
+        """The decode attention window covering sequences up to `longest` tokens through one dispatch."""
+        need = longest + self.config.decode_steps
+        for w in self.config.windows:
+            if need <= w:
+                return w
+        return self.config.max_seq_len
+
+    def generate(self, state: DecodeState) -> tuple[DecodeState, StepOutput]:
+        """Advances every active slot `decode_steps` tokens; one dispatch and one copy back to the host."""
+        longest = int(self._host_lengths[self._host_active].max(initial=0))
+        self.last_window = self.window_for(longest)
+        state, out = self._compile("generate", self.last_window)(self.params, state)
+        tokens, valid, active, logprob, top_ids, top_vals = jax.device_get(out)
+        self._host_lengths += valid.sum(axis=0)
+        self._host_active = np.array(active)
+        return state, StepOutput(tokens, valid, active, logprob, top_ids, top_vals)
+
+    @property
+    def host_lengths(self) -> np.ndarray:
+        """Tokens cached per slot, as the host last saw them."""
+        return self._host_lengths
+
+    def slot_active(self, slot: int) -> bool:
+        """Whether the device is still generating for `slot` (as of the last dispatch the host saw)."""
+        return bool(self._host_active[slot])
+
+    @property
+    def compiled_shapes(self) -> list[tuple[str, int]]:
+        return sorted(self._compiled)

@@ -1,0 +1,379 @@
+"""Continuous batching: a bounded priority queue of requests admitted into free slots as others finish.
+
+The scheduler talks to the engine only through `prefill` / `insert` / `generate` / `release`, and to the outside
+only through `submit`, `cancel`, `step` and each request's output sink, so the offline batch job and the gRPC
+service drive it the same way. It knows nothing of the network.
+
+One `step()`:
+1. decides (`plan`): which cancelled or host-stopped slots to release, which waiting requests to admit into free
+   slots - at most `prefills_per_step` of them;
+2. executes the plan: release, then prefill + insert each admitted request (its first token is streamed at once);
+3. runs one `generate` dispatch (`decode_steps` tokens for every active slot) and streams what it produced.
+
+Policy and its trade-off: prefills are interleaved with decode dispatches, `prefills_per_step` at most between two
+dispatches. Raising it admits a burst sooner (lower TTFT, slots fill faster) at the cost of a longer pause for the
+requests already decoding (higher inter-token latency); lowering it protects TPOT. Neither starves: every step that
+has a waiting request and a free slot admits at least one, and every step with an active slot decodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from engine.engine import CapacityError, Engine, StepOutput, TokenLogprobs
+from engine.sampling import SamplingParams
+from engine.text import IncrementalDetokenizer, StopStringMatcher
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"
+FINISH_ERROR = "error"
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; retry later."""
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A piece of one request's stream: new tokens and text; the last piece has `finished` set."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprobs] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    queue_time: float | None = None
+    """Seconds from arrival to the start of prefill."""
+    ttft: float | None = None
+    """Seconds from arrival to the first token."""
+
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request, as the scheduler tracks it."""
+
+    request_id: str
+    prompt_tokens: list[int]
+    params: SamplingParams
+    sink: Sink
+    priority: int = 0
+    """Lower runs first (as in vLLM); ties keep arrival order."""
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    seed: int = 0
+    slot: int | None = None
+    generated: list[int] = dataclasses.field(default_factory=list)
+    detok: IncrementalDetokenizer | None = None
+    stops: StopStringMatcher | None = None
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    cancelled: bool = False
+    finished: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """One admission decision: everything every process needs to run the same prefill + insert."""
+
+    request_id: str
+    prompt_tokens: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+    slot: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The host decisions of one step (replayed as is by follower processes in multi-host serving)."""
+
+    release: tuple[int, ...]
+    admit: tuple[Admission, ...]
+    decode: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for metrics and load reports."""
+
+    slots_total: int
+    slots_used: int
+    waiting: int
+    kv_tokens_used: int
+    kv_tokens_capacity: int
+    steps: int
+    last_dispatch_seconds: float
+    last_dispatch_tokens: int
+    last_window: int
+
+
+class Scheduler:
+    """Owns the DecodeState and the slot table; `step()` must be called from one thread only."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        *,
+        max_waiting: int | None = None,
+        prefills_per_step: int = 4,
+    ) -> None:
+        if prefills_per_step < 1:
+            raise ValueError(f"prefills_per_step must be >= 1, got {prefills_per_step}")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_waiting = max_waiting
+        self.prefills_per_step = prefills_per_step
+        self.state = engine.init_state()
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[int, int, Request]] = []
+        self._counter = itertools.count()
+        self._by_id: dict[str, Request] = {}
+        self._slots: list[Request | None] = [None] * engine.config.num_slots
+        self._rng = random.Random()
+        self._steps = 0
+        self._last_dispatch = (0.0, 0, 0)
+
+    # ----- called from any thread -------------------------------------------------------------------------------
+
+    def validate(self, prompt_tokens: Sequence[int], params: SamplingParams) -> None:
+        """Raises ValueError (CapacityError included) with a message naming the field and the limit."""
+        self.engine.check_request(len(prompt_tokens), params)
+        vocab = self.engine.model_config.vocab_size
+        for t in prompt_tokens:
+            if not 0 <= t < vocab:
+                raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab})")
+
+    def submit(self, request: Request) -> None:
+        """Queues a validated request; raises QueueFullError at the bound, ValueError for bad input."""
+        self.validate(request.prompt_tokens, request.params)
+        with self._lock:
+            if request.request_id in self._by_id:
+                raise ValueError(f"request id {request.request_id!r} is already in flight; use a unique id")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise QueueFullError(f"waiting queue is full ({self.max_waiting} requests)")
+            if request.params.seed is None:
+                request.seed = self._rng.getrandbits(32)
+            else:
+                request.seed = request.params.seed
+            self._by_id[request.request_id] = request
+            heapq.heappush(self._waiting, (request.priority, next(self._counter), request))
+
+    def cancel(self, request_id: str) -> bool:
+        """Marks a request cancelled; its slot is freed at the next step. False if it is unknown or done."""
+        with self._lock:
+            req = self._by_id.get(request_id)
+            if req is None or req.finished:
+                return False
+            req.cancelled = True
+            return True
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting) or any(r is not None for r in self._slots)
+
+    def stats(self) -> SchedulerStats:
+        with self._lock:
+            waiting = len(self._waiting)
+        used = [i for i, r in enumerate(self._slots) if r is not None]
+        lengths = self.engine.host_lengths
+        e = self.engine.config
+        secs, toks, window = self._last_dispatch
+        return SchedulerStats(
+            slots_total=e.num_slots,
+            slots_used=len(used),
+            waiting=waiting,
+            kv_tokens_used=int(sum(lengths[i] for i in used)),
+            kv_tokens_capacity=e.num_slots * e.max_seq_len,
+            steps=self._steps,
+            last_dispatch_seconds=secs,
+            last_dispatch_tokens=toks,
+            last_window=window,
+        )
+
+    # ----- the loop (one thread) --------------------------------------------------------------------------------
+
+    def plan(self) -> StepPlan:
+        """Decides this step's releases and admissions (host only; no engine call)."""
+        release = []
+        for slot, req in enumerate(self._slots):
+            if req is not None and (req.cancelled or req.finished):
+                release.append(slot)
+        free = [s for s, r in enumerate(self._slots) if r is None or s in release]
+        admit: list[Admission] = []
+        with self._lock:
+            cancelled_waiting = [r for _, _, r in self._waiting if r.cancelled]
+            if cancelled_waiting:
+                self._waiting = [e for e in self._waiting if not e[2].cancelled]
+                heapq.heapify(self._waiting)
+            while self._waiting and free and len(admit) < self.prefills_per_step:
+                _, _, req = heapq.heappop(self._waiting)
+                req.slot = free.pop(0)
+                admit.append(Admission(req.request_id, tuple(req.prompt_tokens), req.params, req.seed, req.slot))
+        for req in cancelled_waiting:
+            self._finish(req, FINISH_CANCELLED)
+        busy = any(r is not None and s not in release for s, r in enumerate(self._slots))
+        return StepPlan(release=tuple(release), admit=tuple(admit), decode=busy or bool(admit))
+
+    def step(self) -> StepPlan:
+        """One iteration: release, admit (prefill + insert), one decode dispatch. Returns the plan it ran."""
+        plan = self.plan()
+        for slot in plan.release:
+            req = self._slots[slot]
+            self._slots[slot] = None
+            self.state = self.engine.release(self.state, slot)
+            if req is not None and not req.finished:
+                self._finish(req, FINISH_CANCELLED)
+        for adm in plan.admit:
+            self._admit(adm)
+        if plan.decode and any(r is not None for r in self._slots):
+            self._decode()
+        self._steps += 1
+        return plan
+
+    def _admit(self, adm: Admission) -> None:
+        with self._lock:
+            req = self._by_id[adm.request_id]
+        req.admitted_at = time.monotonic()
+        try:
+            prefix = self.engine.prefill(list(adm.prompt_tokens), adm.params, adm.seed)
+        except (ValueError, CapacityError) as exc:
+            self._finish(req, FINISH_ERROR, error=str(exc))
+            return
+        except Exception as exc:  # an engine failure fails this request only
+            log.exception("prefill failed for %s", req.request_id)
+            self._finish(req, FINISH_ERROR, error=f"engine failure during prefill: {exc}")
+            return
+        req.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=adm.prompt_tokens, skip_special_tokens=True)
+        req.stops = StopStringMatcher(adm.params.stop) if adm.params.stop else None
+        if prefix.finished:
+            self._emit(req, [prefix.token], [prefix.logprobs] if prefix.logprobs else None, device_done=True)
+            return
+        self.state = self.engine.insert(prefix, self.state, adm.slot)
+        self._slots[adm.slot] = req
+        self._emit(req, [prefix.token], [prefix.logprobs] if prefix.logprobs else None, device_done=False)
+
+    def _decode(self) -> None:
+        start = time.perf_counter()
+        try:
+            self.state, out = self.engine.generate(self.state)
+        except Exception as exc:
+            log.exception("decode dispatch failed; failing the requests in flight and resetting the cache")
+            for slot, req in enumerate(self._slots):
+                self._slots[slot] = None
+                if req is not None and not req.finished:
+                    self._finish(req, FINISH_ERROR, error=f"engine failure during decode: {exc}")
+            self.state = self.engine.init_state()
+            return
+        self._last_dispatch = (time.perf_counter() - start, int(out.valid.sum()), self.engine.last_window)
+        for slot, req in enumerate(self._slots):
+            if req is None or req.finished:
+                continue
+            mask = out.valid[:, slot]
+            tokens = [int(t) for t in out.tokens[mask, slot]]
+            if not tokens:
+                continue
+            lps = None
+            if req.params.logprobs is not None:
+                n = req.params.logprobs
+                rows = [i for i in range(len(mask)) if mask[i]]
+                lps = [
+                    TokenLogprobs(
+                        float(out.logprob[i, slot]),
+                        tuple((int(a), float(b)) for a, b in zip(out.top_ids[i, slot, :n], out.top_logprobs[i, slot, :n])),
+                    )
+                    for i in rows
+                ]
+            self._emit(req, tokens, lps, device_done=not bool(out.active[slot]))
+
+    def _emit(self, req: Request, tokens: list[int], lps: list[TokenLogprobs] | None, *, device_done: bool) -> None:
+        now = time.monotonic()
+        if req.first_token_at is None:
+            req.first_token_at = now
+        if req.cancelled:
+            return  # released and reported as cancelled at the next step
+        req.generated.extend(tokens)
+        text = req.detok.add(tokens)
+        hit = False
+        if req.stops is not None:
+            text, hit = req.stops.feed(text)
+        if hit:
+            self._finish(req, FINISH_STOP, tokens=tokens, text=text, lps=lps)
+            return
+        if device_done:
+            last = req.generated[-1]
+            stop_ids = set(req.params.stop_token_ids)
+            if not req.params.ignore_eos:
+                stop_ids |= set(self.engine.model_config.eos_token_ids)
+            tail = req.detok.flush()
+            if req.stops is not None:
+                held, hit = req.stops.feed(tail)
+                tail = held if hit else held + req.stops.flush()
+            reason = FINISH_STOP if last in stop_ids or hit else FINISH_LENGTH
+            self._finish(req, reason, tokens=tokens, text=text + tail, lps=lps)
+            return
+        req.sink(RequestOutput(req.request_id, tokens, text, lps, prompt_tokens=len(req.prompt_tokens)))
+
+    def _finish(
+        self,
+        req: Request,
+        reason: str,
+        *,
+        tokens: list[int] | None = None,
+        text: str = "",
+        lps: list[TokenLogprobs] | None = None,
+        error: str | None = None,
+    ) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        if req.slot is not None and self._slots[req.slot] is req:
+            # free the slot at once for the next admission; the device only needs telling when it still decodes
+            # (a stop string, seen on the host)
+            if self.engine.slot_active(req.slot):
+                self.state = self.engine.release(self.state, req.slot)
+            self._slots[req.slot] = None
+        with self._lock:
+            self._by_id.pop(req.request_id, None)
+        arrival = req.arrival
+        req.sink(
+            RequestOutput(
+                req.request_id,
+                tokens or [],
+                text,
+                lps,
+                finished=True,
+                finish_reason=reason,
+                error=error,
+                prompt_tokens=len(req.prompt_tokens),
+                completion_tokens=len(req.generated),
+                queue_time=None if req.admitted_at is None else req.admitted_at - arrival,
+                ttft=None if req.first_token_at is None else req.first_token_at - arrival,
+            )
+        )
+
+    def run_until_idle(self, max_steps: int | None = None) -> None:
+        """Steps until every submitted request has finished (offline jobs)."""
+        n = 0
+        while self.has_work():
+            self.step()
+            n += 1
+            if max_steps is not None and n >= max_steps:
+                raise RuntimeError(f"scheduler did not go idle within {max_steps} steps")
