@@ -1,14 +1,17 @@
-"""The engine: a preallocated slot KV cache and three jitted steps, `prefill` -> `insert` -> `generate`.
+"""The engine: a preallocated paged KV cache with fixed slots and three jitted steps, prefill -> insert -> generate.
 
 - `prefill(tokens, sampling)` runs one prompt, padded to a power-of-two bucket, and samples its first token.
-- `insert(prefix, state, slot)` writes the prompt's K/V into a slot of the one fixed-shape cache and arms the slot.
+- `insert(prefix, state, slot)` writes the prompt's K/V into a slot of the fixed-shape cache and arms the slot.
 - `generate(state)` advances every slot `decode_steps` tokens in one dispatch (a `lax.scan`), empty and finished
   slots masked, and copies the tokens back to the host once.
 
-Cache layout: k and v are each [L, B, K, S, H] (layers, slots, kv heads, cache positions, head dim). A slot's
-positions for one kv head are contiguous, so decode attention over a window [0, W) reads W * H contiguous values per
-(layer, slot, head). Decode attends over a power-of-two window W >= the longest active sequence, so a step reads
-the cache in proportion to what is in use, not to max_seq_len; each window is one compiled shape.
+Cache layout: for each layer, k and v are split into S / P pages, each its own buffer: v pages [B, K, P, H] (slots,
+kv heads, positions in the page, head dim) and k pages transposed, [B, K, H, P], so both attention dots are plain
+matrix products. Decode attends over
+the first n pages, n a power of two covering the longest active sequence, so a step reads the cache in proportion to
+what is in use, not to max_seq_len; each page count is one compiled shape. Pages are separate buffers because on
+XLA:CPU a slice of a larger buffer is copied before every dot (measured: a window sliced out of one buffer costs as
+much as reading the whole buffer).
 
 Every shape is compiled ahead of time by `warmup()`; afterwards nothing compiles, whatever requests come and go.
 """
@@ -29,7 +32,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engine.config import ModelConfig
-from engine.model import CACHE_AXES, Transformer, abstract_params
+from engine.model import K_CACHE_AXES, V_CACHE_AXES, Transformer, abstract_params, stacked_axes, unstack_layers
 from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotSampling, hits_stop, sample, token_logprobs
 from sharding.rules import DEFAULT_RULES, MeshAxes, logical_to_spec, single_device_mesh, tree_shardings
 
@@ -65,14 +68,12 @@ class EngineConfig:
     """Longest prompt; prefill buckets are powers of two from `min_prefill_len` up to this."""
     min_prefill_len: int = 16
     """Smallest prefill bucket."""
-    min_window: int = 128
-    """Smallest decode attention window; windows are powers of two from this up to max_seq_len."""
+    page_size: int = 128
+    """P: cache positions per page; decode reads a power-of-two number of pages covering the longest sequence."""
     decode_steps: int = 8
     """Decode steps per dispatch: more amortizes host overhead, fewer frees finished slots sooner."""
     dtype: str = dataclasses.field(default_factory=default_dtype)
     """Weights, activations and cache dtype."""
-    scan_unroll: int = 1
-    """Unroll factor of the layer scan (1: rolled, L: fully unrolled)."""
     memory_fraction: float = 0.9
     """Share of device memory weights + cache may take before start-up refuses."""
 
@@ -83,6 +84,10 @@ class EngineConfig:
             raise CapacityError(
                 f"max_prefill_len={self.max_prefill_len} exceeds max_seq_len={self.max_seq_len}; lower it"
             )
+        if self.page_size < 1 or self.max_seq_len % self.page_size:
+            raise CapacityError(
+                f"max_seq_len={self.max_seq_len} must be a multiple of page_size={self.page_size}; round it up"
+            )
         if self.decode_steps < 1:
             raise CapacityError(f"decode_steps must be >= 1, got {self.decode_steps}")
 
@@ -91,16 +96,21 @@ class EngineConfig:
         return _powers_of_two(min(self.min_prefill_len, self.max_prefill_len), self.max_prefill_len)
 
     @property
+    def num_pages(self) -> int:
+        return self.max_seq_len // self.page_size
+
+    @property
     def windows(self) -> tuple[int, ...]:
-        return _powers_of_two(min(self.min_window, self.max_seq_len), self.max_seq_len)
+        """Decode windows in pages: powers of two up to all pages."""
+        return _powers_of_two(1, self.num_pages)
 
 
 @struct.dataclass
 class DecodeState:
     """Everything the decode loop carries, one row per slot; a pytree living on device."""
 
-    k: jax.Array  # [L, B, K, S, H]
-    v: jax.Array  # [L, B, K, S, H]
+    k: tuple  # [L][S / P] pages of [B, K, H, P]
+    v: tuple  # [L][S / P] pages of [B, K, P, H]
     lengths: jax.Array  # [B] tokens in the cache = position of the next input token
     tokens: jax.Array  # [B] next input token (the last one sampled)
     active: jax.Array  # [B] bool: still generating
@@ -114,8 +124,8 @@ class DecodeState:
 class DevicePrefix:
     """A prefilled prompt on device, ready for `insert`."""
 
-    k: jax.Array  # [L, K, T, H]
-    v: jax.Array  # [L, K, T, H]
+    k: tuple  # [L] of [K, T, H]
+    v: tuple  # [L] of [K, T, H]
     length: jax.Array  # [] real prompt tokens
     token: jax.Array  # [] first sampled token
     remaining: jax.Array  # [] max_tokens - 1
@@ -200,6 +210,7 @@ class Engine:
         mesh: Mesh | None = None,
         rules: dict[str, MeshAxes] | None = None,
     ) -> None:
+        """`params` in the model's per-layer layout (`unstack_params` converts a checkpoint's stacked layout)."""
         c = model_config
         if config.max_seq_len > c.max_position_embeddings:
             raise CapacityError(
@@ -211,7 +222,7 @@ class Engine:
         self.dtype = jnp.dtype(config.dtype)
         self.mesh = mesh or single_device_mesh()
         self.rules = dict(DEFAULT_RULES if rules is None else rules)
-        self.model = Transformer(c, self.dtype, scan_unroll=config.scan_unroll)
+        self.model = Transformer(c, self.dtype)
         self.budget = self._memory_budget()
         log.info("%s", self.budget.describe())
         self._check_fits()
@@ -219,9 +230,9 @@ class Engine:
         _, logical = abstract_params(c, self.dtype)
         self.param_shardings = tree_shardings(logical, self.rules, self.mesh)
         self.params = jax.device_put(params, self.param_shardings)
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.state_shardings = self._state_shardings()
         self.prefix_shardings = self._prefix_shardings()
-        self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._compiled: dict[tuple[str, int], Any] = {}
         self._host_lengths = np.zeros(config.num_slots, np.int64)
         self._host_active = np.zeros(config.num_slots, bool)
@@ -229,14 +240,39 @@ class Engine:
 
     # ----- construction helpers ---------------------------------------------------------------------------------
 
-    @classmethod
-    def abstract_param_shardings(
-        cls, model_config: ModelConfig, dtype: Any, mesh: Mesh, rules: dict[str, MeshAxes] | None = None
+    @staticmethod
+    def checkpoint_target(
+        model_config: ModelConfig, dtype: Any, mesh: Mesh, rules: dict[str, MeshAxes] | None = None
     ) -> Any:
-        """Abstract params (ShapeDtypeStruct with .sharding) to restore a checkpoint directly into."""
-        abstract, logical = abstract_params(model_config, jnp.dtype(dtype))
+        """Abstract params in the checkpoint's stacked layout, with the shardings to restore them directly into."""
+        dtype = jnp.dtype(dtype)
+        abstract, _ = abstract_params(model_config, dtype)
+        layer = abstract["layer_0"]
+        stacked = {k: v for k, v in abstract.items() if not k.startswith("layer_")}
+        stacked["layers"] = {
+            n: jax.ShapeDtypeStruct((model_config.num_layers, *a.shape), a.dtype) for n, a in layer.items()
+        }
+        logical = stacked_axes(model_config)
+        shardings = jax.tree.map(
+            lambda axes: NamedSharding(mesh, logical_to_spec(axes, DEFAULT_RULES if rules is None else rules, mesh)),
+            logical,
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), stacked, shardings)
+
+    @staticmethod
+    def unstack_params(
+        stacked: Any, model_config: ModelConfig, mesh: Mesh, rules: dict[str, MeshAxes] | None = None
+    ) -> Any:
+        """Checkpoint layout -> per-layer buffers, on device, each in its sharding; the stacked arrays are freed."""
+        _, logical = abstract_params(model_config, jnp.dtype(jax.tree.leaves(stacked)[0].dtype))
         shardings = tree_shardings(logical, DEFAULT_RULES if rules is None else rules, mesh)
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        fn = jax.jit(functools.partial(unstack_layers, num_layers=model_config.num_layers), out_shardings=shardings)
+        out = fn(stacked)
+        for leaf in jax.tree.leaves(stacked):
+            if isinstance(leaf, jax.Array):
+                leaf.delete()
+        return out
 
     def _memory_budget(self) -> MemoryBudget:
         c, e = self.model_config, self.config
@@ -267,12 +303,15 @@ class Engine:
     def _spec(self, logical: Sequence[str | None]) -> NamedSharding:
         return NamedSharding(self.mesh, logical_to_spec(tuple(logical), self.rules, self.mesh))
 
+    def _cache_tree(self, leaf: Any) -> tuple:
+        """A per-layer, per-page tree with `leaf` everywhere."""
+        return tuple(tuple(leaf for _ in range(self.config.num_pages)) for _ in range(self.model_config.num_layers))
+
     def _state_shardings(self) -> DecodeState:
-        cache = self._spec(CACHE_AXES)
         per_slot = self._spec(("slots",))
         return DecodeState(
-            k=cache,
-            v=cache,
+            k=self._cache_tree(self._spec(K_CACHE_AXES)),
+            v=self._cache_tree(self._spec(V_CACHE_AXES)),
             lengths=per_slot,
             tokens=per_slot,
             active=per_slot,
@@ -290,10 +329,10 @@ class Engine:
         )
 
     def _prefix_shardings(self) -> DevicePrefix:
-        kv = self._spec(("layers", "kv_heads", None, "head_dim"))
-        rep = NamedSharding(self.mesh, PartitionSpec())
+        kv = tuple(self._spec(("kv_heads", None, "head_dim")) for _ in range(self.model_config.num_layers))
+        rep = self._replicated
         return DevicePrefix(
-            k=kv,
+            k=kv,  # [K, T, H], transposed into the pages by insert
             v=kv,
             length=rep,
             token=rep,
@@ -304,28 +343,29 @@ class Engine:
 
     # ----- state ------------------------------------------------------------------------------------------------
 
+    def _empty_state(self) -> DecodeState:
+        c, e = self.model_config, self.config
+        k_page = (e.num_slots, c.num_kv_heads, c.head_dim, e.page_size)
+        v_page = (e.num_slots, c.num_kv_heads, e.page_size, c.head_dim)
+        b = e.num_slots
+        i32 = functools.partial(jnp.zeros, dtype=jnp.int32)
+        return DecodeState(
+            k=tuple(tuple(jnp.zeros(k_page, self.dtype) for _ in range(e.num_pages)) for _ in range(c.num_layers)),
+            v=tuple(tuple(jnp.zeros(v_page, self.dtype) for _ in range(e.num_pages)) for _ in range(c.num_layers)),
+            lengths=i32((b,)),
+            tokens=i32((b,)),
+            active=jnp.zeros((b,), bool),
+            remaining=i32((b,)),
+            generated=i32((b,)),
+            want_logprobs=jnp.zeros((b,), bool),
+            sampling=SlotSampling.empty(b),
+        )
+
     def init_state(self) -> DecodeState:
         """An empty cache and all slots free, allocated directly in their shardings."""
-        c, e = self.model_config, self.config
-        shape = (c.num_layers, e.num_slots, c.num_kv_heads, e.max_seq_len, c.head_dim)
-        b = e.num_slots
-
-        def make() -> DecodeState:
-            return DecodeState(
-                k=jnp.zeros(shape, self.dtype),
-                v=jnp.zeros(shape, self.dtype),
-                lengths=jnp.zeros((b,), jnp.int32),
-                tokens=jnp.zeros((b,), jnp.int32),
-                active=jnp.zeros((b,), bool),
-                remaining=jnp.zeros((b,), jnp.int32),
-                generated=jnp.zeros((b,), jnp.int32),
-                want_logprobs=jnp.zeros((b,), bool),
-                sampling=SlotSampling.empty(b),
-            )
-
         self._host_lengths[:] = 0
         self._host_active[:] = False
-        return jax.jit(make, out_shardings=self.state_shardings)()
+        return jax.jit(self._empty_state, out_shardings=self.state_shardings)()
 
     # ----- compiled steps ---------------------------------------------------------------------------------------
 
@@ -333,12 +373,12 @@ class Engine:
         # tokens [1, T]; the logits of the last real token pick the first generated token
         t = tokens.shape[1]
         positions = jnp.arange(t, dtype=jnp.int32)[None]
-        logits, (k, v) = self.model.apply({"params": params}, tokens, positions, logits_index=(length - 1)[None])
+        logits, kv = self.model.apply({"params": params}, tokens, positions, logits_index=(length - 1)[None])
         token = sample(logits, sampling, jnp.zeros((1,), jnp.int32))
         logprob, top_ids, top_vals = token_logprobs(logits, token, MAX_LOGPROBS)
         prefix = DevicePrefix(
-            k=jnp.swapaxes(k[:, 0], 1, 2),  # [L, T, K, H] -> [L, K, T, H]
-            v=jnp.swapaxes(v[:, 0], 1, 2),
+            k=tuple(jnp.swapaxes(k[0], 0, 1) for k, _ in kv),  # [T, K, H] -> [K, T, H]
+            v=tuple(jnp.swapaxes(v[0], 0, 1) for _, v in kv),
             length=length,
             token=token[0],
             remaining=remaining,
@@ -348,13 +388,22 @@ class Engine:
         return prefix, (logprob[0], top_ids[0], top_vals[0])
 
     def _insert_fn(self, prefix: DevicePrefix, state: DecodeState, slot):
-        k = jax.lax.dynamic_update_slice(state.k, prefix.k[:, None], (0, slot, 0, 0, 0))
-        v = jax.lax.dynamic_update_slice(state.v, prefix.v[:, None], (0, slot, 0, 0, 0))
+        p = self.config.page_size
+        t = prefix.k[0].shape[1]
+
+        def write(pages: tuple, kv: jax.Array, seq_axis: int) -> tuple:
+            # kv [K, T, H] (keys: [K, H, T]) lands in pages 0 .. ceil(T / P) - 1 of the slot
+            pages = list(pages)
+            for c in range(-(-t // p)):
+                chunk = jax.lax.slice_in_dim(kv, c * p, min((c + 1) * p, t), axis=seq_axis)[None]
+                pages[c] = jax.lax.dynamic_update_slice(pages[c], chunk, (slot, 0, 0, 0))
+            return tuple(pages)
+
         first_stops = hits_stop(prefix.token[None], prefix.sampling.stop_ids)[0]
         sampling = jax.tree.map(lambda all_, one: all_.at[slot].set(one[0]), state.sampling, prefix.sampling)
         return DecodeState(
-            k=k,
-            v=v,
+            k=tuple(write(pages, jnp.swapaxes(kv, 1, 2), 2) for pages, kv in zip(state.k, prefix.k)),
+            v=tuple(write(pages, kv, 1) for pages, kv in zip(state.v, prefix.v)),
             lengths=state.lengths.at[slot].set(prefix.length),
             tokens=state.tokens.at[slot].set(prefix.token),
             active=state.active.at[slot].set(~first_stops & (prefix.remaining > 0)),
@@ -368,20 +417,31 @@ class Engine:
         return state.replace(active=state.active.at[slot].set(False))
 
     def _generate_fn(self, params, state: DecodeState, *, window: int):
-        b = self.config.num_slots
-        s = self.config.max_seq_len
+        """`decode_steps` decode steps over the first `window` pages (the rest pass through untouched)."""
+        b, p = self.config.num_slots, self.config.page_size
         slots = jnp.arange(b)
 
-        def step(st: DecodeState, _):
-            cache = (st.k[:, :, :, :window], st.v[:, :, :, :window])
-            logits, (k_new, v_new) = self.model.apply(
+        def write(pages: tuple, new: jax.Array, pos: jax.Array, transposed: bool) -> tuple:
+            # new [B, K, H] at position pos[b]: only the page holding it keeps the write (the others drop it)
+            out = []
+            for c, page in enumerate(pages):
+                offset = pos - c * p
+                offset = jnp.where((offset >= 0) & (offset < p), offset, p)
+                if transposed:
+                    out.append(page.at[slots, :, :, offset].set(new, mode="drop"))
+                else:
+                    out.append(page.at[slots, :, offset, :].set(new, mode="drop"))
+            return tuple(out)
+
+        def step(carry, _):
+            st, k_win, v_win = carry
+            cache = tuple(zip(k_win, v_win))
+            logits, kv = self.model.apply(
                 {"params": params}, st.tokens[:, None], st.lengths[:, None], cache=cache, lengths=st.lengths
             )
             logits = logits[:, 0]  # [B, V]
-            pos = jnp.minimum(st.lengths, s - 1)
-            # k_new [L, B, K, H]: advanced indices (slot, pos) move to the front -> [B, L, K, H]
-            k = st.k.at[:, slots, :, pos, :].set(jnp.swapaxes(k_new, 0, 1))
-            v = st.v.at[:, slots, :, pos, :].set(jnp.swapaxes(v_new, 0, 1))
+            k_win = tuple(write(pages, k, st.lengths, True) for pages, (k, _) in zip(k_win, kv))
+            v_win = tuple(write(pages, v, st.lengths, False) for pages, (_, v) in zip(v_win, kv))
             token = sample(logits, st.sampling, st.generated)
             lp = jax.lax.cond(
                 jnp.any(st.want_logprobs & st.active),
@@ -395,21 +455,29 @@ class Engine:
             live = st.active
             step_int = live.astype(jnp.int32)
             remaining = st.remaining - step_int
-            new = st.replace(
-                k=k,
-                v=v,
+            st = st.replace(
                 lengths=st.lengths + step_int,
                 tokens=jnp.where(live, token, st.tokens),
                 active=live & ~hits_stop(token, st.sampling.stop_ids) & (remaining > 0),
                 remaining=remaining,
                 generated=st.generated + step_int,
             )
-            return new, (token, live, *lp)
+            return (st, k_win, v_win), (token, live, *lp)
 
-        state, (tokens, valid, logprob, top_ids, top_vals) = jax.lax.scan(
-            step, state, None, length=self.config.decode_steps
+        k_win = tuple(pages[:window] for pages in state.k)
+        v_win = tuple(pages[:window] for pages in state.v)
+        rest = state.replace(k=(), v=())
+        (rest, k_win, v_win), (tokens, valid, logprob, top_ids, top_vals) = jax.lax.scan(
+            step, (rest, k_win, v_win), None, length=self.config.decode_steps
+        )
+        state = rest.replace(
+            k=tuple(kw + pages[window:] for kw, pages in zip(k_win, state.k)),
+            v=tuple(vw + pages[window:] for vw, pages in zip(v_win, state.v)),
         )
         return state, (tokens, valid, state.active, logprob, top_ids, top_vals)
+
+    def _abstract(self, tree: Any, shardings: Any) -> Any:
+        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shardings)
 
     def _compile(self, kind: str, size: int):
         key = (kind, size)
@@ -417,30 +485,20 @@ class Engine:
             return self._compiled[key]
         rep = self._replicated
         i32 = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-        state_abs = jax.tree.map(
-            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-            jax.eval_shape(self._abstract_state),
-            self.state_shardings,
-        )
+        state_abs = self._abstract(jax.eval_shape(self._empty_state), self.state_shardings)
         params_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.params)
         if kind == "prefill":
             fn = jax.jit(self._prefill_fn, out_shardings=(self.prefix_shardings, rep))
             sampling_abs = jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), SlotSampling.empty(1)
             )
-            args = (
-                params_abs,
-                jax.ShapeDtypeStruct((1, size), jnp.int32, sharding=rep),
-                i32,
-                i32,
-                jax.ShapeDtypeStruct((), bool, sharding=rep),
-                sampling_abs,
-            )
+            tokens_abs = jax.ShapeDtypeStruct((1, size), jnp.int32, sharding=rep)
+            want_abs = jax.ShapeDtypeStruct((), bool, sharding=rep)
+            args = (params_abs, tokens_abs, i32, i32, want_abs, sampling_abs)
         elif kind == "insert":
             fn = jax.jit(self._insert_fn, donate_argnums=(1,), out_shardings=self.state_shardings)
-            prefix_abs = jax.eval_shape(functools.partial(self._abstract_prefix, size))
-            prefix_abs = jax.tree.map(
-                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), prefix_abs, self.prefix_shardings
+            prefix_abs = self._abstract(
+                jax.eval_shape(functools.partial(self._abstract_prefix, size)), self.prefix_shardings
             )
             args = (prefix_abs, state_abs, i32)
         elif kind == "release":
@@ -459,30 +517,13 @@ class Engine:
         self._compiled[key] = compiled
         return compiled
 
-    def _abstract_state(self) -> DecodeState:
-        c, e = self.model_config, self.config
-        shape = (c.num_layers, e.num_slots, c.num_kv_heads, e.max_seq_len, c.head_dim)
-        b = e.num_slots
-        z = functools.partial(jnp.zeros, dtype=jnp.int32)
-        return DecodeState(
-            k=jnp.zeros(shape, self.dtype),
-            v=jnp.zeros(shape, self.dtype),
-            lengths=z((b,)),
-            tokens=z((b,)),
-            active=jnp.zeros((b,), bool),
-            remaining=z((b,)),
-            generated=z((b,)),
-            want_logprobs=jnp.zeros((b,), bool),
-            sampling=SlotSampling.empty(b),
-        )
-
     def _abstract_prefix(self, t: int) -> DevicePrefix:
         c = self.model_config
-        shape = (c.num_layers, c.num_kv_heads, t, c.head_dim)
+        shape = (c.num_kv_heads, t, c.head_dim)
         z = jnp.zeros((), jnp.int32)
         return DevicePrefix(
-            k=jnp.zeros(shape, self.dtype),
-            v=jnp.zeros(shape, self.dtype),
+            k=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
+            v=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
             length=z,
             token=z,
             remaining=z,
@@ -575,12 +616,12 @@ class Engine:
         return self._compile("release", 0)(state, np.int32(slot))
 
     def window_for(self, longest: int) -> int:
-        """The decode attention window covering sequences up to `longest` tokens through one dispatch."""
+        """Pages the decode attention must cover for sequences up to `longest` tokens through one dispatch."""
         need = longest + self.config.decode_steps
         for w in self.config.windows:
-            if need <= w:
+            if need <= w * self.config.page_size:
                 return w
-        return self.config.max_seq_len
+        return self.config.num_pages
 
     def generate(self, state: DecodeState) -> tuple[DecodeState, StepOutput]:
         """Advances every active slot `decode_steps` tokens; one dispatch and one copy back to the host."""

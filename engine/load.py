@@ -32,8 +32,8 @@ def load_engine(
     model_config = load_config(directory)
     tokenizer = load_tokenizer(directory)
     mesh = mesh or single_device_mesh()
-    target = Engine.abstract_param_shardings(model_config, config.dtype, mesh, rules)
-    params = restore_params(directory, target)
+    stacked = restore_params(directory, Engine.checkpoint_target(model_config, config.dtype, mesh, rules))
+    params = Engine.unstack_params(stacked, model_config, mesh, rules)
     engine = Engine(model_config, params, config, mesh=mesh, rules=rules)
     log.info("loaded %s from %s in %.1f s", model_config.name, directory, time.perf_counter() - start)
     return engine, tokenizer

@@ -1,16 +1,22 @@
 """The Llama-family transformer as a Flax module: a pure function of (params, tokens, positions, KV cache).
 
-Dimension letters (README glossary): B batch/slots, T query length, S cache (key) length, D model dim,
-N query heads, K kv heads, G query heads per kv head (N = K * G), H head dim, F MLP dim, V vocab, L layers.
+Dimension letters (README glossary): B batch/slots, T query length, S cache (key) length, P page length,
+D model dim, N query heads, K kv heads, G query heads per kv head (N = K * G), H head dim, F MLP dim, V vocab,
+L layers.
 
 Two entry shapes share one parameter tree:
 - prefill: tokens [B, T] with no cache; causal attention inside the T tokens; returns each layer's K/V
-  ([L, B, T, K, H]) for the engine to insert into slots.
-- decode: tokens [B, 1] with the cache window (k, v: [L, B, K, S, H]) and per-slot lengths [B]; each query attends
-  to its slot's cached positions < length plus itself; returns the new K/V ([L, B, K, H]) for the engine to write.
-  The cache is only *read* inside the layer scan, and written once per step outside it, so XLA never copies it.
+  ([B, T, K, H] each) for the engine to insert into slots.
+- decode: tokens [B, 1] with each layer's cache pages (k: tuples of [B, K, H, P], v: tuples of [B, K, P, H]) and
+  per-slot lengths [B];
+  each query attends to its slot's cached positions < length plus itself; returns each layer's new K/V
+  ([B, K, H] each) for the engine to write. The cache is only read here.
 
-Layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time does not grow with depth.
+Layers are unrolled over per-layer weight buffers, and the cache is a separate buffer per (layer, page). Measured on
+XLA:CPU (SmolLM2, one decode step): a `scan` over stacked layers copies every layer's weight and cache slice out of
+the stacked buffer before each dot (the profile shows `dynamic-slice` copies taking ~25% of the step), and a static
+window slice of one long cache buffer costs as much as reading it all. Separate buffers let every dot read its
+operand in place; the price is compile time growing with depth (see README, "Design decisions").
 Every parameter declares its logical axes with `nn.with_logical_partitioning`; `sharding/` maps them onto a mesh.
 """
 
@@ -26,7 +32,7 @@ import numpy as np
 
 from engine.config import ModelConfig
 
-# Logical axes of every parameter (stacked layer params get a leading "layers" axis).
+# Logical axes of every parameter (checkpoints stack layer params on a leading "layers" axis).
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embed": ("vocab", "embed"),
     "final_norm": ("embed",),
@@ -44,8 +50,9 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "w_up": ("embed", "mlp"),
     "w_down": ("mlp", "embed"),
 }
-# Logical axes of the KV cache arrays (k and v each).
-CACHE_AXES = ("layers", "slots", "kv_heads", "cache_seq", "head_dim")
+# Logical axes of one KV cache page, per layer and page: keys are stored transposed (see _decode_attention).
+K_CACHE_AXES = ("slots", "kv_heads", "head_dim", "cache_seq")
+V_CACHE_AXES = ("slots", "kv_heads", "cache_seq", "head_dim")
 
 _NEG_INF = -1e30  # large finite: keeps fully-masked rows NaN-free
 
@@ -94,7 +101,7 @@ class Block(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cache, positions, lengths):
+    def __call__(self, x, positions, cache=None, lengths=None):
         c, dt = self.config, self.dtype
         d, n, k, h, f, g = c.dim, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim, c.q_per_kv
         normal, ones, zeros = nn.initializers.normal(0.02), nn.initializers.ones, nn.initializers.zeros
@@ -149,25 +156,34 @@ def _causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _decode_attention(q, k_new, v_new, cache, lengths):
-    """One query per slot against its cached keys plus its own new key.
+    """One query per slot against its cached keys (positions < length) plus its own new key.
 
-    q [B, K, G, H] (pre-scaled); k_new/v_new [B, K, H]; cache (k, v) [B, K, S, H]; lengths [B] cached tokens.
+    q [B, K, G, H] (pre-scaled); k_new/v_new [B, K, H]; cache (k_pages [B, K, H, P], v_pages [B, K, P, H]) covering
+    positions [0, len(pages) * P); lengths [B]. Each page is its own buffer, so each dot reads it in place; keys are
+    stored transposed so both dots are plain [G, H] x [H, P] and [G, P] x [P, H] products (measured on XLA:CPU:
+    contracting over the minor dimension of both operands made the score dot 6x slower than the value dot).
     """
-    k_cache, v_cache = cache
-    s = k_cache.shape[2]
-    # multiply-and-reduce instead of a batched dot: XLA fuses it with the layer's cache slice (no copy) and
-    # streams the cache once; batched [G, H] x [H, S] dots are tiny and slow on every backend's dot emitter
-    scores = jnp.sum(q[:, :, :, None, :] * k_cache[:, :, None, :, :], axis=-1, dtype=jnp.float32)
-    valid = jnp.arange(s)[None, :] < lengths[:, None]  # [B, S]
+    k_pages, v_pages = cache
+    p = k_pages[0].shape[3]
+    scores = jnp.concatenate([jnp.einsum("BKGH,BKHP->BKGP", q, kp) for kp in k_pages], axis=-1)
+    scores = scores.astype(jnp.float32)  # [B, K, G, S]
+    valid = jnp.arange(scores.shape[-1])[None, :] < lengths[:, None]  # [B, S]
     scores = jnp.where(valid[:, None, None, :], scores, _NEG_INF)
     self_score = jnp.einsum("BKGH,BKH->BKG", q, k_new).astype(jnp.float32)[..., None]
     peak = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), self_score)
     p_cache = jnp.exp(scores - peak)
     p_self = jnp.exp(self_score - peak)
     denom = jnp.sum(p_cache, axis=-1, keepdims=True) + p_self
-    weights = (p_cache / denom).astype(v_cache.dtype)
-    out = jnp.sum(weights[..., None] * v_cache[:, :, None, :, :], axis=3)  # [B, K, G, H]
-    return out + (p_self / denom).astype(v_new.dtype) * v_new[:, :, None, :]
+    weights = (p_cache / denom).astype(v_new.dtype)
+    out = (p_self / denom).astype(v_new.dtype) * v_new[:, :, None, :]
+    for i, vp in enumerate(v_pages):
+        out = out + jnp.einsum("BKGP,BKPH->BKGH", weights[..., i * p : (i + 1) * p], vp)
+    return out
+
+
+def layer_name(i: int) -> str:
+    """Name of layer i's parameter subtree."""
+    return f"layer_{i}"
 
 
 class Transformer(nn.Module):
@@ -175,28 +191,22 @@ class Transformer(nn.Module):
 
     config: ModelConfig
     dtype: Any = jnp.float32
-    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, tokens, positions, cache=None, lengths=None, logits_index=None):
-        """tokens/positions [B, T]; cache (k, v) [L, B, K, S, H] or None; lengths [B] (decode only).
+        """tokens/positions [B, T]; cache: per layer (k_pages, v_pages) or None; lengths [B] (decode only).
 
         logits_index [B]: compute logits only at that position of each row (prefill's last real token) ->
-        [B, V]; None -> logits for every position [B, T, V].
+        [B, V]; None -> logits for every position [B, T, V]. Returns (logits, per-layer (k, v)).
         """
         c = self.config
         embed = _param(self, "embed", (c.vocab_size, c.dim), self.dtype, nn.initializers.normal(0.02))
         x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
-        layers = nn.scan(
-            Block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast),
-            length=c.num_layers,
-            unroll=self.scan_unroll,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.dtype, name="layers")
-        x, kv = layers(x, cache, positions, lengths)
+        kv = []
+        for i in range(c.num_layers):
+            layer_cache = None if cache is None else cache[i]
+            x, layer_kv = Block(c, self.dtype, name=layer_name(i))(x, positions, layer_cache, lengths)
+            kv.append(layer_kv)
         x = rms_norm(x, _param(self, "final_norm", (c.dim,), self.dtype, nn.initializers.ones), c.rms_norm_eps)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # [B, D]
@@ -205,11 +215,11 @@ class Transformer(nn.Module):
         else:
             head = _param(self, "lm_head", (c.dim, c.vocab_size), self.dtype, nn.initializers.normal(0.02))
             logits = jnp.einsum("...D,DV->...V", x, head)
-        return logits.astype(jnp.float32), kv
+        return logits.astype(jnp.float32), tuple(kv)
 
 
 def abstract_params(config: ModelConfig, dtype: Any) -> tuple[Any, Any]:
-    """(abstract param tree of ShapeDtypeStruct, matching tree of logical PartitionSpecs), nothing allocated."""
+    """(abstract per-layer param tree of ShapeDtypeStruct, matching tree of logical PartitionSpecs)."""
     model = Transformer(config, dtype)
     tokens = jnp.zeros((1, 1), jnp.int32)
     boxed = jax.eval_shape(model.init, jax.random.key(0), tokens, tokens)["params"]
@@ -217,6 +227,34 @@ def abstract_params(config: ModelConfig, dtype: Any) -> tuple[Any, Any]:
 
 
 def init_params(config: ModelConfig, dtype: Any, seed: int = 0) -> Any:
-    """Random parameters (tests and benchmarks on configs with no checkpoint)."""
+    """Random parameters in the per-layer layout the model runs on (tests and benchmarks)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     return nn.unbox(Transformer(config, dtype).init(jax.random.key(seed), tokens, tokens)["params"])
+
+
+def stacked_axes(config: ModelConfig) -> dict[str, Any]:
+    """Logical axes of the checkpoint layout: layer params stacked under "layers" with a leading "layers" axis."""
+    layer = [n for n in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")]
+    if config.qkv_bias:
+        layer += ["bq", "bk", "bv"]
+    tree: dict[str, Any] = {"embed": PARAM_AXES["embed"], "final_norm": PARAM_AXES["final_norm"]}
+    if not config.tie_embeddings:
+        tree["lm_head"] = PARAM_AXES["lm_head"]
+    tree["layers"] = {n: ("layers", *PARAM_AXES[n]) for n in layer}
+    return tree
+
+
+def unstack_layers(stacked: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Checkpoint layout (layers stacked) -> the per-layer layout the model runs on. Works inside jit."""
+    out = {k: v for k, v in stacked.items() if k != "layers"}
+    for i in range(num_layers):
+        out[layer_name(i)] = {name: arr[i] for name, arr in stacked["layers"].items()}
+    return out
+
+
+def stack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Per-layer layout -> checkpoint layout (layers stacked on a leading axis)."""
+    names = params[layer_name(0)].keys()
+    out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    out["layers"] = {n: np.stack([np.asarray(params[layer_name(i)][n]) for i in range(num_layers)]) for n in names}
+    return out

@@ -134,19 +134,23 @@ class Scheduler:
         *,
         max_waiting: int | None = None,
         prefills_per_step: int = 4,
+        plan_hook: Callable[[StepPlan], StepPlan] | None = None,
     ) -> None:
+        """`plan_hook` sees every plan before it runs (multi-host: the leader broadcasts it to the followers)."""
         if prefills_per_step < 1:
             raise ValueError(f"prefills_per_step must be >= 1, got {prefills_per_step}")
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
         self.prefills_per_step = prefills_per_step
+        self.plan_hook = plan_hook
         self.state = engine.init_state()
         self._lock = threading.Lock()
         self._waiting: list[tuple[int, int, Request]] = []
         self._counter = itertools.count()
         self._by_id: dict[str, Request] = {}
         self._slots: list[Request | None] = [None] * engine.config.num_slots
+        self._pending_release: set[int] = set()
         self._rng = random.Random()
         self._steps = 0
         self._last_dispatch = (0.0, 0, 0)
@@ -212,9 +216,10 @@ class Scheduler:
 
     def plan(self) -> StepPlan:
         """Decides this step's releases and admissions (host only; no engine call)."""
-        release = []
+        release = sorted(self._pending_release)
+        self._pending_release.clear()
         for slot, req in enumerate(self._slots):
-            if req is not None and (req.cancelled or req.finished):
+            if req is not None and req.cancelled:
                 release.append(slot)
         free = [s for s, r in enumerate(self._slots) if r is None or s in release]
         admit: list[Admission] = []
@@ -229,12 +234,20 @@ class Scheduler:
                 admit.append(Admission(req.request_id, tuple(req.prompt_tokens), req.params, req.seed, req.slot))
         for req in cancelled_waiting:
             self._finish(req, FINISH_CANCELLED)
-        busy = any(r is not None and s not in release for s, r in enumerate(self._slots))
+        busy = any(r is not None and not r.cancelled for r in self._slots)
         return StepPlan(release=tuple(release), admit=tuple(admit), decode=busy or bool(admit))
 
     def step(self) -> StepPlan:
         """One iteration: release, admit (prefill + insert), one decode dispatch. Returns the plan it ran."""
         plan = self.plan()
+        if self.plan_hook is not None:
+            plan = self.plan_hook(plan)
+        self.execute(plan)
+        return plan
+
+    def execute(self, plan: StepPlan) -> None:
+        """Runs a plan's engine calls. Every engine call of a step happens here, in this order, so a follower
+        process that replays the same plans runs the same compiled programs on the same inputs."""
         for slot in plan.release:
             req = self._slots[slot]
             self._slots[slot] = None
@@ -243,10 +256,9 @@ class Scheduler:
                 self._finish(req, FINISH_CANCELLED)
         for adm in plan.admit:
             self._admit(adm)
-        if plan.decode and any(r is not None for r in self._slots):
+        if plan.decode:
             self._decode()
         self._steps += 1
-        return plan
 
     def _admit(self, adm: Admission) -> None:
         with self._lock:
@@ -345,10 +357,10 @@ class Scheduler:
             return
         req.finished = True
         if req.slot is not None and self._slots[req.slot] is req:
-            # free the slot at once for the next admission; the device only needs telling when it still decodes
-            # (a stop string, seen on the host)
+            # the slot is free for the next admission; the device only needs telling when it still decodes (a stop
+            # string, seen on the host), and is told by the next plan so that every engine call is in a plan
             if self.engine.slot_active(req.slot):
-                self.state = self.engine.release(self.state, req.slot)
+                self._pending_release.add(req.slot)
             self._slots[req.slot] = None
         with self._lock:
             self._by_id.pop(req.request_id, None)

@@ -1,0 +1,1 @@
+"""The meshserve protobuf package; each subpackage is one API version."""
