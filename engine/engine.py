@@ -18,10 +18,12 @@ Every shape is compiled ahead of time by `warmup()`; afterwards nothing compiles
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -282,7 +284,7 @@ class Engine:
             kv_bytes_per_token=per_token,
             kv_bytes_per_slot=per_token * e.max_seq_len,
             kv_bytes_total=per_token * e.max_seq_len * e.num_slots,
-            device_bytes=device_memory_bytes(self.mesh.devices.flat[0]),
+            device_bytes=device_memory_bytes(self.mesh.local_devices[0]),
         )
 
     def _check_fits(self) -> None:
@@ -402,8 +404,8 @@ class Engine:
         first_stops = hits_stop(prefix.token[None], prefix.sampling.stop_ids)[0]
         sampling = jax.tree.map(lambda all_, one: all_.at[slot].set(one[0]), state.sampling, prefix.sampling)
         return DecodeState(
-            k=tuple(write(pages, jnp.swapaxes(kv, 1, 2), 2) for pages, kv in zip(state.k, prefix.k)),
-            v=tuple(write(pages, kv, 1) for pages, kv in zip(state.v, prefix.v)),
+            k=tuple(write(pages, jnp.swapaxes(kv, 1, 2), 2) for pages, kv in zip(state.k, prefix.k, strict=True)),
+            v=tuple(write(pages, kv, 1) for pages, kv in zip(state.v, prefix.v, strict=True)),
             lengths=state.lengths.at[slot].set(prefix.length),
             tokens=state.tokens.at[slot].set(prefix.token),
             active=state.active.at[slot].set(~first_stops & (prefix.remaining > 0)),
@@ -435,13 +437,13 @@ class Engine:
 
         def step(carry, _):
             st, k_win, v_win = carry
-            cache = tuple(zip(k_win, v_win))
+            cache = tuple(zip(k_win, v_win, strict=True))
             logits, kv = self.model.apply(
                 {"params": params}, st.tokens[:, None], st.lengths[:, None], cache=cache, lengths=st.lengths
             )
             logits = logits[:, 0]  # [B, V]
-            k_win = tuple(write(pages, k, st.lengths, True) for pages, (k, _) in zip(k_win, kv))
-            v_win = tuple(write(pages, v, st.lengths, False) for pages, (_, v) in zip(v_win, kv))
+            k_win = tuple(write(pages, k, st.lengths, True) for pages, (k, _) in zip(k_win, kv, strict=True))
+            v_win = tuple(write(pages, v, st.lengths, False) for pages, (_, v) in zip(v_win, kv, strict=True))
             token = sample(logits, st.sampling, st.generated)
             lp = jax.lax.cond(
                 jnp.any(st.want_logprobs & st.active),
@@ -471,8 +473,8 @@ class Engine:
             step, (rest, k_win, v_win), None, length=self.config.decode_steps
         )
         state = rest.replace(
-            k=tuple(kw + pages[window:] for kw, pages in zip(k_win, state.k)),
-            v=tuple(vw + pages[window:] for vw, pages in zip(v_win, state.v)),
+            k=tuple(kw + pages[window:] for kw, pages in zip(k_win, state.k, strict=True)),
+            v=tuple(vw + pages[window:] for vw, pages in zip(v_win, state.v, strict=True)),
         )
         return state, (tokens, valid, state.active, logprob, top_ids, top_vals)
 
@@ -480,9 +482,13 @@ class Engine:
         return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shardings)
 
     def _compile(self, kind: str, size: int):
+        """The compiled executable for one shape (compiled now if warm-up did not)."""
         key = (kind, size)
-        if key in self._compiled:
-            return self._compiled[key]
+        if key not in self._compiled:
+            self._compiled[key] = self._lower(kind, size).compile()
+        return self._compiled[key]
+
+    def _lower(self, kind: str, size: int):
         rep = self._replicated
         i32 = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
         state_abs = self._abstract(jax.eval_shape(self._empty_state), self.state_shardings)
@@ -513,9 +519,7 @@ class Engine:
             args = (params_abs, state_abs)
         else:
             raise KeyError(kind)
-        compiled = fn.lower(*args).compile()
-        self._compiled[key] = compiled
-        return compiled
+        return fn.lower(*args)
 
     def _abstract_prefix(self, t: int) -> DevicePrefix:
         c = self.model_config
@@ -531,14 +535,22 @@ class Engine:
             sampling=SlotSampling.empty(1),
         )
 
-    def warmup(self) -> None:
-        """Compiles every prefill bucket, insert bucket, decode window and the release step."""
-        for t in self.config.prefill_buckets:
-            self._compile("prefill", t)
-            self._compile("insert", t)
-        for w in self.config.windows:
-            self._compile("generate", w)
-        self._compile("release", 0)
+    def warmup(self, max_workers: int | None = None) -> float:
+        """Compiles every prefill bucket, insert bucket, decode window and the release step; returns seconds taken.
+
+        Shapes compile in parallel threads (XLA compiles outside the GIL), one per core by default.
+        """
+        start = time.perf_counter()
+        shapes = [("prefill", t) for t in self.config.prefill_buckets]
+        shapes += [("generate", w) for w in self.config.windows]
+        shapes += [("insert", t) for t in self.config.prefill_buckets] + [("release", 0)]
+        todo = [s for s in shapes if s not in self._compiled]
+        with concurrent.futures.ThreadPoolExecutor(max_workers or os.cpu_count() or 1) as pool:
+            compiled = list(pool.map(lambda shape: self._lower(*shape).compile(), todo))
+        self._compiled.update(zip(todo, compiled, strict=True))
+        elapsed = time.perf_counter() - start
+        log.info("warm-up compiled %d shapes in %.1f s", len(todo), elapsed)
+        return elapsed
 
     # ----- the engine API ---------------------------------------------------------------------------------------
 
@@ -590,7 +602,8 @@ class Engine:
         if params.logprobs is not None:
             n_top = params.logprobs
             lps = TokenLogprobs(
-                float(logprob), tuple((int(i), float(x)) for i, x in zip(top_ids[:n_top], top_vals[:n_top]))
+                float(logprob),
+                tuple((int(i), float(x)) for i, x in zip(top_ids[:n_top], top_vals[:n_top], strict=True)),
             )
         return Prefix(
             device=prefix,

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from engine.engine import CapacityError, Engine, StepOutput, TokenLogprobs
+from engine.engine import CapacityError, Engine, TokenLogprobs
 from engine.sampling import SamplingParams
 from engine.text import IncrementalDetokenizer, StopStringMatcher
 from engine.tokenizer import Tokenizer
@@ -171,7 +171,9 @@ class Scheduler:
         with self._lock:
             if request.request_id in self._by_id:
                 raise ValueError(f"request id {request.request_id!r} is already in flight; use a unique id")
-            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+            # a burst arriving between two steps may fill the free slots without counting against the queue bound
+            free = sum(r is None for r in self._slots)
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting + free:
                 raise QueueFullError(f"waiting queue is full ({self.max_waiting} requests)")
             if request.params.seed is None:
                 request.seed = self._rng.getrandbits(32)
@@ -309,7 +311,10 @@ class Scheduler:
                 lps = [
                     TokenLogprobs(
                         float(out.logprob[i, slot]),
-                        tuple((int(a), float(b)) for a, b in zip(out.top_ids[i, slot, :n], out.top_logprobs[i, slot, :n])),
+                        tuple(
+                            (int(a), float(b))
+                            for a, b in zip(out.top_ids[i, slot, :n], out.top_logprobs[i, slot, :n], strict=True)
+                        ),
                     )
                     for i in rows
                 ]
@@ -380,6 +385,15 @@ class Scheduler:
                 ttft=None if req.first_token_at is None else req.first_token_at - arrival,
             )
         )
+
+    def fail_all(self, error: str) -> None:
+        """Ends every waiting and running request with finish reason "error" (the loop hit an unexpected failure);
+        the slots are released by the next plan."""
+        with self._lock:
+            waiting = [r for _, _, r in self._waiting]
+            self._waiting.clear()
+        for req in waiting + [r for r in self._slots if r is not None]:
+            self._finish(req, FINISH_ERROR, error=error)
 
     def run_until_idle(self, max_steps: int | None = None) -> None:
         """Steps until every submitted request has finished (offline jobs)."""

@@ -15,10 +15,10 @@ import logging
 import sys
 import time
 
+import engine_flags
 from absl import app, flags
 from tqdm import tqdm
 
-import engine_flags
 from checkpoints.errors import CheckpointError
 from engine.engine import CapacityError
 from engine.load import load_engine
@@ -28,7 +28,9 @@ from engine.scheduler import Scheduler
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 _INPUT = flags.DEFINE_string("input", None, "JSONL file of prompts.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL output file (default: stdout).")
-_CHAT = flags.DEFINE_bool("chat", False, "Treat --prompt / 'prompt' fields as a user message and apply the chat template.")
+_CHAT = flags.DEFINE_bool(
+    "chat", False, "Treat --prompt / 'prompt' fields as a user message and apply the chat template."
+)
 _WARMUP = flags.DEFINE_bool("warmup", False, "Compile every shape before generating (what a server does).")
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(engine_flags.SamplingParams)}
@@ -80,7 +82,6 @@ def main(argv: list[str]) -> None:
     if _WARMUP.value:
         engine.warmup()
     scheduler = Scheduler(engine, tokenizer, prefills_per_step=engine_flags.prefills_per_step())
-    out = open(_OUTPUT.value, "w") if _OUTPUT.value else sys.stdout
     bar = tqdm(total=len(items), desc="generate", unit="prompt", file=sys.stderr)
 
     def done(result: OfflineResult) -> None:
@@ -90,9 +91,12 @@ def main(argv: list[str]) -> None:
     results = run_offline(scheduler, items, on_done=done)
     elapsed = time.perf_counter() - start
     bar.close()
-    for result in results:
-        out.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
-    out.flush()
+    lines = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in results)
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w") as out:
+            out.write(lines)
+    else:
+        sys.stdout.write(lines)
     generated = sum(r.completion_tokens for r in results)
     failed = sum(r.error is not None for r in results)
     logging.info(
