@@ -163,10 +163,12 @@ class EngineLoop:
                 continue
             try:
                 self.scheduler.step()
-            except Exception:
+            except Exception as exc:
                 # The scheduler already fails the requests an engine call touched; anything escaping it is a bug in
-                # the loop itself. Keep serving, and let the watchdog judge whether steps keep failing.
+                # the loop itself. End what is in flight (INTERNAL) rather than leave it hanging until its deadline,
+                # keep serving, and let the watchdog judge whether steps keep failing.
                 log.exception("scheduler step failed")
+                self.scheduler.fail_all(f"scheduler step failed: {exc}")
                 self._on_error()
                 self._stop.wait(0.05)
                 continue

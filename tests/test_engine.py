@@ -115,14 +115,14 @@ def test_greedy_decode_matches_full_forward(engine, full_logits):
     run = run_alone(engine, prompt, SamplingParams(max_tokens=90, ignore_eos=True, logprobs=5))
     expected = greedy_reference(full_logits, prompt, 90)
     if run.tokens != expected:
-        i = next(i for i, (a, b) in enumerate(zip(run.tokens, expected)) if a != b)
+        i = next(i for i, (a, b) in enumerate(zip(run.tokens, expected, strict=True)) if a != b)
         top2 = np.sort(full_logits(prompt + expected[:i])[-1])[-2:]
         pytest.fail(f"first divergence at generated token {i}: {run.tokens[i]} vs {expected[i]}, top-2 gap {top2}")
     # the engine's logits, seen through its top-5 logprobs, match the full forward's at every position
     logits = full_logits(prompt + run.tokens[:-1])[len(prompt) - 1 :]
     ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
-    top_ids = np.array([ids for _, ids, _ in run.logprobs])
-    top_lps = np.array([lps for _, _, lps in run.logprobs])
+    top_ids = np.array([ids[:5] for _, ids, _ in run.logprobs])  # decode rows carry all MAX_LOGPROBS
+    top_lps = np.array([lps[:5] for _, _, lps in run.logprobs])
     np.testing.assert_array_equal(top_ids[:, 0], run.tokens)
     np.testing.assert_allclose(top_lps, np.take_along_axis(ref, top_ids, axis=-1), atol=1e-4)
 
@@ -167,10 +167,12 @@ def test_insert_leaves_other_slots_untouched(engine):
     lengths_before = np.asarray(state.lengths)
     state = admit(engine, state, 2, PROMPTS[32], SamplingParams(max_tokens=8), 9, runs)
     after = page_arrays(state)
-    for b, a in zip(before, after):
+    for b, a in zip(before, after, strict=True):
         others = [0, 1, 3]
         np.testing.assert_array_equal(a[others], b[others])
-    assert not all(np.array_equal(a[2], b[2]) for b, a in zip(before, after))  # slot 2 itself was rewritten
+    assert not all(
+        np.array_equal(a[2], b[2]) for b, a in zip(before, after, strict=True)
+    )  # slot 2 itself was rewritten
     np.testing.assert_array_equal(np.asarray(state.lengths)[[0, 1, 3]], lengths_before[[0, 1, 3]])
     assert int(state.lengths[2]) == 32
 
@@ -243,7 +245,9 @@ def test_continuous_batching_matches_one_at_a_time(engine):
     tok = make_tiny_tokenizer()
     lengths = (3, 30, 12, 17, 1, 25, 8, 20)
     max_tokens = (20, 9, 60, 5, 33, 14, 70, 40)
-    requests = [(PROMPTS[n], SamplingParams(max_tokens=m, ignore_eos=True)) for n, m in zip(lengths, max_tokens)]
+    requests = [
+        (PROMPTS[n], SamplingParams(max_tokens=m, ignore_eos=True)) for n, m in zip(lengths, max_tokens, strict=True)
+    ]
     scheduler = Scheduler(engine, tok, prefills_per_step=2)
     batched = collect(scheduler, requests)
     scheduler.run_until_idle(max_steps=500)
@@ -452,7 +456,7 @@ def test_logprobs_match_full_forward(engine, full_logits, n):
     assert len(tokens) == len(lps) == 30
     ref = np.asarray(jax.nn.log_softmax(full_logits(prompt + tokens[:-1])[len(prompt) - 1 :], axis=-1))
     np.testing.assert_allclose([lp.logprob for lp in lps], ref[np.arange(30), tokens], atol=1e-4)
-    for lp, row in zip(lps, ref):
+    for lp, row in zip(lps, ref, strict=True):
         assert len(lp.top) == n
         ids, values = [i for i, _ in lp.top], [x for _, x in lp.top]
         assert values == sorted(values, reverse=True)
@@ -468,7 +472,7 @@ def test_prompt_limits(engine):
         engine.check_request(0, SamplingParams())
     with pytest.raises(ValueError, match="empty"):
         engine.prefill([], SamplingParams(), 0)
-    with pytest.raises(CapacityError, match="33 tokens.*max_prefill_len"):
+    with pytest.raises(CapacityError, match=r"33 tokens.*max_prefill_len"):
         engine.prefill([5] * 33, SamplingParams(max_tokens=2), 0)
     with pytest.raises(CapacityError, match=r"max_tokens \(99\).*128 tokens.*at most 98"):
         engine.check_request(30, SamplingParams(max_tokens=99))
