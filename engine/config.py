@@ -113,6 +113,8 @@ class ModelConfig:
             )
         num_heads = config["num_attention_heads"]
         dim = config["hidden_size"]
+        # transformers >= 5 writes `rope_parameters` (theta inside); earlier versions `rope_theta` + `rope_scaling`
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
@@ -124,8 +126,8 @@ class ModelConfig:
             head_dim=config.get("head_dim") or dim // num_heads,
             mlp_dim=config["intermediate_size"],
             rms_norm_eps=config.get("rms_norm_eps", 1e-5),
-            rope_theta=config.get("rope_theta", 10000.0),
-            rope_scaling=_hf_rope_scaling(config.get("rope_scaling")),
+            rope_theta=config.get("rope_theta") or rope.get("rope_theta") or 10000.0,
+            rope_scaling=_hf_rope_scaling(rope),
             max_position_embeddings=config.get("max_position_embeddings", 2048),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias="Qwen2ForCausalLM" in archs or bool(config.get("attention_bias", False)),

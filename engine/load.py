@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
+import jax
 from jax.sharding import Mesh
 
-from checkpoints.bundled import resolve_checkpoint
+from checkpoints.bundled import cache_root, resolve_checkpoint
 from checkpoints.orbax_io import load_config, load_tokenizer, restore_params
 from engine.engine import Engine, EngineConfig
 from engine.tokenizer import Tokenizer
@@ -37,3 +39,14 @@ def load_engine(
     engine = Engine(model_config, params, config, mesh=mesh, rules=rules)
     log.info("loaded %s from %s in %.1f s", model_config.name, directory, time.perf_counter() - start)
     return engine, tokenizer
+
+
+def enable_compilation_cache(directory: str | None = None) -> str:
+    """Persists compiled executables across runs (default: <meshserve cache>/xla), so a restarted server's warm-up
+    loads its shapes instead of compiling them again. Returns the directory."""
+    directory = directory or os.path.join(cache_root(), "xla")
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
