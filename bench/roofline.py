@@ -181,7 +181,9 @@ class Roofline:
                         "step_ms": max(memory, compute) * 1e3,
                         "tokens_per_s": slots / max(memory, compute),
                         "bound": "memory" if memory >= compute else "compute",
-                        "intensity_flop_per_byte": 2 * self.n_params * slots
+                        "intensity_flop_per_byte": 2
+                        * self.n_params
+                        * slots
                         / (self.weight_bytes + slots * context * self.kv_bytes_per_token),
                     }
                 )

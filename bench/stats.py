@@ -12,6 +12,7 @@ Definitions (one request, times in seconds from the moment it was sent):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -78,7 +79,7 @@ class RequestRecord:
     def itl(self) -> list[float]:
         """Inter-token gaps after the first chunk: a chunk of k tokens after a gap g gives k gaps of g / k."""
         gaps = []
-        for (t0, _), (t1, k) in zip(self.chunks, self.chunks[1:]):
+        for (t0, _), (t1, k) in itertools.pairwise(self.chunks):
             gaps.extend([(t1 - t0) / k] * k)
         return gaps
 
@@ -140,7 +141,5 @@ def serving_summary(records: Sequence[RequestRecord], duration: float, slo: SLO)
         "e2e_ms": summarize((r.e2e for r in ok), 1e3),
         "slo": slo.to_json(),
         **goodput(records, slo, duration),
-        "failures": [
-            {"request_id": r.request_id, "status": r.status, "error": r.error} for r in records if not r.ok
-        ],
+        "failures": [{"request_id": r.request_id, "status": r.status, "error": r.error} for r in records if not r.ok],
     }

@@ -36,7 +36,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from engine.config import ModelConfig
 from engine.model import K_CACHE_AXES, V_CACHE_AXES, Transformer, abstract_params, stacked_axes, unstack_layers
 from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotSampling, hits_stop, sample, token_logprobs
-from sharding.rules import DEFAULT_RULES, MeshAxes, logical_to_spec, single_device_mesh, tree_shardings
+from sharding.rules import (
+    DEFAULT_RULES,
+    ArrayLayout,
+    MeshAxes,
+    ShardingReport,
+    logical_to_spec,
+    resolve_rules,
+    shard_bytes,
+    single_device_mesh,
+    tree_shardings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -223,24 +233,70 @@ class Engine:
         self.config = config
         self.dtype = jnp.dtype(config.dtype)
         self.mesh = mesh or single_device_mesh()
-        self.rules = dict(DEFAULT_RULES if rules is None else rules)
+        self.rules, self.sharding_notes = Engine.resolve_rules(c, self.dtype, self.mesh, rules, config)
         self.model = Transformer(c, self.dtype)
         self.budget = self._memory_budget()
         log.info("%s", self.budget.describe())
         self._check_fits()
 
-        _, logical = abstract_params(c, self.dtype)
-        self.param_shardings = tree_shardings(logical, self.rules, self.mesh)
+        abstract, logical = abstract_params(c, self.dtype)
+        self.param_shardings = tree_shardings(logical, self.rules, self.mesh, abstract)
         self.params = jax.device_put(params, self.param_shardings)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.state_shardings = self._state_shardings()
         self.prefix_shardings = self._prefix_shardings()
+        log.info("%s", self.describe_sharding().describe())
         self._compiled: dict[tuple[str, int], Any] = {}
         self._host_lengths = np.zeros(config.num_slots, np.int64)
         self._host_active = np.zeros(config.num_slots, bool)
         self.last_window = 0
 
     # ----- construction helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def resolve_rules(
+        model_config: ModelConfig,
+        dtype: Any,
+        mesh: Mesh,
+        rules: dict[str, MeshAxes] | None = None,
+        config: EngineConfig | None = None,
+    ) -> tuple[dict[str, MeshAxes], tuple[str, ...]]:
+        """The rule table in effect for this model on `mesh` (non-dividing axes replicated) and the notes saying
+        what that costs; the same for the checkpoint target, the engine's weights and its cache."""
+        c, itemsize = model_config, jnp.dtype(dtype).itemsize
+        sizes = {
+            "vocab": c.vocab_size,
+            "embed": c.dim,
+            "q_heads": c.num_heads,
+            "kv_heads": c.num_kv_heads,
+            "head_dim": c.head_dim,
+            "mlp": c.mlp_dim,
+            "layers": c.num_layers,
+        }
+        arrays = []
+        for name, axes in stacked_axes(c).items():
+            for sub, sub_axes in axes.items() if isinstance(axes, dict) else [(name, axes)]:
+                arrays.append(ArrayLayout(sub, sub_axes, tuple(sizes[a] for a in sub_axes), itemsize))
+        if config is not None:
+            sizes |= {"slots": config.num_slots, "cache_seq": config.page_size}
+            # both caches, every layer and page, as one array per logical layout
+            kv_shape = (c.num_layers, config.num_slots, c.num_kv_heads, c.head_dim, config.max_seq_len)
+            kv_axes = ("layers", "slots", "kv_heads", "head_dim", "cache_seq")
+            arrays.append(ArrayLayout("kv_cache", kv_axes, (kv_shape[0] * 2, *kv_shape[1:]), itemsize))
+        # the engine (config given) warns; the checkpoint target and unstacking resolve the same table quietly
+        return resolve_rules(DEFAULT_RULES if rules is None else rules, mesh, sizes, arrays, warn=config is not None)
+
+    def describe_sharding(self) -> ShardingReport:
+        """The mesh, the rule table in effect, and weight / KV cache bytes held by each device."""
+        state = self._abstract(jax.eval_shape(self._empty_state), self.state_shardings)
+        return ShardingReport(
+            mesh={str(k): int(v) for k, v in self.mesh.shape.items()},
+            num_processes=len({d.process_index for d in self.mesh.devices.flat}),
+            rules=dict(self.rules),
+            notes=self.sharding_notes,
+            weight_bytes_per_device=shard_bytes(self.params),
+            kv_bytes_per_device=shard_bytes((state.k, state.v)),
+        )
 
     @staticmethod
     def checkpoint_target(
@@ -255,20 +311,25 @@ class Engine:
             n: jax.ShapeDtypeStruct((model_config.num_layers, *a.shape), a.dtype) for n, a in layer.items()
         }
         logical = stacked_axes(model_config)
-        shardings = jax.tree.map(
-            lambda axes: NamedSharding(mesh, logical_to_spec(axes, DEFAULT_RULES if rules is None else rules, mesh)),
+        rules, _ = Engine.resolve_rules(model_config, dtype, mesh, rules)
+        return jax.tree.map(
+            lambda a, axes: jax.ShapeDtypeStruct(
+                a.shape, a.dtype, sharding=NamedSharding(mesh, logical_to_spec(axes, rules, mesh, a.shape))
+            ),
+            stacked,
             logical,
             is_leaf=lambda x: isinstance(x, tuple),
         )
-        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), stacked, shardings)
 
     @staticmethod
     def unstack_params(
         stacked: Any, model_config: ModelConfig, mesh: Mesh, rules: dict[str, MeshAxes] | None = None
     ) -> Any:
         """Checkpoint layout -> per-layer buffers, on device, each in its sharding; the stacked arrays are freed."""
-        _, logical = abstract_params(model_config, jnp.dtype(jax.tree.leaves(stacked)[0].dtype))
-        shardings = tree_shardings(logical, DEFAULT_RULES if rules is None else rules, mesh)
+        dtype = jnp.dtype(jax.tree.leaves(stacked)[0].dtype)
+        abstract, logical = abstract_params(model_config, dtype)
+        rules, _ = Engine.resolve_rules(model_config, dtype, mesh, rules)
+        shardings = tree_shardings(logical, rules, mesh, abstract)
         fn = jax.jit(functools.partial(unstack_layers, num_layers=model_config.num_layers), out_shardings=shardings)
         out = fn(stacked)
         for leaf in jax.tree.leaves(stacked):
@@ -367,7 +428,7 @@ class Engine:
         """An empty cache and all slots free, allocated directly in their shardings."""
         self._host_lengths[:] = 0
         self._host_active[:] = False
-        return jax.jit(self._empty_state, out_shardings=self.state_shardings)()
+        return self._compile("init", 0)()
 
     # ----- compiled steps ---------------------------------------------------------------------------------------
 
@@ -507,6 +568,9 @@ class Engine:
                 jax.eval_shape(functools.partial(self._abstract_prefix, size)), self.prefix_shardings
             )
             args = (prefix_abs, state_abs, i32)
+        elif kind == "init":
+            fn = jax.jit(self._empty_state, out_shardings=self.state_shardings)
+            args = ()
         elif kind == "release":
             fn = jax.jit(self._release_fn, donate_argnums=(0,), out_shardings=self.state_shardings)
             args = (state_abs, i32)
@@ -543,7 +607,7 @@ class Engine:
         start = time.perf_counter()
         shapes = [("prefill", t) for t in self.config.prefill_buckets]
         shapes += [("generate", w) for w in self.config.windows]
-        shapes += [("insert", t) for t in self.config.prefill_buckets] + [("release", 0)]
+        shapes += [("insert", t) for t in self.config.prefill_buckets] + [("release", 0), ("init", 0)]
         todo = [s for s in shapes if s not in self._compiled]
         with concurrent.futures.ThreadPoolExecutor(max_workers or os.cpu_count() or 1) as pool:
             compiled = list(pool.map(lambda shape: self._lower(*shape).compile(), todo))

@@ -1,4 +1,4 @@
-"""The absl flags every entry point shares, mapped onto EngineConfig / SamplingParams in this one place."""
+"""The engine, mesh and multi-process flags every entry point shares, mapped onto EngineConfig in this one place."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ import sys
 
 from absl import flags
 
-from engine.engine import EngineConfig, default_dtype
-from engine.sampling import SamplingParams
+from checkpoints.bundled import resolve_checkpoint
+from checkpoints.orbax_io import load_config
+from engine import multihost
+from engine.engine import Engine, EngineConfig, default_dtype
+from engine.load import enable_compilation_cache as enable_compilation_cache_in
+from engine.load import load_engine
+from engine.tokenizer import Tokenizer
+from sharding.mesh import Mesh, make_mesh
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Model: 'bundled' (default: SmolLM2-135M-Instruct), an orbax dir, a .gguf, or an HF folder."
@@ -26,23 +32,53 @@ _PREFILLS_PER_STEP = flags.DEFINE_integer(
     "inter-token latency of running requests steady.",
 )
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "auto: float32 on CPU, bf16 on TPU/GPU.")
+_MESH = flags.DEFINE_string(
+    "mesh",
+    "auto",
+    "Device mesh over all devices of all processes: 'data:D,tensor:T' (D x T = device count) or 'auto' "
+    "(tensor-parallel first, as far as the model's kv heads divide).",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: host:port of process 0's coordination service."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 1, "Processes (hosts) in the job; 0 = read the TPU pod / cluster environment."
+)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    "default",
+    "Directory persisting compiled executables across runs ('default': under the meshserve cache; '' disables).",
+)
 
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "0 disables.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "1 disables.")
-_MIN_P = flags.DEFINE_float("min_p", 0.0, "0 disables.")
-_SEED = flags.DEFINE_integer("seed", None, "Sampling seed (per request: the same seed gives the same tokens).")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 128, "Most tokens to generate per prompt.")
-_STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
-_STOP_TOKEN_IDS = flags.DEFINE_list("stop_token_ids", [], "Comma-separated token ids that end generation.")
-_IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Generate through EOS (benchmarks).")
-_LOGPROBS = flags.DEFINE_integer("logprobs", None, "Return each token's log-probability and this many top ones.")
+
+_distributed_done = False
 
 
 def fail(message: str) -> None:
     """A one-line error on stderr and exit status 1 (no traceback for input the user can fix)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def initialize_distributed() -> None:
+    """Joins the multi-process job the flags describe (nothing for a single process); call before any device use.
+
+    Idempotent: later calls do nothing."""
+    global _distributed_done
+    if _distributed_done:
+        return
+    _distributed_done = True
+    n = _NUM_PROCESSES.value
+    if n == 0:
+        multihost.initialize_distributed()
+    elif n > 1:
+        multihost.initialize_distributed(_COORDINATOR_ADDRESS.value, n, _PROCESS_ID.value)
+
+
+def mesh(kv_heads: int | None = None) -> Mesh:
+    """The --mesh over every device of the job (`kv_heads` refines 'auto'); ValueError explains a bad spec."""
+    return make_mesh(_MESH.value, kv_heads=kv_heads)
 
 
 def checkpoint() -> str | None:
@@ -67,23 +103,19 @@ def engine_config(**overrides) -> EngineConfig:
     return EngineConfig(**values)
 
 
-def sampling_params(**overrides) -> SamplingParams:
-    """SamplingParams from the flags (overrides win); ValueError names a bad stop_token_ids entry."""
-    try:
-        stop_ids = tuple(int(t) for t in _STOP_TOKEN_IDS.value)
-    except ValueError as exc:
-        raise ValueError(f"--stop_token_ids must be integers: {exc}") from exc
-    values = dict(
-        temperature=_TEMPERATURE.value,
-        top_k=_TOP_K.value,
-        top_p=_TOP_P.value,
-        min_p=_MIN_P.value,
-        seed=_SEED.value,
-        max_tokens=_MAX_TOKENS.value,
-        stop=tuple(_STOP.value),
-        stop_token_ids=stop_ids,
-        ignore_eos=_IGNORE_EOS.value,
-        logprobs=_LOGPROBS.value,
-    )
-    values.update(overrides)
-    return SamplingParams(**values)
+def enable_compilation_cache() -> None:
+    """Turns on the persistent compilation cache the flag names."""
+    if _COMPILATION_CACHE.value:
+        enable_compilation_cache_in(None if _COMPILATION_CACHE.value == "default" else _COMPILATION_CACHE.value)
+
+
+def load() -> tuple[Engine, Tokenizer]:
+    """Joins the multi-process job, builds the mesh and restores the checkpoint into it, all from the flags.
+
+    Raises CheckpointError / CapacityError / ValueError with a message for the user.
+    """
+    initialize_distributed()
+    enable_compilation_cache()
+    directory = resolve_checkpoint(_CHECKPOINT.value)
+    config = engine_config()
+    return load_engine(directory, config, mesh=mesh(kv_heads=load_config(directory).num_kv_heads))

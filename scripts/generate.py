@@ -5,6 +5,11 @@ Prompts come from --prompt (repeatable) or a JSONL --input file (one object per 
 one JSON line per prompt with text, token ids, finish reason and token counts, in input order.
 
     python scripts/generate.py --chat --prompt "Write a haiku about TPUs."
+
+Multi-process (one command per host; every process runs the same job over the same inputs, process 0 writes):
+
+    python scripts/generate.py --checkpoint=DIR --input=prompts.jsonl --output=out.jsonl --mesh=data:2,tensor:4 \
+        --coordinator_address=host0:1234 --num_processes=2 --process_id=$I
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ import logging
 import sys
 import time
 
-import engine_flags
+import jax
 from absl import app, flags
 from tqdm import tqdm
 
+import engine_flags
+import sampling_flags
 from checkpoints.errors import CheckpointError
+from engine import multihost
 from engine.engine import CapacityError
-from engine.load import load_engine
 from engine.offline import OfflineItem, OfflineResult, run_offline
+from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
@@ -33,11 +41,11 @@ _CHAT = flags.DEFINE_bool(
 )
 _WARMUP = flags.DEFINE_bool("warmup", False, "Compile every shape before generating (what a server does).")
 
-_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(engine_flags.SamplingParams)}
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 def _items() -> list[OfflineItem]:
-    base = engine_flags.sampling_params()
+    base = sampling_flags.sampling_params()
     items: list[OfflineItem] = []
     for i, text in enumerate(_PROMPT.value):
         items.append(_item(str(i), {"prompt": text}, base))
@@ -70,19 +78,31 @@ def _item(item_id: str, obj: dict, base) -> OfflineItem:
     return OfflineItem(item_id, params, prompt=prompt, messages=messages, token_ids=obj.get("token_ids"))
 
 
+def _with_seed(params, seed: int):
+    return dataclasses.replace(params, seed=seed)
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        engine_flags.initialize_distributed()
         items = _items()
-        config = engine_flags.engine_config()
-        engine, tokenizer = load_engine(engine_flags.checkpoint(), config)
+        if jax.process_count() > 1:
+            # every process must draw the same tokens: unseeded items get seeds from one draw shared by all
+            base = multihost.shared_seed()
+            items = [
+                it if it.params.seed is not None else dataclasses.replace(it, params=_with_seed(it.params, base + i))
+                for i, it in enumerate(items)
+            ]
+        engine, tokenizer = engine_flags.load()
     except (CheckpointError, CapacityError, ValueError, OSError) as exc:
         engine_flags.fail(str(exc))
     if _WARMUP.value:
         engine.warmup()
     scheduler = Scheduler(engine, tokenizer, prefills_per_step=engine_flags.prefills_per_step())
-    bar = tqdm(total=len(items), desc="generate", unit="prompt", file=sys.stderr)
+    leader = multihost.is_leader()
+    bar = tqdm(total=len(items), desc="generate", unit="prompt", file=sys.stderr, disable=not leader)
 
     def done(result: OfflineResult) -> None:
         bar.update(1)
@@ -92,10 +112,11 @@ def main(argv: list[str]) -> None:
     elapsed = time.perf_counter() - start
     bar.close()
     lines = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in results)
-    if _OUTPUT.value:
+    # every process ran the same job for its shards; process 0 writes the one output
+    if leader and _OUTPUT.value:
         with open(_OUTPUT.value, "w") as out:
             out.write(lines)
-    else:
+    elif leader:
         sys.stdout.write(lines)
     generated = sum(r.completion_tokens for r in results)
     failed = sum(r.error is not None for r in results)

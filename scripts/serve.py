@@ -2,6 +2,10 @@
 
 python scripts/serve.py                                   # bundled SmolLM2-135M on 127.0.0.1:50051, metrics :9090
 python scripts/serve.py --checkpoint /ckpt --num_slots 32 --max_seq_len 4096 --prefills_per_step 2
+python scripts/serve.py --mesh data:2,tensor:4 --coordinator_address 10.0.0.1:1234 --num_processes 2 --process_id 0
+
+Multi-host: every process runs this script; process 0 owns the gRPC front and the scheduler and broadcasts each
+step's plan, the others replay the plans on their shards (on TPU pods, --num_processes 0 reads the environment).
 
 Health is NOT_SERVING until every shape is compiled, then SERVING. SIGTERM (or Ctrl-C) drains: new requests get
 UNAVAILABLE, running ones may finish for --drain_timeout seconds, the rest are ended; the process then exits 0.
@@ -19,11 +23,12 @@ import time
 # Run as a plain script, Python puts scripts/ on the path, not the repository root that holds the packages.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax
 from absl import app, flags
 
+import engine_flags
 from checkpoints.errors import CheckpointError
-from engine.engine import EngineConfig, default_dtype
-from engine.load import load_engine
+from engine import multihost
 from service.server import MeshServeServer, ServerConfig
 
 # Start-up time (the meshserve_startup_seconds gauge) counts from here: load, conversion, compilation.
@@ -32,23 +37,6 @@ _STARTED_AT = time.monotonic()
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 to serve the network).")
 _PORT = flags.DEFINE_integer("port", 50051, "gRPC port (0 picks a free one; the log says which).")
 _METRICS_PORT = flags.DEFINE_integer("metrics_port", 9090, "Prometheus metrics HTTP port (-1 disables).")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "bundled", "'bundled' (SmolLM2-135M-Instruct), an orbax checkpoint dir, a .gguf or an HF folder."
-)
-_NUM_SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded together (the decode batch).")
-_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 2048, "Context per request: prompt + max_tokens.")
-_MAX_PREFILL_LEN = flags.DEFINE_integer("max_prefill_len", 1024, "Longest prompt in tokens.")
-_DECODE_STEPS = flags.DEFINE_integer(
-    "decode_steps", 8, "Tokens per decode dispatch: more amortizes host overhead, fewer frees finished slots sooner."
-)
-_PREFILLS_PER_STEP = flags.DEFINE_integer(
-    "prefills_per_step",
-    4,
-    "The TTFT / throughput knob: most new requests prefilled between two decode dispatches. Higher admits a burst "
-    "sooner (lower TTFT, slots fill faster) but pauses the requests already decoding longer (higher inter-token "
-    "latency); lower protects inter-token latency. Neither starves: each step admits at least one waiting request "
-    "when a slot is free, and decodes whenever a slot is active.",
-)
 _MAX_WAITING = flags.DEFINE_integer(
     "max_waiting", 256, "Bound of the waiting queue; beyond it requests get RESOURCE_EXHAUSTED with a retry hint."
 )
@@ -58,9 +46,6 @@ _DRAIN_TIMEOUT = flags.DEFINE_float(
 _STALL_TIMEOUT = flags.DEFINE_float(
     "stall_timeout", 60.0, "Seconds without engine-loop progress before health reports NOT_SERVING."
 )
-_DTYPE = flags.DEFINE_enum(
-    "dtype", None, ["float32", "bfloat16"], "Weights/activations/cache dtype (default: float32 on CPU, else bf16)."
-)
 _BANDWIDTH = flags.DEFINE_float(
     "memory_bandwidth_gbps",
     None,
@@ -68,44 +53,49 @@ _BANDWIDTH = flags.DEFINE_float(
 )
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+_fail = engine_flags.fail
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name, flag in (("max_waiting", _MAX_WAITING), ("prefills_per_step", _PREFILLS_PER_STEP)):
-        if flag.value < 1:
-            _fail(f"--{name} must be >= 1, got {flag.value}")
+    if _MAX_WAITING.value < 1 or engine_flags.prefills_per_step() < 1:
+        _fail("--max_waiting and --prefills_per_step must be >= 1")
     if _DRAIN_TIMEOUT.value < 0 or _STALL_TIMEOUT.value <= 0:
         _fail("--drain_timeout must be >= 0 and --stall_timeout > 0")
     if _BANDWIDTH.value is not None and _BANDWIDTH.value <= 0:
         _fail(f"--memory_bandwidth_gbps must be > 0, got {_BANDWIDTH.value}")
     try:
-        engine_config = EngineConfig(
-            num_slots=_NUM_SLOTS.value,
-            max_seq_len=_MAX_SEQ_LEN.value,
-            max_prefill_len=_MAX_PREFILL_LEN.value,
-            decode_steps=_DECODE_STEPS.value,
-            dtype=_DTYPE.value or default_dtype(),
-        )
-        engine, tokenizer = load_engine(None if _CHECKPOINT.value == "bundled" else _CHECKPOINT.value, engine_config)
-    except (CheckpointError, ValueError) as e:  # CapacityError is a ValueError
+        engine, tokenizer = engine_flags.load()
+    except (CheckpointError, ValueError, OSError) as e:  # CapacityError is a ValueError
         _fail(str(e))
+    logging.info("%s", engine.describe_sharding().describe())
+    if not multihost.is_leader():
+        # followers hold their shards and replay the leader's plans; the gRPC front lives on process 0 only
+        engine.warmup()
+        steps = multihost.run_follower(engine)
+        logging.info("follower: leader stopped after %d plans; exiting", steps)
+        return
+    broadcaster = multihost.PlanBroadcaster() if jax.process_count() > 1 else None
     config = ServerConfig(
         host=_HOST.value,
         port=_PORT.value,
         metrics_port=None if _METRICS_PORT.value < 0 else _METRICS_PORT.value,
         max_waiting=_MAX_WAITING.value,
-        prefills_per_step=_PREFILLS_PER_STEP.value,
+        prefills_per_step=engine_flags.prefills_per_step(),
         drain_timeout=_DRAIN_TIMEOUT.value,
         stall_timeout=_STALL_TIMEOUT.value,
         memory_bandwidth_gbps=_BANDWIDTH.value,
     )
-    server = MeshServeServer(engine, tokenizer, config, started_at=_STARTED_AT)
+    server = MeshServeServer(
+        engine,
+        tokenizer,
+        config,
+        started_at=_STARTED_AT,
+        plan_hook=broadcaster,
+        on_loop_exit=None if broadcaster is None else broadcaster.stop,
+    )
     try:
         server.start()
     except (RuntimeError, OSError) as e:

@@ -47,6 +47,7 @@ from engine.scheduler import (
     Request,
     RequestOutput,
     Scheduler,
+    StepPlan,
 )
 from engine.tokenizer import Tokenizer
 from protos.meshserve.v1 import meshserve_pb2 as pb
@@ -106,8 +107,11 @@ class EngineLoop:
         on_stall: Callable[[bool], None],
         on_step: Callable[[], None],
         on_error: Callable[[], None],
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
+        """`on_exit` runs on the engine thread after its last step (multi-host: tells the followers to stop)."""
         self.scheduler = scheduler
+        self._on_exit = on_exit
         self._warmup = warmup
         self._stall_timeout = stall_timeout
         self._on_ready = on_ready
@@ -147,6 +151,13 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            self._serve()
+        finally:
+            if self._on_exit is not None:
+                self._on_exit()
+
+    def _serve(self) -> None:
+        try:
             self._warmup()
         except Exception:
             log.exception("engine warm-up failed; the server stays NOT_SERVING")
@@ -159,6 +170,9 @@ class EngineLoop:
             self._wake.clear()
             if not self.scheduler.has_work():
                 self._last_progress = time.monotonic()
+                if self.scheduler.plan_hook is not None:
+                    # multi-host: an empty plan every idle period keeps the followers' broadcast waits short
+                    self.scheduler.step()
                 self._wake.wait(0.5)
                 continue
             try:
@@ -489,14 +503,24 @@ class MeshServeServer:
         config: ServerConfig | None = None,
         *,
         started_at: float | None = None,
+        plan_hook: Callable[[StepPlan], StepPlan] | None = None,
+        on_loop_exit: Callable[[], None] | None = None,
     ) -> None:
-        """`started_at` (time.monotonic()) is when start-up began, for the start-up gauge; default now."""
+        """`started_at` (time.monotonic()) is when start-up began, for the start-up gauge; default now.
+
+        Multi-host serving: `plan_hook` sees every scheduler plan (the leader broadcasts it to the followers) and
+        `on_loop_exit` runs on the engine thread after its last step.
+        """
         self.config = config = config or ServerConfig()
         self.engine = engine
         self._started_at = time.monotonic() if started_at is None else started_at
         self.metrics = ServerMetrics()
         self.scheduler = Scheduler(
-            engine, tokenizer, max_waiting=config.max_waiting, prefills_per_step=config.prefills_per_step
+            engine,
+            tokenizer,
+            max_waiting=config.max_waiting,
+            prefills_per_step=config.prefills_per_step,
+            plan_hook=plan_hook,
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -508,6 +532,7 @@ class MeshServeServer:
             on_stall=self._on_stall,
             on_step=self._on_step,
             on_error=self.metrics.engine_errors.inc,
+            on_exit=on_loop_exit,
         )
         self.service = MeshServeService(self.loop, tokenizer, config, self.metrics)
         self._cost: DispatchCost | None = None

@@ -478,7 +478,7 @@ def test_prompt_limits(engine):
         engine.check_request(30, SamplingParams(max_tokens=99))
     engine.check_request(30, SamplingParams(max_tokens=98))  # exactly fills the context: allowed
     with pytest.raises(ValueError, match="token id 256"):
-        engine.prefill([5, 256], SamplingParams(), 0)
+        engine.prefill([5, 256], SamplingParams(max_tokens=4), 0)
 
 
 @pytest.fixture(scope="module")

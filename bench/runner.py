@@ -1,0 +1,815 @@
+"""The benchmark commands (roofline, latency, throughput, serve, sweep) as functions of one options dataclass.
+
+Each command returns a JSON-ready dict of its figures; `scripts/benchmark.py` adds the machine, versions and flags,
+writes it, and draws the plots. Figures follow shared/PERFORMANCE.md: W1 latency (TTFT, decode tokens/s, MBU/MFU),
+W2 offline throughput (output tokens/s, wall time, model load and a warm-up run excluded, median of repeats), W3
+online serving (TTFT / TPOT / ITL / e2e percentiles, throughput, goodput, failures). Machine limits are measured in
+the same run as the figures they divide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from bench import roofline as rl
+from bench import stats, workloads
+from bench.workloads import Prompt
+from engine.config import ModelConfig, tiny_config
+from engine.engine import CapacityError, Engine, EngineConfig, default_dtype
+from engine.model import init_params
+from engine.offline import OfflineItem, OfflineResult, run_offline
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import Tokenizer, make_tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def llama_1b_config() -> ModelConfig:
+    """A ~1.2B-parameter Llama (Llama-3.2-1B shapes) for random-weight accelerator runs."""
+    return ModelConfig(
+        vocab_size=128256,
+        dim=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        mlp_dim=8192,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        tie_embeddings=True,
+        bos_token_id=0,
+        eos_token_ids=(1,),
+        name="random-llama-1b",
+    )
+
+
+RANDOM_MODELS: dict[str, Callable[[], ModelConfig]] = {"tiny": tiny_config, "1b": llama_1b_config}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Everything a benchmark command needs; `scripts/benchmark.py` maps its flags onto this in one place."""
+
+    checkpoint: str | None = None
+    """'bundled'/None (SmolLM2-135M), an orbax dir, a .gguf or an HF folder; ignored when `random_model` is set."""
+    random_model: str | None = None
+    """Random weights of a named config instead of a checkpoint: "tiny" or "1b"."""
+    dtype: str = dataclasses.field(default_factory=default_dtype)
+    """Engine dtype (and the dtype the device limits are measured in)."""
+    num_slots: int = 64
+    """Slots of the throughput / serve engine."""
+    slot_counts: tuple[int, ...] = (1, 4, 16, 64)
+    """Slot counts for latency decode, roofline tables and the slot sweep."""
+    max_seq_len: int = 512
+    max_prefill_len: int = 256
+    page_size: int = 128
+    decode_steps: int = 8
+    prefills_per_step: int = 4
+    workload: str = "w2"
+    """Synthetic prompt set: w1, w2 or w3."""
+    prompts_file: str | None = None
+    """JSONL prompts instead of the synthetic set."""
+    random_prompt_lens: tuple[int, ...] = ()
+    """Random token prompts of these lengths instead of the synthetic set (`num_prompts` of each)."""
+    num_prompts: int | None = None
+    """Use only the first n prompts of the set (or n random prompts per length)."""
+    max_tokens: int = workloads.OUTPUT_TOKENS
+    """Tokens generated per prompt (exactly: EOS ignored)."""
+    ttft_prompt_lens: tuple[int, ...] = (16, 64, 256)
+    """Latency: random prompt lengths whose TTFT is measured besides the W1 prompt."""
+    repeats: int = 3
+    """Timed repetitions; figures are medians."""
+    device_spec: tuple[str, ...] = ()
+    """Presets to predict for besides this device (tpu_v5e, tpu_v6e, h100, h200)."""
+    chips: int = 1
+    """Chips the model is sharded over (roofline predictions)."""
+    contexts: tuple[int, ...] = (256, 1024, 4096)
+    """Roofline: context lengths of the prediction table."""
+    bandwidth_mb: int = 512
+    matmul_n: int = 2048
+    baseline: str | None = None
+    """Throughput: "hf" also runs HF transformers' generate on the same ids."""
+    hf_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
+    target: str | None = None
+    """Serve: host:port of a running server; None starts one in this process."""
+    request_rates: tuple[float, ...] = (1.0, math.inf)
+    concurrency: tuple[int, ...] = ()
+    """Serve: fixed concurrencies instead of rates."""
+    burstiness: float = 1.0
+    num_requests: int = 64
+    warmup_requests: int = 2
+    seed: int = 0
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    slo_e2e_ms: float | None = None
+    sweep_over: str = "slots"
+    """Sweep: "slots" (offline throughput per slot count) or "rates" (serving latency per request rate)."""
+    min_gain: float = 0.05
+    """Sweep: a larger slot count must raise throughput by at least this fraction to be worth its memory."""
+    min_slo_attainment: float = 0.9
+    """Sweep over rates: the share of requests that must meet the SLOs."""
+    progress: bool = True
+
+    @property
+    def slo(self) -> stats.SLO:
+        def secs(ms: float | None) -> float | None:
+            return None if ms is None else ms / 1e3
+
+        return stats.SLO(ttft=secs(self.slo_ttft_ms), tpot=secs(self.slo_tpot_ms), e2e=secs(self.slo_e2e_ms))
+
+
+# ----- models, prompts, machine -----------------------------------------------------------------------------------
+
+
+def model_config(opts: Options) -> ModelConfig:
+    """The model's architecture without loading its weights."""
+    if opts.random_model:
+        return _random_config(opts.random_model)
+    from checkpoints.bundled import resolve_checkpoint
+    from checkpoints.orbax_io import load_config
+
+    return load_config(resolve_checkpoint(opts.checkpoint))
+
+
+def _random_config(name: str) -> ModelConfig:
+    if name not in RANDOM_MODELS:
+        raise ValueError(f"unknown random model {name!r}; choose one of {', '.join(RANDOM_MODELS)}")
+    return RANDOM_MODELS[name]()
+
+
+def engine_config(opts: Options, num_slots: int | None = None) -> EngineConfig:
+    return EngineConfig(
+        num_slots=num_slots or opts.num_slots,
+        max_seq_len=opts.max_seq_len,
+        max_prefill_len=min(opts.max_prefill_len, opts.max_seq_len),
+        page_size=min(opts.page_size, opts.max_seq_len),
+        decode_steps=opts.decode_steps,
+        dtype=opts.dtype,
+    )
+
+
+_ENGINES: dict[tuple[Any, ...], tuple[Engine, Tokenizer]] = {}
+
+
+def load_model(opts: Options, num_slots: int | None = None) -> tuple[Engine, Tokenizer]:
+    """The engine and its tokenizer: random weights of a named config, or a checkpoint. Engines are kept for the
+    life of the process, keyed by model and engine config, so commands run one after another (tests, a sweep) reuse
+    the weights and every shape already compiled."""
+    config = engine_config(opts, num_slots)
+    key = (opts.random_model, None if opts.random_model else opts.checkpoint, config)
+    if key in _ENGINES:
+        return _ENGINES[key]
+    same_model = next((v for k, v in _ENGINES.items() if k[:2] == key[:2] and k[2].dtype == config.dtype), None)
+    if same_model is not None:
+        engine = with_slots(same_model[0], config.num_slots, config)
+        tokenizer = same_model[1]
+    elif opts.random_model:
+        cfg = _random_config(opts.random_model)
+        engine = Engine(cfg, init_params(cfg, jnp.dtype(opts.dtype)), config)
+        tokenizer = make_tiny_tokenizer(max(cfg.vocab_size, 256))
+    else:
+        from engine.load import load_engine
+
+        engine, tokenizer = load_engine(opts.checkpoint, config)
+    _ENGINES[key] = (engine, tokenizer)
+    return engine, tokenizer
+
+
+def with_slots(engine: Engine, num_slots: int, config: EngineConfig | None = None) -> Engine:
+    """An engine of `num_slots` slots (and otherwise `config`, default the engine's) on the same weights, nothing
+    copied; raises CapacityError if it cannot fit."""
+    config = dataclasses.replace(config or engine.config, num_slots=num_slots)
+    if config == engine.config:
+        return engine
+    return Engine(engine.model_config, engine.params, config, mesh=engine.mesh, rules=engine.rules)
+
+
+def prompts(opts: Options, vocab_size: int) -> list[Prompt]:
+    """The prompt set the options name: random token prompts, a JSONL file, or a synthetic workload."""
+    if opts.random_prompt_lens:
+        return workloads.random_token_prompts(
+            opts.random_prompt_lens, vocab_size, count=opts.num_prompts or 1, seed=opts.seed, max_tokens=opts.max_tokens
+        )
+    if opts.prompts_file:
+        out = workloads.jsonl_prompts(opts.prompts_file, opts.max_tokens)
+    else:
+        out = workloads.workload(opts.workload, opts.max_tokens)
+    return out[: opts.num_prompts] if opts.num_prompts else out
+
+
+def workload_name(opts: Options) -> str:
+    """The standard name (W1, W2, W3) when the full synthetic set runs, else "custom"."""
+    full = workloads.workload(opts.workload)
+    if opts.prompts_file or opts.random_prompt_lens or (opts.num_prompts and opts.num_prompts < len(full)):
+        return "custom"
+    return opts.workload.upper()
+
+
+def model_summary(engine: Engine) -> dict[str, Any]:
+    c, b = engine.model_config, engine.budget
+    return {
+        "name": c.name,
+        "n_params": c.num_params,
+        "weight_bytes": b.weight_bytes,
+        "kv_bytes_per_token": b.kv_bytes_per_token,
+        "dtype": engine.config.dtype,
+        "engine": dataclasses.asdict(engine.config),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """Where the run happened and with what software."""
+    devices = jax.devices()
+    out: dict[str, Any] = {
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "cpu_count": os.cpu_count(),
+        "hostname": platform.node(),
+        "python": sys.version.split()[0],
+        "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__, "numpy": np.__version__},
+    }
+    try:
+        import flax
+
+        out["versions"]["flax"] = flax.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def limits(opts: Options) -> rl.DeviceSpec:
+    """This device's bandwidth and matmul FLOP/s in the engine's dtype, measured now."""
+    return rl.measure_device(opts.dtype, megabytes=opts.bandwidth_mb, matmul_n=opts.matmul_n)
+
+
+def _bar(opts: Options, total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not opts.progress, leave=False)
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+# ----- roofline ---------------------------------------------------------------------------------------------------
+
+
+def roofline(opts: Options, *, measured: rl.DeviceSpec | None = None) -> dict[str, Any]:
+    """Weight bytes, KV bytes/token, critical batch and predicted decode per (slots, context), for this device
+    (measured unless given) and each preset (presets are bf16 figures, so their predictions use bf16 weights)."""
+    cfg = model_config(opts)
+    itemsize = jnp.dtype(opts.dtype).itemsize
+    here = measured or limits(opts)
+    devices = {"this_device": (here, itemsize)}
+    for name in opts.device_spec:
+        devices[name] = (rl.preset(name), 2)
+    out: dict[str, Any] = {"model": {"name": cfg.name, "n_params": cfg.num_params}, "devices": {}}
+    for key, (device, nbytes) in devices.items():
+        line = rl.Roofline(cfg.num_params, cfg.num_params * nbytes, cfg.kv_bytes_per_token(nbytes), device, opts.chips)
+        out["devices"][key] = {
+            **line.summary(),
+            "dtype_bytes": nbytes,
+            "critical_batch_at_context": {str(c): line.critical_batch_at(c) for c in opts.contexts},
+            "max_slots_at_max_seq_len": line.max_slots(opts.max_seq_len),
+            "table": line.table(opts.slot_counts, opts.contexts),
+        }
+    return out
+
+
+def roofline_for(engine: Engine, device: rl.DeviceSpec) -> rl.Roofline:
+    b = engine.budget
+    return rl.Roofline(engine.model_config.num_params, b.weight_bytes, b.kv_bytes_per_token, device)
+
+
+# ----- latency (W1) -----------------------------------------------------------------------------------------------
+
+
+def compile_all(
+    engine: Engine, kinds: Sequence[str] = ("prefill", "insert", "generate", "release")
+) -> dict[str, float]:
+    """Compiles every shape of the given kinds not compiled yet, timing each: {"kind/size": seconds}."""
+    shapes = []
+    for kind in kinds:
+        if kind in ("prefill", "insert"):
+            shapes += [(kind, t) for t in engine.config.prefill_buckets]
+        elif kind == "generate":
+            shapes += [(kind, w) for w in engine.config.windows]
+        else:
+            shapes.append((kind, 0))
+    seconds = {}
+    for kind, size in shapes:
+        if (kind, size) in engine.compiled_shapes:
+            continue
+        start = time.perf_counter()
+        engine._compile(kind, size)
+        seconds[f"{kind}/{size}"] = time.perf_counter() - start
+    return seconds
+
+
+def measure_ttft(engine: Engine, ids: Sequence[int], repeats: int) -> list[float]:
+    """Wall times of `repeats` prefills of `ids` (first token on the host), after one untimed run."""
+    params = _greedy(2)
+    engine.prefill(ids, params, seed=0)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.prefill(ids, params, seed=0)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePass:
+    """One timed generation of `max_tokens` tokens in every slot."""
+
+    seconds: float
+    tokens: int
+    steps: int
+    bytes_read: float
+    """Weights once per step plus every slot's KV pages in the decode window, summed over the dispatches."""
+
+    @property
+    def step_seconds(self) -> float:
+        return self.seconds / self.steps
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def decode_pass(engine: Engine, ids: Sequence[int], max_tokens: int) -> DecodePass:
+    """Fills every slot with the prompt, then times `generate` dispatches until all slots have `max_tokens` tokens.
+
+    Decode reads whole pages, so a dispatch over a window of w pages reads w * page_size tokens of KV per slot.
+    """
+    b, e = engine.config.num_slots, engine.config
+    prefix = engine.prefill(ids, _greedy(max_tokens), seed=0)
+    state = engine.init_state()
+    for slot in range(b):
+        state = engine.insert(prefix, state, slot)
+    jax.block_until_ready(state)
+    seconds, tokens, steps, moved = 0.0, 0, 0, 0.0
+    active = True
+    while active:
+        start = time.perf_counter()
+        state, out = engine.generate(state)
+        seconds += time.perf_counter() - start
+        tokens += int(out.valid.sum())
+        steps += e.decode_steps
+        kv_read_per_slot = engine.last_window * e.page_size * engine.budget.kv_bytes_per_token
+        moved += e.decode_steps * (engine.budget.weight_bytes + b * kv_read_per_slot)
+        active = bool(out.active.any())
+    return DecodePass(seconds, tokens, steps, moved)
+
+
+def latency(opts: Options) -> dict[str, Any]:
+    """W1: TTFT per prompt length (prefill MFU), decode tokens/s per slot count (MBU, MFU), compile time per shape."""
+    base, tokenizer = load_model(opts, num_slots=min(opts.slot_counts))
+    device = limits(opts)
+    n_params = base.model_config.num_params
+    # W1 is the first prompt of the standard set; a JSONL or random set puts its own first prompt in its place.
+    first = prompts(opts, base.model_config.vocab_size)[0]
+    w1_ids = workloads.encode(first, tokenizer)
+    ttft_prompts = [(first.id, w1_ids)]
+    lens = [n for n in opts.ttft_prompt_lens if n <= base.config.max_prefill_len]
+    for p in workloads.random_token_prompts(lens, base.model_config.vocab_size, seed=opts.seed):
+        ttft_prompts.append((p.id, list(p.token_ids)))
+    bar = _bar(opts, len(ttft_prompts) + len(opts.slot_counts), "latency")
+    compile_seconds = {"prefill": compile_all(base, ("prefill",))}
+    ttft_rows = []
+    for name, ids in ttft_prompts:
+        times = measure_ttft(base, ids, opts.repeats)
+        ttft = statistics.median(times)
+        ttft_rows.append(
+            {
+                "prompt": name,
+                "prompt_tokens": len(ids),
+                "bucket": base.bucket_for(len(ids)),
+                "ttft_ms": ttft * 1e3,
+                "runs_ms": [t * 1e3 for t in times],
+                "prefill_tokens_per_s": len(ids) / ttft,
+                "prefill_mfu": rl.mfu(n_params, len(ids) / ttft, device.peak_flops),
+            }
+        )
+        bar.update(1)
+    line = roofline_for(base, device)
+    decode_rows = []
+    for b in opts.slot_counts:
+        try:
+            engine, _ = load_model(opts, num_slots=b)
+        except CapacityError as exc:
+            decode_rows.append({"slots": b, "error": str(exc)})
+            bar.update(1)
+            continue
+        compile_seconds[f"slots={b}"] = compile_all(engine, ("insert", "generate"))
+        decode_pass(engine, w1_ids, opts.max_tokens)  # warm-up, excluded
+        passes = sorted(
+            (decode_pass(engine, w1_ids, opts.max_tokens) for _ in range(opts.repeats)), key=lambda p: p.seconds
+        )
+        mid = passes[len(passes) // 2]
+        mean_context = len(w1_ids) + opts.max_tokens / 2
+        decode_rows.append(
+            {
+                "slots": b,
+                "tokens_per_s": mid.tokens_per_s,
+                "step_ms": mid.step_seconds * 1e3,
+                "tpot_ms": mid.step_seconds * 1e3,
+                "mbu": mid.bytes_read / mid.seconds / device.bandwidth,
+                "mfu": rl.mfu(n_params, mid.tokens_per_s, device.peak_flops),
+                "runs_tokens_per_s": [p.tokens_per_s for p in passes],
+                "predicted_tokens_per_s": line.tokens_per_second(b, int(mean_context)),
+            }
+        )
+        bar.update(1)
+    bar.close()
+    w1_decode = next((r for r in decode_rows if r["slots"] == 1 and "error" not in r), None)
+    return {
+        "workload": "W1" if first.id == "robot-0" else "custom",
+        "model": model_summary(base),
+        "limits": {"bandwidth_gb_s": device.bandwidth / 1e9, "peak_tflop_s": device.peak_flops / 1e12},
+        "critical_batch": line.critical_batch,
+        "ttft": ttft_rows,
+        "decode": decode_rows,
+        "compile_seconds": compile_seconds,
+        "w1": {
+            "prompt_tokens": len(w1_ids),
+            "output_tokens": opts.max_tokens,
+            "ttft_ms": ttft_rows[0]["ttft_ms"],
+            "decode_tokens_per_s": None if w1_decode is None else w1_decode["tokens_per_s"],
+            "mbu": None if w1_decode is None else w1_decode["mbu"],
+        },
+    }
+
+
+# ----- throughput (W2) --------------------------------------------------------------------------------------------
+
+
+def _offline_items(prompt_set: Sequence[Prompt], ids: Sequence[Sequence[int]], tag: str) -> list[OfflineItem]:
+    return [
+        OfflineItem(f"{tag}-{p.id}", _greedy(p.max_tokens), token_ids=list(t))
+        for p, t in zip(prompt_set, ids, strict=True)
+    ]
+
+
+def _offline_run(scheduler: Scheduler, items: list[OfflineItem]) -> tuple[float, list[OfflineResult]]:
+    start = time.perf_counter()
+    results = run_offline(scheduler, items)
+    return time.perf_counter() - start, results
+
+
+def offline_figures(
+    engine: Engine, tokenizer: Tokenizer, prompt_set: Sequence[Prompt], opts: Options
+) -> dict[str, Any]:
+    """Offline generation of the prompt set (warm-up excluded, median of `repeats` runs), with the TPOT each request
+    saw: (e2e - TTFT) / (tokens - 1), all requests submitted at the start of the run."""
+    ids = [workloads.encode(p, tokenizer) for p in prompt_set]
+    compile_start = time.perf_counter()
+    engine.warmup()
+    compile_s = time.perf_counter() - compile_start
+    scheduler = Scheduler(engine, tokenizer, prefills_per_step=opts.prefills_per_step)
+    warm = min(len(prompt_set), engine.config.num_slots)
+    _offline_run(scheduler, _offline_items(prompt_set[:warm], ids[:warm], "warmup"))
+    runs = []
+    bar = _bar(opts, opts.repeats, f"offline slots={engine.config.num_slots}")
+    for r in range(opts.repeats):
+        runs.append(_offline_run(scheduler, _offline_items(prompt_set, ids, f"run{r}")))
+        bar.update(1)
+    bar.close()
+    runs.sort(key=lambda run: run[0])
+    wall, results = runs[len(runs) // 2]
+    ok = [x for x in results if x.error is None]
+    tokens = sum(x.completion_tokens for x in ok)
+    expected = [p.max_tokens for p in prompt_set]
+    return {
+        "prompts": len(prompt_set),
+        "prompt_tokens": sum(len(t) for t in ids),
+        "output_tokens": tokens,
+        "exact_lengths": [x.completion_tokens for x in results] == expected,
+        "failed": [{"id": x.id, "error": x.error} for x in results if x.error is not None],
+        "wall_s": wall,
+        "output_tokens_per_s": tokens / wall,
+        "runs_wall_s": [w for w, _ in runs],
+        "compile_s": compile_s,
+        "ttft_ms": stats.summarize((x.ttft_s for x in ok), 1e3),
+        "tpot_ms": stats.summarize(
+            (stats.tpot(x.latency_s, x.ttft_s, x.completion_tokens) for x in ok if x.ttft_s is not None), 1e3
+        ),
+        "_ids": ids,
+        "_tokens": [x.token_ids for x in results],
+    }
+
+
+def throughput(opts: Options) -> dict[str, Any]:
+    """W2: output tokens/s and wall time of one offline job; with `baseline="hf"`, HF generate on the same ids."""
+    engine, tokenizer = load_model(opts)
+    prompt_set = prompts(opts, engine.model_config.vocab_size)
+    figures = offline_figures(engine, tokenizer, prompt_set, opts)
+    ids, tokens = figures.pop("_ids"), figures.pop("_tokens")
+    out: dict[str, Any] = {
+        "workload": workload_name(opts),
+        "model": model_summary(engine),
+        "meshserve": figures,
+    }
+    if opts.baseline == "hf":
+        out["hf"] = hf_figures(engine, ids, [p.max_tokens for p in prompt_set], opts, tokens)
+        out["speedup_vs_hf"] = figures["output_tokens_per_s"] / out["hf"]["output_tokens_per_s"]
+    elif opts.baseline not in (None, "", "none"):
+        raise ValueError(f"unknown baseline {opts.baseline!r}; the only baseline is 'hf'")
+    return out
+
+
+def hf_figures(
+    engine: Engine,
+    ids: Sequence[Sequence[int]],
+    new_tokens: Sequence[int],
+    opts: Options,
+    ours: Sequence[Sequence[int]],
+) -> dict[str, Any]:
+    """HF transformers' best static batch on the engine's own weights, and how many outputs match meshserve's."""
+    from bench import hf_baseline
+
+    model = hf_baseline.hf_model(engine.model_config, engine.params, opts.dtype)
+    sizes = sorted({min(s, len(ids)) for s in opts.hf_batch_sizes})
+    bar = _bar(opts, len(sizes) * opts.repeats, "hf generate")
+    runs, outputs = hf_baseline.run_baseline(
+        model, ids, new_tokens, batch_sizes=sizes, repeats=opts.repeats, pad_id=0, progress=lambda: bar.update(1)
+    )
+    bar.close()
+    best = max(runs, key=lambda r: r.tokens_per_s)
+    return {
+        **hf_baseline.versions(),
+        "best_batch_size": best.batch_size,
+        "wall_s": best.wall_s,
+        "output_tokens": best.output_tokens,
+        "output_tokens_per_s": best.tokens_per_s,
+        "by_batch_size": [
+            {"batch_size": r.batch_size, "wall_s": r.wall_s, "tokens_per_s": r.tokens_per_s, "runs_s": r.runs_s}
+            for r in runs
+        ],
+        "identical_outputs": sum(list(a) == list(b) for a, b in zip(outputs, ours, strict=True)),
+    }
+
+
+# ----- serve (W3) -------------------------------------------------------------------------------------------------
+
+
+def serve(opts: Options) -> dict[str, Any]:
+    """W3: the prompt set sent to a server at each request rate (or concurrency); one summary per run."""
+    from bench import serve_client
+
+    server = None
+    if opts.target is None:
+        from service.server import MeshServeServer, ServerConfig
+
+        engine, tokenizer = load_model(opts)
+        server = MeshServeServer(
+            engine, tokenizer, ServerConfig(port=0, prefills_per_step=opts.prefills_per_step, max_waiting=4096)
+        )
+        server.start()
+        if not server.wait_until_ready(1800):
+            raise RuntimeError("in-process server did not finish warm-up")
+        target = f"127.0.0.1:{server.port}"
+    else:
+        target = opts.target
+    try:
+        info = serve_client.model_info(target)
+        prompt_set = prompts(opts, int(info["vocab_size"]))
+        loads = [("rate", r) for r in opts.request_rates] if not opts.concurrency else []
+        loads += [("concurrency", c) for c in opts.concurrency]
+        runs = []
+        bar = _bar(opts, len(loads) * opts.num_requests, "serve")
+        for kind, value in loads:
+            result = serve_client.run_load(
+                target,
+                prompt_set,
+                num_requests=opts.num_requests,
+                rate=value if kind == "rate" else None,
+                concurrency=int(value) if kind == "concurrency" else None,
+                burstiness=opts.burstiness,
+                warmup=opts.warmup_requests,
+                seed=opts.seed,
+                on_done=lambda _: bar.update(1),
+            )
+            runs.append(
+                {
+                    "rate": result.rate,
+                    "concurrency": result.concurrency,
+                    "burstiness": result.burstiness,
+                    "seed": result.seed,
+                    "summary": stats.serving_summary(result.records, result.duration_s, opts.slo),
+                    "records": [r.to_json() for r in result.records],
+                }
+            )
+        bar.close()
+    finally:
+        if server is not None:
+            server.drain(timeout=0)
+            server.stop(grace=0)
+    # W3 sends W2's prompts to a server: the same set under either name
+    name = workload_name(opts)
+    return {
+        "workload": "W3" if name in ("W2", "W3") else name,
+        "target": opts.target or "in-process",
+        "server": info,
+        "runs": runs,
+    }
+
+
+# ----- sweep ------------------------------------------------------------------------------------------------------
+
+
+def recommend_slots(rows: Sequence[dict[str, Any]], min_gain: float, tpot_slo_ms: float | None) -> int | None:
+    """The largest slot count that fits, keeps TPOT p90 within the SLO, and pays off: walking up the counts, each
+    accepted count raised throughput by at least `min_gain` over the last accepted one. None if none qualifies."""
+    best: dict[str, Any] | None = None
+    for row in sorted(rows, key=lambda r: r["slots"]):
+        if not row.get("fits") or row.get("tokens_per_s") is None:
+            continue
+        if tpot_slo_ms is not None and not row["tpot_p90_ms"] <= tpot_slo_ms:
+            continue
+        if best is None or row["tokens_per_s"] >= best["tokens_per_s"] * (1 + min_gain):
+            best = row
+    return None if best is None else best["slots"]
+
+
+def recommend_rate(runs: Sequence[dict[str, Any]], min_attainment: float) -> float | None:
+    """The highest offered rate whose SLO attainment is at least `min_attainment`."""
+    ok = [r["rate"] for r in runs if r["rate"] is not None and r["summary"]["slo_attainment"] >= min_attainment]
+    return max(ok) if ok else None
+
+
+def sweep(opts: Options) -> dict[str, Any]:
+    """Offline throughput per slot count (or serving latency per rate) and the recommended slot count (or rate)."""
+    if opts.sweep_over == "rates":
+        result = serve(opts)
+        result["recommended_rate"] = recommend_rate(result["runs"], opts.min_slo_attainment)
+        result["rule"] = f"highest rate with SLO attainment >= {opts.min_slo_attainment}"
+        return {**result, "sweep_over": "rates"}
+    if opts.sweep_over != "slots":
+        raise ValueError(f"--sweep_over must be 'slots' or 'rates', got {opts.sweep_over!r}")
+    base, tokenizer = load_model(opts, num_slots=min(opts.slot_counts))
+    device = limits(opts)
+    prompt_set = prompts(opts, base.model_config.vocab_size)
+    rows = []
+    bar = _bar(opts, len(opts.slot_counts), "sweep")
+    for b in sorted(opts.slot_counts):
+        try:
+            engine, _ = load_model(opts, num_slots=b)
+        except CapacityError as exc:
+            rows.append({"slots": b, "fits": False, "error": str(exc)})
+            bar.update(1)
+            continue
+        fig = offline_figures(engine, tokenizer, prompt_set, opts)
+        rows.append(
+            {
+                "slots": b,
+                "fits": True,
+                "tokens_per_s": fig["output_tokens_per_s"],
+                "wall_s": fig["wall_s"],
+                "tpot_p50_ms": fig["tpot_ms"]["p50"],
+                "tpot_p90_ms": fig["tpot_ms"]["p90"],
+                "ttft_p50_ms": fig["ttft_ms"]["p50"],
+                "failed": len(fig["failed"]),
+                "kv_bytes_total": engine.budget.kv_bytes_total,
+            }
+        )
+        bar.update(1)
+    bar.close()
+    line = roofline_for(base, device)
+    mean_context = int(np.mean([len(workloads.encode(p, tokenizer)) + p.max_tokens / 2 for p in prompt_set]))
+    for row in rows:
+        row["predicted_tokens_per_s"] = line.tokens_per_second(row["slots"], mean_context)
+    return {
+        "sweep_over": "slots",
+        "workload": workload_name(opts),
+        "model": model_summary(base),
+        "limits": {"bandwidth_gb_s": device.bandwidth / 1e9, "peak_tflop_s": device.peak_flops / 1e12},
+        "critical_batch": line.critical_batch,
+        "mean_context": mean_context,
+        "rows": rows,
+        "recommended_slots": recommend_slots(rows, opts.min_gain, opts.slo_tpot_ms),
+        "rule": (
+            f"largest slot count that fits, keeps TPOT p90 <= {opts.slo_tpot_ms} ms and raises throughput by "
+            f">= {opts.min_gain:.0%} over the last accepted count"
+        ),
+    }
+
+
+COMMANDS: dict[str, Callable[[Options], dict[str, Any]]] = {
+    "roofline": roofline,
+    "latency": latency,
+    "throughput": throughput,
+    "serve": serve,
+    "sweep": sweep,
+}
+
+
+# ----- results ----------------------------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict JSON: nan becomes null and an infinite float the string "inf" (a rate of inf means all at once)."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def _roofline_from(result: dict[str, Any]) -> rl.Roofline:
+    m, lim = result["model"], result["limits"]
+    device = rl.DeviceSpec("this device", lim["bandwidth_gb_s"] * 1e9, lim["peak_tflop_s"] * 1e12)
+    return rl.Roofline(m["n_params"], m["weight_bytes"], m["kv_bytes_per_token"], device)
+
+
+def plot(command: str, result: dict[str, Any], stem: str) -> list[str]:
+    """Draws the command's plots beside the JSON (`stem` + suffix + .png); returns their paths."""
+    from bench import plots
+
+    name = result.get("model", {}).get("name", "")
+    if command == "roofline":
+        return [
+            plots.roofline_table(dev["table"], f"{stem}-{key}.png", title=f"{name} decode roofline: {dev['device']}")
+            for key, dev in result["devices"].items()
+        ]
+    if command == "latency":
+        rows = [r for r in result["decode"] if "error" not in r]
+        context = result["w1"]["prompt_tokens"] + result["w1"]["output_tokens"] // 2
+        return [
+            plots.throughput_vs_slots(
+                rows, _roofline_from(result), context, f"{stem}-decode.png", title=f"{name} decode tokens/s (W1 prompt)"
+            )
+        ]
+    if command in ("serve", "sweep") and result.get("runs"):
+        return [plots.latency_vs_rate(result["runs"], f"{stem}-latency.png", title=f"W3 latency vs load ({name})")]
+    if command == "sweep":
+        return [
+            plots.throughput_vs_slots(
+                [r for r in result["rows"] if r.get("fits")],
+                _roofline_from(result),
+                result["mean_context"],
+                f"{stem}-slots.png",
+                title=f"{name} offline throughput vs slots",
+                recommended=result["recommended_slots"],
+            )
+        ]
+    return []
+
+
+def run_command(
+    command: str,
+    opts: Options,
+    output_dir: str,
+    *,
+    flags: dict[str, Any] | None = None,
+    draw: bool = True,
+) -> tuple[dict[str, Any], str, list[str]]:
+    """Runs one command and writes `<output_dir>/<command>-<timestamp>.json` (machine, versions, options, flags,
+    figures) and its plots. Returns the written document, the JSON path and the plot paths."""
+    import json
+
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
+    started = time.time()
+    figures = COMMANDS[command](opts)
+    os.makedirs(output_dir, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    stem = os.path.join(output_dir, f"{command}-{stamp}")
+    pngs = plot(command, figures, stem) if draw else []
+    doc = _json_safe(
+        {
+            "command": command,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "elapsed_s": time.time() - started,
+            "machine": machine(),
+            "options": dataclasses.asdict(opts),
+            "flags": flags or {},
+            "figures": figures,
+            "plots": [os.path.basename(p) for p in pngs],
+        }
+    )
+    path = stem + ".json"
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+    return doc, path, pngs

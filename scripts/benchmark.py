@@ -1,0 +1,222 @@
+"""Roofline-aware benchmarks of meshserve: the limits, W1 latency, W2 throughput (vs HF), W3 serving, slot sweeps.
+
+    python scripts/benchmark.py roofline --device_spec=tpu_v5e,h100          # limits here + predictions there
+    python scripts/benchmark.py latency --slot_counts=1,8,32                 # W1: TTFT, decode tok/s, MBU, MFU
+    python scripts/benchmark.py throughput --baseline=hf                     # W2 vs HF transformers generate
+    python scripts/benchmark.py serve --target=127.0.0.1:50051 --request_rates=2,8 --slo_ttft_ms=500
+    python scripts/benchmark.py sweep --slot_counts=8,16,32,64 --slo_tpot_ms=200
+
+Every run writes <output_dir>/<command>-<time>.json (machine, versions, flags, figures) and its PNG plots, and
+prints the headline figures. Prompts: the synthetic --workload (w1, w2, w3), a --prompts_file JSONL, or random token
+prompts of --random_prompt_lens. Formulas and workload definitions: shared/PERFORMANCE.md; the logic lives in
+`bench/` (importable, tested on the tiny model).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+
+# Run as a plain script, Python puts scripts/ on the path, not the repository root that holds the packages.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+from bench.runner import COMMANDS, Options, run_command
+from checkpoints.errors import CheckpointError
+from engine.engine import default_dtype
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "bundled", "'bundled' (SmolLM2-135M), orbax dir, .gguf or HF folder.")
+_RANDOM_MODEL = flags.DEFINE_enum("random_model", None, ["tiny", "1b"], "Random weights of this config instead.")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "auto: float32 on CPU, else bf16.")
+_NUM_SLOTS = flags.DEFINE_integer("num_slots", 64, "Slots of the throughput / serve engine.")
+_SLOT_COUNTS = flags.DEFINE_list("slot_counts", ["1", "4", "16", "64"], "Slot counts: latency, roofline, sweep.")
+_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 512, "Context per slot (prompt + output).")
+_MAX_PREFILL_LEN = flags.DEFINE_integer("max_prefill_len", 256, "Longest prompt.")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 128, "KV cache page length.")
+_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
+_PREFILLS_PER_STEP = flags.DEFINE_integer("prefills_per_step", 4, "Most prefills between two decode dispatches.")
+_WORKLOAD = flags.DEFINE_enum("workload", "w2", ["w1", "w2", "w3"], "Synthetic prompt set (shared/PERFORMANCE.md).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL prompts: messages | prompt | text | token_ids.")
+_RANDOM_PROMPT_LENS = flags.DEFINE_list("random_prompt_lens", [], "Random token prompts of these lengths.")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None, "First n prompts of the set (random: n per length).")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 128, "Tokens generated per prompt, exactly (EOS ignored).")
+_TTFT_PROMPT_LENS = flags.DEFINE_list("ttft_prompt_lens", ["16", "64", "256"], "Latency: random prompt lengths.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions; figures are medians.")
+_DEVICE_SPEC = flags.DEFINE_list("device_spec", [], "Roofline presets: tpu_v5e, tpu_v6e, h100, h200.")
+_CHIPS = flags.DEFINE_integer("chips", 1, "Roofline: chips the model is sharded over.")
+_CONTEXTS = flags.DEFINE_list("contexts", ["256", "1024", "4096"], "Roofline: context lengths.")
+_BANDWIDTH_MB = flags.DEFINE_integer("bandwidth_mb", 512, "Size of the bandwidth-measuring array, MiB.")
+_MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the FLOP/s-measuring square matmul.")
+_BASELINE = flags.DEFINE_enum("baseline", None, ["hf"], "Throughput: also run HF transformers generate.")
+_HF_BATCH_SIZES = flags.DEFINE_list("hf_batch_sizes", ["8", "16", "32", "64"], "HF static batch sizes (best wins).")
+_TARGET = flags.DEFINE_string("target", None, "Serve: host:port of a running server (default: start one here).")
+_REQUEST_RATES = flags.DEFINE_list("request_rates", ["1", "inf"], "Serve: requests/s ('inf': all at once).")
+_CONCURRENCY = flags.DEFINE_list("concurrency", [], "Serve: fixed concurrencies instead of rates.")
+_BURSTINESS = flags.DEFINE_float("burstiness", 1.0, "Gamma shape of arrival gaps: 1 Poisson, <1 burstier.")
+_NUM_REQUESTS = flags.DEFINE_integer("num_requests", 64, "Serve: timed requests per rate.")
+_WARMUP_REQUESTS = flags.DEFINE_integer("warmup_requests", 2, "Serve: untimed requests before each rate.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of arrivals, sampling and random prompts (recorded).")
+_SLO_TTFT_MS = flags.DEFINE_float("slo_ttft_ms", None, "Goodput SLO on TTFT, ms.")
+_SLO_TPOT_MS = flags.DEFINE_float("slo_tpot_ms", None, "Goodput SLO on TPOT, ms (sweep: the TPOT limit).")
+_SLO_E2E_MS = flags.DEFINE_float("slo_e2e_ms", None, "Goodput SLO on end-to-end latency, ms.")
+_SWEEP_OVER = flags.DEFINE_enum("sweep_over", "slots", ["slots", "rates"], "Sweep: slot counts or request rates.")
+_MIN_GAIN = flags.DEFINE_float("min_gain", 0.05, "Sweep: least throughput gain that justifies more slots.")
+_MIN_SLO_ATTAINMENT = flags.DEFINE_float("min_slo_attainment", 0.9, "Sweep over rates: share meeting the SLOs.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "bench_results", "Where JSON results and plots go.")
+_PLOT = flags.DEFINE_bool("plot", True, "Draw PNG plots.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars on stderr.")
+
+
+def _ints(values: list[str], name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise app.UsageError(f"--{name} must be comma-separated integers, got {','.join(values)}") from None
+
+
+def _floats(values: list[str], name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError:
+        raise app.UsageError(f"--{name} must be comma-separated numbers, got {','.join(values)}") from None
+
+
+def options() -> Options:
+    """The flags as benchmark Options (the one place flags meet the bench package)."""
+    rates = _floats(_REQUEST_RATES.value, "request_rates")
+    if any(r <= 0 or math.isnan(r) for r in rates):
+        raise app.UsageError("--request_rates must be > 0 ('inf' sends everything at once)")
+    return Options(
+        checkpoint=None if _CHECKPOINT.value == "bundled" else _CHECKPOINT.value,
+        random_model=_RANDOM_MODEL.value,
+        dtype=default_dtype() if _DTYPE.value == "auto" else _DTYPE.value,
+        num_slots=_NUM_SLOTS.value,
+        slot_counts=_ints(_SLOT_COUNTS.value, "slot_counts"),
+        max_seq_len=_MAX_SEQ_LEN.value,
+        max_prefill_len=_MAX_PREFILL_LEN.value,
+        page_size=_PAGE_SIZE.value,
+        decode_steps=_DECODE_STEPS.value,
+        prefills_per_step=_PREFILLS_PER_STEP.value,
+        workload=_WORKLOAD.value,
+        prompts_file=_PROMPTS_FILE.value,
+        random_prompt_lens=_ints(_RANDOM_PROMPT_LENS.value, "random_prompt_lens"),
+        num_prompts=_NUM_PROMPTS.value,
+        max_tokens=_MAX_TOKENS.value,
+        ttft_prompt_lens=_ints(_TTFT_PROMPT_LENS.value, "ttft_prompt_lens"),
+        repeats=_REPEATS.value,
+        device_spec=tuple(_DEVICE_SPEC.value),
+        chips=_CHIPS.value,
+        contexts=_ints(_CONTEXTS.value, "contexts"),
+        bandwidth_mb=_BANDWIDTH_MB.value,
+        matmul_n=_MATMUL_N.value,
+        baseline=_BASELINE.value,
+        hf_batch_sizes=_ints(_HF_BATCH_SIZES.value, "hf_batch_sizes"),
+        target=_TARGET.value,
+        request_rates=rates,
+        concurrency=_ints(_CONCURRENCY.value, "concurrency"),
+        burstiness=_BURSTINESS.value,
+        num_requests=_NUM_REQUESTS.value,
+        warmup_requests=_WARMUP_REQUESTS.value,
+        seed=_SEED.value,
+        slo_ttft_ms=_SLO_TTFT_MS.value,
+        slo_tpot_ms=_SLO_TPOT_MS.value,
+        slo_e2e_ms=_SLO_E2E_MS.value,
+        sweep_over=_SWEEP_OVER.value,
+        min_gain=_MIN_GAIN.value,
+        min_slo_attainment=_MIN_SLO_ATTAINMENT.value,
+        progress=_PROGRESS.value,
+    )
+
+
+def _f(value, spec: str = ".1f") -> str:
+    """A figure for people: JSON nulls (nan) and strings ("inf") print as they are, numbers with `spec`."""
+    if value is None:
+        return "n/a"
+    return value if isinstance(value, str) else format(value, spec)
+
+
+def headline(command: str, figures: dict) -> list[str]:
+    """The few lines a person reads first (from the JSON-safe figures: nan is None there)."""
+    lines = []
+    if command == "roofline":
+        for key, d in figures["devices"].items():
+            lines.append(
+                f"{key} ({d['device']}): {_f(d['bandwidth_gb_s'])} GB/s, {_f(d['peak_tflop_s'], '.2f')} TFLOP/s, "
+                f"weights {d['weight_bytes'] / 2**20:.1f} MiB, KV {d['kv_bytes_per_token'] / 1024:.1f} KiB/token, "
+                f"critical batch {_f(d['critical_batch'])}"
+            )
+            for row in d["table"]:
+                lines.append(
+                    f"  slots {row['slots']:>4} context {row['context']:>6}: step {_f(row['step_ms'], '.3f')} ms, "
+                    f"{_f(row['tokens_per_s'])} tok/s ({row['bound']} bound)"
+                )
+    elif command == "latency":
+        w1 = figures["w1"]
+        lines.append(
+            f"{figures['workload']}: TTFT {_f(w1['ttft_ms'])} ms, decode {_f(w1['decode_tokens_per_s'])} tok/s, "
+            f"MBU {_f(w1['mbu'], '.1%')}"
+        )
+        for r in figures["decode"]:
+            if "error" in r:
+                lines.append(f"  slots {r['slots']:>4}: {r['error']}")
+                continue
+            lines.append(
+                f"  slots {r['slots']:>4}: {_f(r['tokens_per_s'])} tok/s, step {_f(r['step_ms'], '.2f')} ms, "
+                f"MBU {_f(r['mbu'], '.1%')}, MFU {_f(r['mfu'], '.1%')} "
+                f"(roofline {_f(r['predicted_tokens_per_s'], '.0f')} tok/s)"
+            )
+        for r in figures["ttft"]:
+            lines.append(
+                f"  TTFT {r['prompt']} ({r['prompt_tokens']} tokens): {_f(r['ttft_ms'])} ms, "
+                f"prefill MFU {_f(r['prefill_mfu'], '.1%')}"
+            )
+    elif command == "throughput":
+        m = figures["meshserve"]
+        lines.append(f"{figures['workload']}: {_f(m['output_tokens_per_s'])} tok/s, wall {_f(m['wall_s'], '.2f')} s")
+        if "hf" in figures:
+            h = figures["hf"]
+            lines.append(
+                f"HF generate: {_f(h['output_tokens_per_s'])} tok/s (batch {h['best_batch_size']}); "
+                f"meshserve / HF = {_f(figures['speedup_vs_hf'], '.2f')}x"
+            )
+    elif command == "sweep" and figures.get("sweep_over") == "slots":
+        for r in figures["rows"]:
+            fits = "" if r["fits"] else " (does not fit)"
+            lines.append(f"  slots {r['slots']:>4}: {_f(r.get('tokens_per_s'))} tok/s{fits}")
+        lines.append(f"recommended slots: {figures['recommended_slots']} ({figures['rule']})")
+    if command in ("serve", "sweep") and figures.get("runs"):
+        for run in figures["runs"]:
+            s = run["summary"]
+            load = f"rate {run['rate']}" if run["rate"] is not None else f"concurrency {run['concurrency']}"
+            lines.append(
+                f"  {load}: {s['completed']}/{s['requests']} ok, {_f(s['output_tokens_per_s'])} tok/s, "
+                f"TTFT p50 {_f(s['ttft_ms']['p50'])} ms, TPOT p50 {_f(s['tpot_ms']['p50'])} ms, "
+                f"goodput {_f(s['goodput_requests_per_s'], '.2f')} req/s"
+            )
+        if "recommended_rate" in figures:
+            lines.append(f"recommended rate: {figures['recommended_rate']} ({figures['rule']})")
+    return lines
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"usage: benchmark.py {{{'|'.join(COMMANDS)}}} [--flags]")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = argv[1]
+    opts = options()
+    given = {name: flags.FLAGS[name].value for name in flags.FLAGS if flags.FLAGS[name].present}
+    try:
+        doc, path, pngs = run_command(command, opts, _OUTPUT_DIR.value, flags=given, draw=_PLOT.value)
+    except (CheckpointError, ValueError, OSError) as exc:  # CapacityError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    for line in headline(command, doc["figures"]):
+        print(line)
+    print(f"wrote {path}" + "".join(f", {p}" for p in pngs))
+
+
+if __name__ == "__main__":
+    app.run(main)
