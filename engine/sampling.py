@@ -114,7 +114,9 @@ class SlotSampling:
             top_k=np.array([params.top_k], np.int32),
             top_p=np.array([params.top_p], np.float32),
             min_p=np.array([params.min_p], np.float32),
-            key=np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)[None],
+            # threefry key data of jax.random.key(seed), built on the host: an eager jax.random.key would compile
+            # on the first request after warm-up
+            key=np.array([[0, seed]], np.uint32),
             stop_ids=stop_ids,
         )
 
