@@ -40,4 +40,4 @@ test: setup-test lint
 	$(PY) -m pytest -q -ra $(ARGS)
 
 protos: setup
-	bash scripts/gen_protos.sh
+	PYTHON=$(PY) bash scripts/gen_protos.sh

@@ -41,13 +41,7 @@ def throughput_vs_slots(
     )
     if recommended is not None:
         ax.axvline(recommended, color="tab:green", label=f"recommended {recommended} slots")
-    ax.set(xscale="log", yscale="log", xlabel="slots (decode batch)", ylabel="output tokens/s", title=title)
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_log_log(fig, ax, path, xlabel="slots (decode batch)", ylabel="output tokens/s", title=title)
 
 
 def roofline_table(rows: Sequence[dict[str, Any]], path: str, *, title: str) -> str:
@@ -56,7 +50,12 @@ def roofline_table(rows: Sequence[dict[str, Any]], path: str, *, title: str) -> 
     for context in sorted({r["context"] for r in rows}):
         pts = sorted((r["slots"], r["tokens_per_s"]) for r in rows if r["context"] == context)
         ax.plot(*zip(*pts, strict=True), "o-", label=f"context {context}")
-    ax.set(xscale="log", yscale="log", xlabel="slots", ylabel="predicted tokens/s", title=title)
+    return _finish_log_log(fig, ax, path, xlabel="slots", ylabel="predicted tokens/s", title=title)
+
+
+def _finish_log_log(fig: Any, ax: Any, path: str, *, xlabel: str, ylabel: str, title: str) -> str:
+    """Log-log axes with labels, legend and grid; writes the PNG and frees the figure."""
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -53,7 +53,10 @@ def long_request(max_tokens: int = 100) -> pb.GenerateRequest:
 
 
 def test_generated_code_matches_proto(tmp_path):
-    subprocess.run(["bash", os.path.join(ROOT, "scripts", "gen_protos.sh"), str(tmp_path)], check=True, timeout=60)
+    script = os.path.join(ROOT, "scripts", "gen_protos.sh")
+    # the protoc of this interpreter's grpcio-tools, whatever `python` on PATH is
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run(["bash", script, str(tmp_path)], check=True, timeout=60, env=env)
     generated = os.path.join(tmp_path, "protos", "meshserve", "v1")
     committed = os.path.join(ROOT, "protos", "meshserve", "v1")
     names = ["meshserve_pb2.py", "meshserve_pb2_grpc.py"]
