@@ -1,8 +1,8 @@
 """The baseline people would otherwise use: HF transformers' static-batch `generate` on the same weights and ids.
 
 Fairness (shared/PERFORMANCE.md): the same prompt token ids, the same weights (converted from the engine's own
-parameters, so any checkpoint meshserve can load works), the same dtype, the same output lengths (greedy,
-min_new_tokens = max_new_tokens, so EOS cannot end a row early), left padding, warm-up excluded, and the best of
+parameters, so any checkpoint meshserve can load works), the same dtype, the same output lengths (greedy, EOS
+switched off for the call, so rows run through it as with ignore_eos), left padding, warm-up excluded, and the best of
 several batch sizes (static batching pays for padding and for the longest row, so the best size depends on the set).
 
 Needs torch and transformers (the `reference` extra); they are imported only when a baseline runs.
@@ -126,7 +126,7 @@ def generate_batch(model: Any, batch: Sequence[Sequence[int]], new_tokens: int, 
             input_ids=input_ids,
             attention_mask=mask,
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
+            eos_token_id=None,  # exactly new_tokens per row, like ignore_eos (min_new_tokens would mask EOS instead)
             do_sample=False,
             pad_token_id=pad_id,
         )

@@ -80,6 +80,7 @@ class Options:
     page_size: int = 128
     decode_steps: int = 8
     prefills_per_step: int = 4
+    prefill_segments: int = 8
     workload: str = "w2"
     """Synthetic prompt set: w1, w2 or w3."""
     prompts_file: str | None = None
@@ -159,6 +160,7 @@ def engine_config(opts: Options, num_slots: int | None = None) -> EngineConfig:
         max_prefill_len=min(opts.max_prefill_len, opts.max_seq_len),
         page_size=min(opts.page_size, opts.max_seq_len),
         decode_steps=opts.decode_steps,
+        prefill_segments=opts.prefill_segments,
         dtype=opts.dtype,
     )
 

@@ -80,6 +80,8 @@ class EngineConfig:
     """Longest prompt; prefill buckets are powers of two from `min_prefill_len` up to this."""
     min_prefill_len: int = 16
     """Smallest prefill bucket."""
+    prefill_segments: int = 8
+    """Most prompts packed into one prefill call (their total length within `max_prefill_len`)."""
     page_size: int = 128
     """P: cache positions per page; decode reads a power-of-two number of pages covering the longest sequence."""
     decode_steps: int = 8
@@ -102,6 +104,8 @@ class EngineConfig:
             )
         if self.decode_steps < 1:
             raise CapacityError(f"decode_steps must be >= 1, got {self.decode_steps}")
+        if self.prefill_segments < 1:
+            raise CapacityError(f"prefill_segments must be >= 1, got {self.prefill_segments}")
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
@@ -134,15 +138,19 @@ class DecodeState:
 
 @struct.dataclass
 class DevicePrefix:
-    """A prefilled prompt on device, ready for `insert`."""
+    """One packed prefill on device: up to R prompts side by side in T positions, ready for `insert` (one row each).
+
+    Row r's prompt occupies positions [start[r], start[r] + length[r]) of k/v; unused rows have length 0.
+    """
 
     k: tuple  # [L] of [K, T, H]
     v: tuple  # [L] of [K, T, H]
-    length: jax.Array  # [] real prompt tokens
-    token: jax.Array  # [] first sampled token
-    remaining: jax.Array  # [] max_tokens - 1
-    want_logprobs: jax.Array  # [] bool
-    sampling: SlotSampling  # batch of one
+    start: jax.Array  # [R] first position of each prompt
+    length: jax.Array  # [R] real prompt tokens
+    token: jax.Array  # [R] first sampled token
+    remaining: jax.Array  # [R] max_tokens - 1
+    want_logprobs: jax.Array  # [R] bool
+    sampling: SlotSampling  # [R]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,10 +163,11 @@ class TokenLogprobs:
 
 @dataclasses.dataclass(frozen=True)
 class Prefix:
-    """What `prefill` returns: the device prefix plus its first token, already on the host."""
+    """What `prefill` returns for one prompt: its row of a packed device prefix plus its first token, on the host."""
 
     device: DevicePrefix
     bucket: int
+    row: int
     length: int
     token: int
     finished: bool  # the first token already ends the request (stop id, or max_tokens == 1)
@@ -397,6 +406,7 @@ class Engine:
         return DevicePrefix(
             k=kv,  # [K, T, H], transposed into the pages by insert
             v=kv,
+            start=rep,
             length=rep,
             token=rep,
             remaining=rep,
@@ -432,47 +442,60 @@ class Engine:
 
     # ----- compiled steps ---------------------------------------------------------------------------------------
 
-    def _prefill_fn(self, params, tokens, length, remaining, want_logprobs, sampling):
-        # tokens [1, T]; the logits of the last real token pick the first generated token
-        t = tokens.shape[1]
-        positions = jnp.arange(t, dtype=jnp.int32)[None]
-        logits, kv = self.model.apply({"params": params}, tokens, positions, logits_index=(length - 1)[None])
-        token = sample(logits, sampling, jnp.zeros((1,), jnp.int32))
+    def _prefill_fn(self, params, tokens, positions, segments, start, length, remaining, want_logprobs, sampling):
+        """Packed prefill: tokens/positions/segments [1, T] hold up to R prompts (segment r, positions from 0),
+        attending only inside their own segment; the logits of each prompt's last token pick its first token."""
+        last = jnp.maximum(start + length - 1, 0)  # unused rows (length 0) read position 0 and are ignored
+        logits, kv = self.model.apply(
+            {"params": params}, tokens, positions, segment_ids=segments, logits_index=last[None]
+        )
+        logits = logits[0]  # [R, V]
+        token = sample(logits, sampling, jnp.zeros(last.shape, jnp.int32))
         logprob, top_ids, top_vals = token_logprobs(logits, token, MAX_LOGPROBS)
         prefix = DevicePrefix(
             k=tuple(jnp.swapaxes(k[0], 0, 1) for k, _ in kv),  # [T, K, H] -> [K, T, H]
             v=tuple(jnp.swapaxes(v[0], 0, 1) for _, v in kv),
+            start=start,
             length=length,
-            token=token[0],
+            token=token,
             remaining=remaining,
             want_logprobs=want_logprobs,
             sampling=sampling,
         )
-        return prefix, (logprob[0], top_ids[0], top_vals[0])
+        return prefix, (logprob, top_ids, top_vals)
 
-    def _insert_fn(self, prefix: DevicePrefix, state: DecodeState, slot):
+    def _insert_fn(self, prefix: DevicePrefix, state: DecodeState, slot, row):
+        """Copies row `row` of a packed prefix into `slot`: its K/V into the slot's first pages, its knobs into the
+        slot's rows. Positions past the prompt receive neighbouring K/V; decode never reads them (it masks
+        positions > length and overwrites position `length` before reading it)."""
         p = self.config.page_size
         t = prefix.k[0].shape[1]
+        chunk = min(p, t)
+        start = prefix.start[row]
 
         def write(pages: tuple, kv: jax.Array, seq_axis: int) -> tuple:
-            # kv [K, T, H] (keys: [K, H, T]) lands in pages 0 .. ceil(T / P) - 1 of the slot
+            # kv [K, T, H] (keys: [K, H, T]); positions [start, start + T) land in pages 0 .. ceil(T / P) - 1
             pages = list(pages)
             for c in range(-(-t // p)):
-                chunk = jax.lax.slice_in_dim(kv, c * p, min((c + 1) * p, t), axis=seq_axis)[None]
-                pages[c] = jax.lax.dynamic_update_slice(pages[c], chunk, (slot, 0, 0, 0))
+                idx = jnp.minimum(start + c * chunk + jnp.arange(chunk), t - 1)
+                piece = jnp.take(kv, idx, axis=seq_axis)[None]
+                pages[c] = jax.lax.dynamic_update_slice(pages[c], piece, (slot, 0, 0, 0))
             return tuple(pages)
 
-        first_stops = hits_stop(prefix.token[None], prefix.sampling.stop_ids)[0]
-        sampling = jax.tree.map(lambda all_, one: all_.at[slot].set(one[0]), state.sampling, prefix.sampling)
+        token = prefix.token[row]
+        sampling_row = jax.tree.map(lambda a: a[row][None], prefix.sampling)
+        first_stops = hits_stop(token[None], sampling_row.stop_ids)[0]
+        sampling = jax.tree.map(lambda all_, one: all_.at[slot].set(one[0]), state.sampling, sampling_row)
+        remaining = prefix.remaining[row]
         return DecodeState(
             k=tuple(write(pages, jnp.swapaxes(kv, 1, 2), 2) for pages, kv in zip(state.k, prefix.k, strict=True)),
             v=tuple(write(pages, kv, 1) for pages, kv in zip(state.v, prefix.v, strict=True)),
-            lengths=state.lengths.at[slot].set(prefix.length),
-            tokens=state.tokens.at[slot].set(prefix.token),
-            active=state.active.at[slot].set(~first_stops & (prefix.remaining > 0)),
-            remaining=state.remaining.at[slot].set(prefix.remaining),
+            lengths=state.lengths.at[slot].set(prefix.length[row]),
+            tokens=state.tokens.at[slot].set(token),
+            active=state.active.at[slot].set(~first_stops & (remaining > 0)),
+            remaining=state.remaining.at[slot].set(remaining),
             generated=state.generated.at[slot].set(1),
-            want_logprobs=state.want_logprobs.at[slot].set(prefix.want_logprobs),
+            want_logprobs=state.want_logprobs.at[slot].set(prefix.want_logprobs[row]),
             sampling=sampling,
         )
 
@@ -481,20 +504,7 @@ class Engine:
 
     def _generate_fn(self, params, state: DecodeState, *, window: int):
         """`decode_steps` decode steps over the first `window` pages (the rest pass through untouched)."""
-        b, p = self.config.num_slots, self.config.page_size
-        slots = jnp.arange(b)
-
-        def write(pages: tuple, new: jax.Array, pos: jax.Array, transposed: bool) -> tuple:
-            # new [B, K, H] at position pos[b]: only the page holding it keeps the write (the others drop it)
-            out = []
-            for c, page in enumerate(pages):
-                offset = pos - c * p
-                offset = jnp.where((offset >= 0) & (offset < p), offset, p)
-                if transposed:
-                    out.append(page.at[slots, :, :, offset].set(new, mode="drop"))
-                else:
-                    out.append(page.at[slots, :, offset, :].set(new, mode="drop"))
-            return tuple(out)
+        b = self.config.num_slots
 
         def step(carry, _):
             st, k_win, v_win = carry
@@ -503,8 +513,8 @@ class Engine:
                 {"params": params}, st.tokens[:, None], st.lengths[:, None], cache=cache, lengths=st.lengths
             )
             logits = logits[:, 0]  # [B, V]
-            k_win = tuple(write(pages, k, st.lengths, True) for pages, (k, _) in zip(k_win, kv, strict=True))
-            v_win = tuple(write(pages, v, st.lengths, False) for pages, (_, v) in zip(v_win, kv, strict=True))
+            k_win = tuple(k for k, _ in kv)  # the model wrote each slot's new K/V at its length
+            v_win = tuple(v for _, v in kv)
             token = sample(logits, st.sampling, st.generated)
             lp = jax.lax.cond(
                 jnp.any(st.want_logprobs & st.active),
@@ -556,18 +566,20 @@ class Engine:
         params_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.params)
         if kind == "prefill":
             fn = jax.jit(self._prefill_fn, out_shardings=(self.prefix_shardings, rep))
+            r = self.config.prefill_segments
             sampling_abs = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), SlotSampling.empty(1)
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), SlotSampling.empty(r)
             )
-            tokens_abs = jax.ShapeDtypeStruct((1, size), jnp.int32, sharding=rep)
-            want_abs = jax.ShapeDtypeStruct((), bool, sharding=rep)
-            args = (params_abs, tokens_abs, i32, i32, want_abs, sampling_abs)
+            row_abs = jax.ShapeDtypeStruct((1, size), jnp.int32, sharding=rep)
+            per_prompt = jax.ShapeDtypeStruct((r,), jnp.int32, sharding=rep)
+            want_abs = jax.ShapeDtypeStruct((r,), bool, sharding=rep)
+            args = (params_abs, row_abs, row_abs, row_abs, per_prompt, per_prompt, per_prompt, want_abs, sampling_abs)
         elif kind == "insert":
             fn = jax.jit(self._insert_fn, donate_argnums=(1,), out_shardings=self.state_shardings)
             prefix_abs = self._abstract(
                 jax.eval_shape(functools.partial(self._abstract_prefix, size)), self.prefix_shardings
             )
-            args = (prefix_abs, state_abs, i32)
+            args = (prefix_abs, state_abs, i32, i32)
         elif kind == "init":
             fn = jax.jit(self._empty_state, out_shardings=self.state_shardings)
             args = ()
@@ -588,15 +600,17 @@ class Engine:
     def _abstract_prefix(self, t: int) -> DevicePrefix:
         c = self.model_config
         shape = (c.num_kv_heads, t, c.head_dim)
-        z = jnp.zeros((), jnp.int32)
+        r = self.config.prefill_segments
+        z = jnp.zeros((r,), jnp.int32)
         return DevicePrefix(
             k=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
             v=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
+            start=z,
             length=z,
             token=z,
             remaining=z,
-            want_logprobs=jnp.zeros((), bool),
-            sampling=SlotSampling.empty(1),
+            want_logprobs=jnp.zeros((r,), bool),
+            sampling=SlotSampling.empty(r),
         )
 
     def warmup(self, max_workers: int | None = None) -> float:
@@ -640,49 +654,97 @@ class Engine:
                 f"{self.config.max_seq_len} tokens; lower max_tokens to at most {self.config.max_seq_len - prompt_len}"
             )
 
-    def prefill(self, tokens: Sequence[int], params: SamplingParams, seed: int) -> Prefix:
-        """Runs the prompt and samples its first token (copied to the host: the caller streams it at once)."""
-        n = len(tokens)
-        self.check_request(n, params)
+    def check_prompt(self, tokens: Sequence[int], params: SamplingParams) -> None:
+        """`check_request` plus the token ids themselves: raises ValueError / CapacityError saying what to change."""
+        self.check_request(len(tokens), params)
         bad = [t for t in tokens if not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
-        bucket = self.bucket_for(n)
-        padded = np.zeros((1, bucket), np.int32)
-        padded[0, :n] = tokens
-        sampling = SlotSampling.from_params(params, seed, self.model_config.eos_token_ids)
-        prefix, (logprob, top_ids, top_vals) = self._compile("prefill", bucket)(
-            self.params,
-            padded,
-            np.int32(n),
-            np.int32(params.max_tokens - 1),
-            np.bool_(params.logprobs is not None),
-            sampling,
-        )
-        token, logprob, top_ids, top_vals = jax.device_get((prefix.token, logprob, top_ids, top_vals))
-        token = int(token)
-        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.model_config.eos_token_ids))
-        lps = None
-        if params.logprobs is not None:
-            n_top = params.logprobs
-            lps = TokenLogprobs(
-                float(logprob),
-                tuple((int(i), float(x)) for i, x in zip(top_ids[:n_top], top_vals[:n_top], strict=True)),
+
+    def packs(self, lengths: Sequence[int]) -> list[list[int]]:
+        """How `prefill_batch` groups prompts of these lengths, in order: up to `prefill_segments` prompts per call,
+        their total within `max_prefill_len`."""
+        out: list[list[int]] = []
+        total = 0
+        for i, n in enumerate(lengths):
+            if not out or total + n > self.config.max_prefill_len or len(out[-1]) == self.config.prefill_segments:
+                out.append([])
+                total = 0
+            out[-1].append(i)
+            total += n
+        return out
+
+    def prefill(self, tokens: Sequence[int], params: SamplingParams, seed: int) -> Prefix:
+        """Runs one prompt and samples its first token (copied to the host: the caller streams it at once)."""
+        return self.prefill_batch([(tokens, params, seed)])[0]
+
+    def prefill_batch(self, requests: Sequence[tuple[Sequence[int], SamplingParams, int]]) -> list[Prefix]:
+        """Runs prompts (tokens, params, seed) packed side by side, a few per call (see `packs`), and samples each
+        one's first token. Measured on XLA:CPU: a dot over 256 packed positions runs at ~1.3-1.4x the FLOP/s of one
+        over 64, and packing skips the padding of one-prompt buckets."""
+        for tokens, params, _ in requests:
+            self.check_prompt(tokens, params)
+        r = self.config.prefill_segments
+        eos = self.model_config.eos_token_ids
+        launched = []
+        for pack in self.packs([len(tokens) for tokens, _, _ in requests]):
+            bucket = self.bucket_for(sum(len(requests[i][0]) for i in pack))
+            tokens_row = np.zeros((1, bucket), np.int32)
+            positions = np.zeros((1, bucket), np.int32)
+            segments = np.full((1, bucket), -1, np.int32)
+            start = np.zeros((r,), np.int32)
+            length = np.zeros((r,), np.int32)
+            remaining = np.zeros((r,), np.int32)
+            want = np.zeros((r,), bool)
+            rows = [SlotSampling.from_params(SamplingParams(), 0, eos)] * r
+            at = 0
+            for row, i in enumerate(pack):
+                tokens, params, seed = requests[i]
+                n = len(tokens)
+                tokens_row[0, at : at + n] = tokens
+                positions[0, at : at + n] = np.arange(n)
+                segments[0, at : at + n] = row
+                start[row], length[row], remaining[row] = at, n, params.max_tokens - 1
+                want[row] = params.logprobs is not None
+                rows[row] = SlotSampling.from_params(params, seed, eos)
+                at += n
+            sampling = jax.tree.map(lambda *a: np.concatenate(a), *rows)
+            device, lps = self._compile("prefill", bucket)(
+                self.params, tokens_row, positions, segments, start, length, remaining, want, sampling
             )
-        return Prefix(
-            device=prefix,
-            bucket=bucket,
-            length=n,
-            token=token,
-            finished=token in stops or params.max_tokens == 1,
-            logprobs=lps,
-        )
+            launched.append((pack, bucket, device, lps))  # dispatched; the host waits below, once per pack
+        out: list[Prefix | None] = [None] * len(requests)
+        for pack, bucket, device, (logprob, top_ids, top_vals) in launched:
+            token, logprob, top_ids, top_vals = jax.device_get((device.token, logprob, top_ids, top_vals))
+            for row, i in enumerate(pack):
+                tokens, params, _ = requests[i]
+                first = int(token[row])
+                stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos))
+                lps = None
+                if params.logprobs is not None:
+                    n_top = params.logprobs
+                    lps = TokenLogprobs(
+                        float(logprob[row]),
+                        tuple(
+                            (int(a), float(b)) for a, b in zip(top_ids[row, :n_top], top_vals[row, :n_top], strict=True)
+                        ),
+                    )
+                out[i] = Prefix(
+                    device=device,
+                    bucket=bucket,
+                    row=row,
+                    length=len(tokens),
+                    token=first,
+                    finished=first in stops or params.max_tokens == 1,
+                    logprobs=lps,
+                )
+        return out  # type: ignore[return-value]
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
         """Places a prefilled prompt into `slot` (its previous contents are overwritten)."""
         if not 0 <= slot < self.config.num_slots:
             raise IndexError(f"slot {slot} outside [0, {self.config.num_slots})")
-        state = self._compile("insert", prefix.bucket)(prefix.device, state, np.int32(slot))
+        state = self._compile("insert", prefix.bucket)(prefix.device, state, np.int32(slot), np.int32(prefix.row))
         self._host_lengths[slot] = prefix.length
         self._host_active[slot] = not prefix.finished
         return state

@@ -146,13 +146,18 @@ def replay(engine: Engine, state: DecodeState, plan: StepPlan) -> DecodeState:
     """
     for slot in plan.release:
         state = engine.release(state, slot)
+    runnable = []
     for adm in plan.admit:
         try:
-            prefix = engine.prefill(list(adm.prompt_tokens), adm.params, adm.seed)
+            engine.check_prompt(adm.prompt_tokens, adm.params)
         except (ValueError, CapacityError):
             continue
-        if not prefix.finished:
-            state = engine.insert(prefix, state, adm.slot)
+        runnable.append(adm)
+    if runnable:
+        prefixes = engine.prefill_batch([(a.prompt_tokens, a.params, a.seed) for a in runnable])
+        for adm, prefix in zip(runnable, prefixes, strict=True):
+            if not prefix.finished:
+                state = engine.insert(prefix, state, adm.slot)
     if plan.decode:
         try:
             state, _ = engine.generate(state)

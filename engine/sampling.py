@@ -138,13 +138,26 @@ def _filter_logits(x: jax.Array, s: SlotSampling) -> jax.Array:
     return jnp.where(x >= threshold, x, -jnp.inf)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis of x [B, V] (the first index of the maximum), as two plain reductions: the
+    maximum, then the smallest index holding it (float indices: exact below 2**24, and XLA:CPU's float min is the
+    fastest). XLA:CPU's one-pass (value, index) reduce is ~4x slower (measured over [64, 49152]: 7.9 ms vs 2.0 ms,
+    ~4% of a 64-slot decode step). With the vocabulary sharded, both reductions end in a [B] all-reduce."""
+    v = x.shape[-1]
+    if v >= 2**24:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    peak = jnp.max(x, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(x == peak, jnp.arange(v, dtype=jnp.float32), float(v)), axis=-1)
+    return jnp.minimum(first, v - 1).astype(jnp.int32)  # a NaN row matches nothing: clamp into the vocabulary
+
+
 def sample(logits: jax.Array, s: SlotSampling, token_index: jax.Array) -> jax.Array:
     """Picks one token per slot from logits [B, V] (float32); token_index [B] = tokens the request generated so far.
 
     Greedy slots take the argmax. The filtering sort and the Gumbel noise run only when some slot needs them
     (`lax.cond` decides on device, so nothing recompiles).
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
     stochastic = s.temperature > 0
 
     def draw() -> jax.Array:
@@ -153,7 +166,7 @@ def sample(logits: jax.Array, s: SlotSampling, token_index: jax.Array) -> jax.Ar
         x = jax.lax.cond(needs_filter, _filter_logits, lambda x, _: x, x, s)
         keys = jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(s.key, token_index)
         noise = jax.vmap(lambda key: jax.random.gumbel(key, (x.shape[-1],), jnp.float32))(keys)
-        return jnp.argmax(x + noise, axis=-1).astype(jnp.int32)
+        return argmax(x + noise)
 
     drawn = jax.lax.cond(jnp.any(stochastic), draw, lambda: greedy)
     return jnp.where(stochastic, drawn, greedy)

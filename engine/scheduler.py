@@ -1,13 +1,14 @@
 """Continuous batching: a bounded priority queue of requests admitted into free slots as others finish.
 
-The scheduler talks to the engine only through `prefill` / `insert` / `generate` / `release`, and to the outside
+The scheduler talks to the engine only through `prefill_batch` / `insert` / `generate` / `release`, and to the outside
 only through `submit`, `cancel`, `step` and each request's output sink, so the offline batch job and the gRPC
 service drive it the same way. It knows nothing of the network.
 
 One `step()`:
 1. decides (`plan`): which cancelled or host-stopped slots to release, which waiting requests to admit into free
    slots - at most `prefills_per_step` of them;
-2. executes the plan: release, then prefill + insert each admitted request (its first token is streamed at once);
+2. executes the plan: release, then prefill the admitted requests (packed a few prompts per call, see
+   `Engine.prefill_batch`) and insert each into its slot (its first token is streamed at once);
 3. runs one `generate` dispatch (`decode_steps` tokens for every active slot) and streams what it produced.
 
 Policy and its trade-off: prefills are interleaved with decode dispatches, `prefills_per_step` at most between two
@@ -256,33 +257,42 @@ class Scheduler:
             self.state = self.engine.release(self.state, slot)
             if req is not None and not req.finished:
                 self._finish(req, FINISH_CANCELLED)
-        for adm in plan.admit:
-            self._admit(adm)
+        self._admit(plan.admit)
         if plan.decode:
             self._decode()
         self._steps += 1
 
-    def _admit(self, adm: Admission) -> None:
-        with self._lock:
-            req = self._by_id[adm.request_id]
-        req.admitted_at = time.monotonic()
+    def _admit(self, admissions: Sequence[Admission]) -> None:
+        runnable: list[tuple[Admission, Request]] = []
+        for adm in admissions:
+            with self._lock:
+                req = self._by_id[adm.request_id]
+            req.admitted_at = time.monotonic()
+            try:
+                self.engine.check_prompt(adm.prompt_tokens, adm.params)
+            except (ValueError, CapacityError) as exc:
+                self._finish(req, FINISH_ERROR, error=str(exc))
+                continue
+            runnable.append((adm, req))
+        if not runnable:
+            return
         try:
-            prefix = self.engine.prefill(list(adm.prompt_tokens), adm.params, adm.seed)
-        except (ValueError, CapacityError) as exc:
-            self._finish(req, FINISH_ERROR, error=str(exc))
+            prefixes = self.engine.prefill_batch([(a.prompt_tokens, a.params, a.seed) for a, _ in runnable])
+        except Exception as exc:  # an engine failure fails these requests only
+            log.exception("prefill failed for %s", ", ".join(r.request_id for _, r in runnable))
+            for _, req in runnable:
+                self._finish(req, FINISH_ERROR, error=f"engine failure during prefill: {exc}")
             return
-        except Exception as exc:  # an engine failure fails this request only
-            log.exception("prefill failed for %s", req.request_id)
-            self._finish(req, FINISH_ERROR, error=f"engine failure during prefill: {exc}")
-            return
-        req.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=adm.prompt_tokens, skip_special_tokens=True)
-        req.stops = StopStringMatcher(adm.params.stop) if adm.params.stop else None
-        if prefix.finished:
-            self._emit(req, [prefix.token], [prefix.logprobs] if prefix.logprobs else None, device_done=True)
-            return
-        self.state = self.engine.insert(prefix, self.state, adm.slot)
-        self._slots[adm.slot] = req
-        self._emit(req, [prefix.token], [prefix.logprobs] if prefix.logprobs else None, device_done=False)
+        for (adm, req), prefix in zip(runnable, prefixes, strict=True):
+            req.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=adm.prompt_tokens, skip_special_tokens=True)
+            req.stops = StopStringMatcher(adm.params.stop) if adm.params.stop else None
+            first = [prefix.logprobs] if prefix.logprobs else None
+            if prefix.finished:
+                self._emit(req, [prefix.token], first, device_done=True)
+                continue
+            self.state = self.engine.insert(prefix, self.state, adm.slot)
+            self._slots[adm.slot] = req
+            self._emit(req, [prefix.token], first, device_done=False)
 
     def _decode(self) -> None:
         start = time.perf_counter()

@@ -38,6 +38,7 @@ _MAX_PREFILL_LEN = flags.DEFINE_integer("max_prefill_len", 256, "Longest prompt.
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 128, "KV cache page length.")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
 _PREFILLS_PER_STEP = flags.DEFINE_integer("prefills_per_step", 4, "Most prefills between two decode dispatches.")
+_PREFILL_SEGMENTS = flags.DEFINE_integer("prefill_segments", 8, "Most prompts packed into one prefill call.")
 _WORKLOAD = flags.DEFINE_enum("workload", "w2", ["w1", "w2", "w3"], "Synthetic prompt set (shared/PERFORMANCE.md).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL prompts: messages | prompt | text | token_ids.")
 _RANDOM_PROMPT_LENS = flags.DEFINE_list("random_prompt_lens", [], "Random token prompts of these lengths.")
@@ -100,6 +101,7 @@ def options() -> Options:
         page_size=_PAGE_SIZE.value,
         decode_steps=_DECODE_STEPS.value,
         prefills_per_step=_PREFILLS_PER_STEP.value,
+        prefill_segments=_PREFILL_SEGMENTS.value,
         workload=_WORKLOAD.value,
         prompts_file=_PROMPTS_FILE.value,
         random_prompt_lens=_ints(_RANDOM_PROMPT_LENS.value, "random_prompt_lens"),

@@ -31,6 +31,9 @@ _PREFILLS_PER_STEP = flags.DEFINE_integer(
     "Most prefills between two decode dispatches: higher admits bursts sooner (lower TTFT), lower keeps "
     "inter-token latency of running requests steady.",
 )
+_PREFILL_SEGMENTS = flags.DEFINE_integer(
+    "prefill_segments", 8, "Most prompts packed into one prefill call (their total within max_prefill_len)."
+)
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "auto: float32 on CPU, bf16 on TPU/GPU.")
 _MESH = flags.DEFINE_string(
     "mesh",
@@ -97,6 +100,7 @@ def engine_config(**overrides) -> EngineConfig:
         max_prefill_len=min(_MAX_PREFILL_LEN.value, _MAX_SEQ_LEN.value),
         page_size=min(_PAGE_SIZE.value, _MAX_SEQ_LEN.value),
         decode_steps=_DECODE_STEPS.value,
+        prefill_segments=_PREFILL_SEGMENTS.value,
         dtype=default_dtype() if _DTYPE.value == "auto" else _DTYPE.value,
     )
     values.update(overrides)

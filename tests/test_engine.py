@@ -20,7 +20,7 @@ from jax._src import monitoring
 from engine.config import tiny_config
 from engine.engine import CapacityError, DecodeState, Engine, EngineConfig
 from engine.model import init_params
-from engine.sampling import SamplingParams, SlotSampling, _filter_logits, sample
+from engine.sampling import SamplingParams, SlotSampling, _filter_logits, argmax, sample
 from engine.scheduler import FINISH_LENGTH, FINISH_STOP, Request, RequestOutput, Scheduler
 from engine.tokenizer import make_tiny_tokenizer
 
@@ -128,30 +128,44 @@ def test_greedy_decode_matches_full_forward(engine, full_logits):
 
 
 def test_model_decode_step_matches_full_forward(engine, full_logits):
-    """The model's decode path (paged cache, per-slot lengths) gives the full forward's logits at that position."""
+    """The model's decode path (paged cache, per-slot lengths) writes each slot's new K/V at its length, then
+    attends to positions <= length: it gives the full forward's logits at that position."""
     c, p = engine.model_config, engine.config.page_size
     seqs = [PROMPTS[30] + PROMPTS[32], PROMPTS[12] + PROMPTS[25] + PROMPTS[25]]  # 62 tokens each
     lengths = np.array([9, 40], np.int32)  # slot 1 attends across the page boundary
     tokens = np.array(seqs, np.int32)
-    # the cache holds the full forward's K/V of *all* 62 positions: positions >= length must be masked out
+    # the cache holds the full forward's K/V of *all* 62 positions: positions > length must be masked out ...
     _, kv = engine.model.apply({"params": engine.params}, tokens, np.arange(62)[None].repeat(2, 0))
+    # ... and garbage at position `length` itself: the model must overwrite it before attending
+    at_length = np.zeros((2, 2 * p), bool)
+    at_length[np.arange(2), lengths] = True
     cache = []
     for k, v in kv:  # [B, T, K, H]
         k = jnp.pad(k, ((0, 0), (0, 2 * p - 62), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, 2 * p - 62), (0, 0), (0, 0)))
+        k = jnp.where(at_length[:, :, None, None], 1e3, k)
+        v = jnp.where(at_length[:, :, None, None], -1e3, v)
         k_pages = tuple(jnp.transpose(k[:, i * p : (i + 1) * p], (0, 2, 3, 1)) for i in range(2))  # [B, K, H, P]
         v_pages = tuple(jnp.transpose(v[:, i * p : (i + 1) * p], (0, 2, 1, 3)) for i in range(2))  # [B, K, P, H]
         cache.append((k_pages, v_pages))
     step_tokens = tokens[np.arange(2), lengths][:, None]
-    logits, new_kv = engine.model.apply(
+    logits, new_cache = engine.model.apply(
         {"params": engine.params}, step_tokens, lengths[:, None], cache=tuple(cache), lengths=jnp.asarray(lengths)
     )
     assert logits.shape == (2, 1, c.vocab_size)
     for b in range(2):
         expected = full_logits(seqs[b][: lengths[b] + 1])[-1]
         np.testing.assert_allclose(np.asarray(logits[b, 0]), expected, atol=1e-4)
-        # the K/V it hands back for the engine to cache is the full forward's at that position
-        np.testing.assert_allclose(np.asarray(new_kv[0][0][b]), np.asarray(kv[0][0][b, lengths[b]]), atol=1e-5)
+    # the updated pages hold the full forward's K/V at each slot's length, and nothing else changed
+    for layer in (0, c.num_layers - 1):
+        (k_old, v_old), (k_new, v_new) = cache[layer], new_cache[layer]
+        for b, n in enumerate(lengths):
+            page, off = divmod(int(n), p)
+            np.testing.assert_allclose(np.asarray(k_new[page][b, :, :, off]), np.asarray(kv[layer][0][b, n]), atol=1e-5)
+            np.testing.assert_allclose(np.asarray(v_new[page][b, :, off]), np.asarray(kv[layer][1][b, n]), atol=1e-5)
+        for old, new, seq_axis, other in ((k_old, k_new, 3, (1, 2)), (v_old, v_new, 2, (1, 3))):
+            changed = np.concatenate([np.asarray(a) != np.asarray(o) for o, a in zip(old, new, strict=True)], seq_axis)
+            assert np.array_equal(changed.any(axis=other), at_length)
 
 
 # ----- slot isolation ---------------------------------------------------------------------------------------------
@@ -259,6 +273,56 @@ def test_continuous_batching_matches_one_at_a_time(engine):
         assert len(tokens) == req[1].max_tokens and reason == FINISH_LENGTH
 
 
+# ----- packed prefill ---------------------------------------------------------------------------------------------
+
+
+def test_packs_respect_length_and_segment_limits(engine):
+    # max_prefill_len 32, prefill_segments 8: a pack closes when the next prompt would overflow either
+    assert engine.packs([30, 3, 32, 1, 1, 1, 1, 1, 1, 1, 1, 1, 20, 13]) == [
+        [0], [1], [2], [3, 4, 5, 6, 7, 8, 9, 10], [11, 12], [13],
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_pages_engine() -> Engine:
+    """Pages of 8 positions: one packed prompt spans several pages, starting mid-pack."""
+    cfg = tiny_config()
+    config = dataclasses.replace(ENGINE_CONFIG, page_size=8, max_seq_len=64, prefill_segments=4)
+    return Engine(cfg, init_params(cfg, jnp.float32), config)
+
+
+@pytest.mark.parametrize("which", ["engine", "small_pages_engine"])
+def test_packed_prefill_matches_one_at_a_time(which, request):
+    """Prompts packed into shared prefill calls give each its own first token, logprobs and continuation."""
+    engine = request.getfixturevalue(which)
+    lengths = (5, 12, 1, 8, 3, 17, 30)
+    settings = [
+        SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3),
+        SamplingParams(temperature=0.9, top_k=20, seed=7, max_tokens=12, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True),
+    ]
+    requests = [(PROMPTS[n], settings[i % 3], 100 + i) for i, n in enumerate(lengths)]
+    assert any(len(p) > 1 for p in engine.packs(lengths))  # several prompts do share a call
+    prefixes = engine.prefill_batch(requests)
+    for (prompt, params, seed), packed in zip(requests, prefixes, strict=True):
+        alone = engine.prefill(prompt, params, seed)
+        assert packed.token == alone.token and packed.length == len(prompt)
+        if params.logprobs is not None:
+            assert [i for i, _ in packed.logprobs.top] == [i for i, _ in alone.logprobs.top]
+            np.testing.assert_allclose(packed.logprobs.logprob, alone.logprobs.logprob, atol=1e-5)
+    # each packed row, inserted into its own slot and decoded alongside the others, continues as it does alone
+    for group in (range(0, 4), range(4, 7)):
+        runs: dict[int, SlotRun] = {}
+        state = engine.init_state()
+        for slot, i in enumerate(group):
+            runs[slot] = SlotRun([prefixes[i].token], [])
+            state = engine.insert(prefixes[i], state, slot)
+        decode(engine, state, runs)
+        for slot, i in enumerate(group):
+            prompt, params, seed = requests[i]
+            assert runs[slot].tokens == run_alone(engine, prompt, params, seed).tokens, f"prompt {i}"
+
+
 # ----- no compile after warm-up -----------------------------------------------------------------------------------
 
 
@@ -332,6 +396,15 @@ def knobs(b: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None) ->
 def kept(logits: np.ndarray, s: SlotSampling) -> list[set[int]]:
     out = np.asarray(_filter_logits(jnp.asarray(logits), s))
     return [set(np.flatnonzero(np.isfinite(row)).tolist()) for row in out]
+
+
+@pytest.mark.parametrize("v", [49152, 1000, 129, 7])
+def test_two_stage_argmax_is_jnp_argmax(v):
+    x = np.random.default_rng(v).standard_normal((4, v)).astype(np.float32)
+    x[1, :] = -np.inf  # all filtered
+    x[2, [v // 3, v // 2, v - 1]] = 9.0  # ties: the first index wins
+    x[3, :] = 0.0
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(x)), np.argmax(x, axis=-1))
 
 
 def test_top_k_one_is_greedy():
