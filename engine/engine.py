@@ -1,9 +1,10 @@
 """The engine: a preallocated paged KV cache with fixed slots and three jitted steps, prefill -> insert -> generate.
 
-- `prefill(tokens, sampling)` runs one prompt, padded to a power-of-two bucket, and samples its first token.
+- `prefill_batch(prompts)` runs prompts packed side by side (a few per call, padded to a power-of-two bucket) and
+  samples each one's first token; `prefill` is the one-prompt case.
 - `insert(prefix, state, slot)` writes the prompt's K/V into a slot of the fixed-shape cache and arms the slot.
-- `generate(state)` advances every slot `decode_steps` tokens in one dispatch (a `lax.scan`), empty and finished
-  slots masked, and copies the tokens back to the host once.
+- `generate(state, steps)` advances every slot up to `decode_steps` tokens in one dispatch (a loop on device whose
+  trip count is an argument), empty and finished slots masked, and copies the tokens back to the host once.
 
 Cache layout: for each layer, k and v are split into S / P pages, each its own buffer: v pages [B, K, P, H] (slots,
 kv heads, positions in the page, head dim) and k pages transposed, [B, K, H, P], so both attention dots are plain
@@ -502,12 +503,13 @@ class Engine:
     def _release_fn(self, state: DecodeState, slot):
         return state.replace(active=state.active.at[slot].set(False))
 
-    def _generate_fn(self, params, state: DecodeState, *, window: int):
-        """`decode_steps` decode steps over the first `window` pages (the rest pass through untouched)."""
-        b = self.config.num_slots
+    def _generate_fn(self, params, state: DecodeState, steps, *, window: int):
+        """`steps` (<= decode_steps, a runtime value) decode steps over the first `window` pages (the rest pass
+        through untouched); outputs have decode_steps rows, the rows past `steps` marked invalid."""
+        b, n = self.config.num_slots, self.config.decode_steps
 
-        def step(carry, _):
-            st, k_win, v_win = carry
+        def step(i, carry):
+            st, k_win, v_win, outs = carry
             cache = tuple(zip(k_win, v_win, strict=True))
             logits, kv = self.model.apply(
                 {"params": params}, st.tokens[:, None], st.lengths[:, None], cache=cache, lengths=st.lengths
@@ -535,14 +537,22 @@ class Engine:
                 remaining=remaining,
                 generated=st.generated + step_int,
             )
-            return (st, k_win, v_win), (token, live, *lp)
+            outs = tuple(o.at[i].set(x) for o, x in zip(outs, (token, live, *lp), strict=True))
+            return st, k_win, v_win, outs
 
         k_win = tuple(pages[:window] for pages in state.k)
         v_win = tuple(pages[:window] for pages in state.v)
         rest = state.replace(k=(), v=())
-        (rest, k_win, v_win), (tokens, valid, logprob, top_ids, top_vals) = jax.lax.scan(
-            step, (rest, k_win, v_win), None, length=self.config.decode_steps
+        outs = (
+            jnp.zeros((n, b), jnp.int32),
+            jnp.zeros((n, b), bool),
+            jnp.zeros((n, b), jnp.float32),
+            jnp.zeros((n, b, MAX_LOGPROBS), jnp.int32),
+            jnp.zeros((n, b, MAX_LOGPROBS), jnp.float32),
         )
+        # a while loop with a runtime trip count: one compiled program serves every dispatch length
+        rest, k_win, v_win, outs = jax.lax.fori_loop(0, jnp.clip(steps, 1, n), step, (rest, k_win, v_win, outs))
+        tokens, valid, logprob, top_ids, top_vals = outs
         state = rest.replace(
             k=tuple(kw + pages[window:] for kw, pages in zip(k_win, state.k, strict=True)),
             v=tuple(vw + pages[window:] for vw, pages in zip(v_win, state.v, strict=True)),
@@ -592,7 +602,7 @@ class Engine:
                 donate_argnums=(1,),
                 out_shardings=(self.state_shardings, rep),
             )
-            args = (params_abs, state_abs)
+            args = (params_abs, state_abs, i32)
         else:
             raise KeyError(kind)
         return fn.lower(*args)
@@ -754,19 +764,23 @@ class Engine:
         self._host_active[slot] = False
         return self._compile("release", 0)(state, np.int32(slot))
 
-    def window_for(self, longest: int) -> int:
+    def window_for(self, longest: int, steps: int | None = None) -> int:
         """Pages the decode attention must cover for sequences up to `longest` tokens through one dispatch."""
-        need = longest + self.config.decode_steps
+        need = longest + (steps or self.config.decode_steps)
         for w in self.config.windows:
             if need <= w * self.config.page_size:
                 return w
         return self.config.num_pages
 
-    def generate(self, state: DecodeState) -> tuple[DecodeState, StepOutput]:
-        """Advances every active slot `decode_steps` tokens; one dispatch and one copy back to the host."""
+    def generate(self, state: DecodeState, steps: int | None = None) -> tuple[DecodeState, StepOutput]:
+        """Advances every active slot `steps` tokens (default and most: `decode_steps`); one dispatch and one copy
+        back to the host. Any `steps` runs the same compiled program (the loop's trip count is an argument)."""
+        steps = self.config.decode_steps if steps is None else steps
+        if not 1 <= steps <= self.config.decode_steps:
+            raise ValueError(f"steps must be in [1, {self.config.decode_steps}] (decode_steps), got {steps}")
         longest = int(self._host_lengths[self._host_active].max(initial=0))
-        self.last_window = self.window_for(longest)
-        state, out = self._compile("generate", self.last_window)(self.params, state)
+        self.last_window = self.window_for(longest, steps)
+        state, out = self._compile("generate", self.last_window)(self.params, state, np.int32(steps))
         tokens, valid, active, logprob, top_ids, top_vals = jax.device_get(out)
         self._host_lengths += valid.sum(axis=0)
         self._host_active = np.array(active)

@@ -160,7 +160,7 @@ def replay(engine: Engine, state: DecodeState, plan: StepPlan) -> DecodeState:
                 state = engine.insert(prefix, state, adm.slot)
     if plan.decode:
         try:
-            state, _ = engine.generate(state)
+            state, _ = engine.generate(state, plan.decode_steps)
         except Exception:
             # the leader's scheduler resets the cache after a failed dispatch; mirror it
             log.exception("decode dispatch failed; resetting the cache as the leader does")

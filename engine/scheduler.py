@@ -108,6 +108,7 @@ class StepPlan:
     release: tuple[int, ...]
     admit: tuple[Admission, ...]
     decode: bool
+    decode_steps: int | None = None  # tokens per slot in this dispatch (None: the engine's decode_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,15 +136,26 @@ class Scheduler:
         *,
         max_waiting: int | None = None,
         prefills_per_step: int = 4,
+        free_slot_decode_steps: int | None = None,
         plan_hook: Callable[[StepPlan], StepPlan] | None = None,
     ) -> None:
-        """`plan_hook` sees every plan before it runs (multi-host: the leader broadcasts it to the followers)."""
+        """`plan_hook` sees every plan before it runs (multi-host: the leader broadcasts it to the followers).
+
+        `free_slot_decode_steps`: dispatch length while some slot is free, so that a request arriving during a
+        dispatch waits at most that many decode steps for its prefill (a server's TTFT); None keeps every dispatch
+        at the engine's `decode_steps` (an offline job, whose requests are all queued from the start)."""
         if prefills_per_step < 1:
             raise ValueError(f"prefills_per_step must be >= 1, got {prefills_per_step}")
+        if free_slot_decode_steps is not None and not 1 <= free_slot_decode_steps <= engine.config.decode_steps:
+            raise ValueError(
+                f"free_slot_decode_steps must be in [1, {engine.config.decode_steps}] (decode_steps), "
+                f"got {free_slot_decode_steps}"
+            )
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
         self.prefills_per_step = prefills_per_step
+        self.free_slot_decode_steps = free_slot_decode_steps
         self.plan_hook = plan_hook
         self.state = engine.init_state()
         self._lock = threading.Lock()
@@ -238,7 +250,8 @@ class Scheduler:
         for req in cancelled_waiting:
             self._finish(req, FINISH_CANCELLED)
         busy = any(r is not None and not r.cancelled for r in self._slots)
-        return StepPlan(release=tuple(release), admit=tuple(admit), decode=busy or bool(admit))
+        steps = self.free_slot_decode_steps if free else None  # `free` still holds the slots nobody took
+        return StepPlan(release=tuple(release), admit=tuple(admit), decode=busy or bool(admit), decode_steps=steps)
 
     def step(self) -> StepPlan:
         """One iteration: release, admit (prefill + insert), one decode dispatch. Returns the plan it ran."""
@@ -259,7 +272,7 @@ class Scheduler:
                 self._finish(req, FINISH_CANCELLED)
         self._admit(plan.admit)
         if plan.decode:
-            self._decode()
+            self._decode(plan.decode_steps)
         self._steps += 1
 
     def _admit(self, admissions: Sequence[Admission]) -> None:
@@ -294,10 +307,10 @@ class Scheduler:
             self._slots[adm.slot] = req
             self._emit(req, [prefix.token], first, device_done=False)
 
-    def _decode(self) -> None:
+    def _decode(self, steps: int | None) -> None:
         start = time.perf_counter()
         try:
-            self.state, out = self.engine.generate(self.state)
+            self.state, out = self.engine.generate(self.state, steps)
         except Exception as exc:
             log.exception("decode dispatch failed; failing the requests in flight and resetting the cache")
             for slot, req in enumerate(self._slots):

@@ -40,6 +40,12 @@ _METRICS_PORT = flags.DEFINE_integer("metrics_port", 9090, "Prometheus metrics H
 _MAX_WAITING = flags.DEFINE_integer(
     "max_waiting", 256, "Bound of the waiting queue; beyond it requests get RESOURCE_EXHAUSTED with a retry hint."
 )
+_FREE_SLOT_DECODE_STEPS = flags.DEFINE_integer(
+    "free_slot_decode_steps",
+    1,
+    "Decode steps per dispatch while a slot is free (an arriving request waits at most this many steps for its "
+    "prefill); 0: always --decode_steps.",
+)
 _DRAIN_TIMEOUT = flags.DEFINE_float(
     "drain_timeout", 30.0, "Seconds running requests may take to finish after SIGTERM before they are ended."
 )
@@ -70,6 +76,8 @@ def main(argv: list[str]) -> None:
         engine, tokenizer = engine_flags.load()
     except (CheckpointError, ValueError, OSError) as e:  # CapacityError is a ValueError
         _fail(str(e))
+    if not 0 <= _FREE_SLOT_DECODE_STEPS.value <= engine.config.decode_steps:
+        _fail(f"--free_slot_decode_steps must be in [0, {engine.config.decode_steps}] (--decode_steps)")
     logging.info("%s", engine.describe_sharding().describe())
     if not multihost.is_leader():
         # followers hold their shards and replay the leader's plans; the gRPC front lives on process 0 only
@@ -84,6 +92,7 @@ def main(argv: list[str]) -> None:
         metrics_port=None if _METRICS_PORT.value < 0 else _METRICS_PORT.value,
         max_waiting=_MAX_WAITING.value,
         prefills_per_step=engine_flags.prefills_per_step(),
+        free_slot_decode_steps=_FREE_SLOT_DECODE_STEPS.value or None,
         drain_timeout=_DRAIN_TIMEOUT.value,
         stall_timeout=_STALL_TIMEOUT.value,
         memory_bandwidth_gbps=_BANDWIDTH.value,

@@ -11,7 +11,9 @@ Threading model:
 
 Admission: requests join the scheduler's bounded waiting queue and enter free slots as they free up;
 `prefills_per_step` bounds the prefills run between two decode dispatches (the TTFT / inter-token-latency knob, see
-`engine.scheduler`). A full queue answers RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms` in trailing metadata.
+`engine.scheduler`); while a slot is free, dispatches are `free_slot_decode_steps` long, so an arrival waits at most
+that many decode steps for its prefill. A full queue answers RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms` in
+trailing metadata.
 
 Cancellation: every RPC registers a termination callback (client cancel, deadline, disconnect) that cancels its
 request; the scheduler frees the slot at its next step, i.e. within one decode dispatch.
@@ -80,6 +82,9 @@ class ServerConfig:
     prefills_per_step: int = 4
     """Most prefills between two decode dispatches: higher lowers TTFT under bursts, lower protects inter-token
     latency of the requests already decoding."""
+    free_slot_decode_steps: int | None = 1
+    """Decode steps per dispatch while a slot is free: a request arriving mid-dispatch waits at most this many steps
+    for its prefill (TTFT); dispatches are `decode_steps` long while every slot is busy. None: always `decode_steps`."""
     drain_timeout: float = 30.0
     """Seconds accepted requests may take to finish after a drain starts before they are ended."""
     stall_timeout: float = 60.0
@@ -520,6 +525,7 @@ class MeshServeServer:
             tokenizer,
             max_waiting=config.max_waiting,
             prefills_per_step=config.prefills_per_step,
+            free_slot_decode_steps=config.free_slot_decode_steps,
             plan_hook=plan_hook,
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)

@@ -273,6 +273,47 @@ def test_continuous_batching_matches_one_at_a_time(engine):
         assert len(tokens) == req[1].max_tokens and reason == FINISH_LENGTH
 
 
+def test_dispatch_length_is_a_runtime_argument(engine):
+    """generate(state, steps) runs `steps` tokens per slot with the same program; mixed lengths give the same tokens."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    full = run_alone(engine, PROMPTS[12], params)
+    runs: dict[int, SlotRun] = {}
+    state = admit(engine, engine.init_state(), 1, PROMPTS[12], params, 0, runs)
+    lengths = []
+    for steps in (1, 3, 1, 4, 2, 4, 4, 4, 4, 4):
+        state, out = engine.generate(state, steps)
+        assert not out.valid[steps:].any()  # rows past `steps` carry nothing
+        lengths.append(int(out.valid[:, 1].sum()))
+        runs[1].tokens += [int(t) for t in out.tokens[out.valid[:, 1], 1]]
+    assert runs[1].tokens == full.tokens
+    assert lengths[:6] == [1, 3, 1, 4, 2, 4]
+    for bad in (0, engine.config.decode_steps + 1):
+        with pytest.raises(ValueError, match="steps must be in"):
+            engine.generate(state, bad)
+
+
+def test_short_dispatches_while_a_slot_is_free(engine):
+    tok = make_tiny_tokenizer()
+    requests = [
+        (PROMPTS[n], SamplingParams(max_tokens=m, ignore_eos=True))
+        for n, m in ((3, 20), (12, 9), (25, 30), (8, 14), (1, 7), (17, 11))
+    ]
+    reference = Scheduler(engine, tok, prefills_per_step=2)
+    want = collect(reference, requests)
+    reference.run_until_idle(max_steps=500)
+    scheduler = Scheduler(engine, tok, prefills_per_step=2, free_slot_decode_steps=1)
+    got = collect(scheduler, requests)
+    plans = []
+    while scheduler.has_work() and len(plans) < 500:
+        plans.append(scheduler.step())
+    # 6 requests, 4 slots: short dispatches until the slots fill, full ones while all are busy, short as they free
+    kinds = [p.decode_steps for p in plans if p.decode]
+    assert kinds[0] == 1 and None in kinds and kinds[-1] == 1
+    assert {k: summary(v) for k, v in got.items()} == {k: summary(v) for k, v in want.items()}
+    with pytest.raises(ValueError, match="free_slot_decode_steps"):
+        Scheduler(engine, tok, free_slot_decode_steps=engine.config.decode_steps + 1)
+
+
 # ----- packed prefill ---------------------------------------------------------------------------------------------
 
 
@@ -343,7 +384,7 @@ def test_nothing_compiles_after_warmup(engine, caplog):
             compiles.clear()
             caplog.clear()
             tok = make_tiny_tokenizer()
-            scheduler = Scheduler(engine, tok, prefills_per_step=3)
+            scheduler = Scheduler(engine, tok, prefills_per_step=3, free_slot_decode_steps=1)
             settings = [
                 SamplingParams(max_tokens=90, ignore_eos=True),
                 SamplingParams(temperature=0.8, seed=1, max_tokens=40),

@@ -292,9 +292,9 @@ def test_watchdog_reports_a_stuck_engine_loop(tiny, monkeypatch):
         release = threading.Event()
         original = engine.generate
 
-        def stuck(state):
+        def stuck(state, steps=None):
             release.wait(10)
-            return original(state)
+            return original(state, steps)
 
         monkeypatch.setattr(engine, "generate", stuck)
         call = r.stub.Generate(long_request(8), timeout=RPC_TIMEOUT)
@@ -311,11 +311,11 @@ def test_engine_failure_fails_only_its_requests_with_internal(tiny, monkeypatch)
     original = engine.generate
     failures = []
 
-    def fail_once(state):
+    def fail_once(state, steps=None):
         if not failures:
             failures.append(1)
             raise RuntimeError("injected device fault")
-        return original(state)
+        return original(state, steps)
 
     monkeypatch.setattr(engine, "generate", fail_once)
     with running_server(engine, tok) as r:
