@@ -440,7 +440,7 @@ def kept(logits: np.ndarray, s: SlotSampling) -> list[set[int]]:
 
 
 @pytest.mark.parametrize("v", [49152, 1000, 129, 7])
-def test_two_stage_argmax_is_jnp_argmax(v):
+def test_argmax_is_jnp_argmax(v):
     x = np.random.default_rng(v).standard_normal((4, v)).astype(np.float32)
     x[1, :] = -np.inf  # all filtered
     x[2, [v // 3, v // 2, v - 1]] = 9.0  # ties: the first index wins
