@@ -29,7 +29,7 @@ from bench import roofline as rl
 from bench import stats, workloads
 from bench.workloads import Prompt
 from engine.config import ModelConfig, tiny_config
-from engine.engine import CapacityError, Engine, EngineConfig, default_dtype
+from engine.engine import MIN_PREFIX_HIT, CapacityError, Engine, EngineConfig, default_dtype
 from engine.model import init_params
 from engine.offline import OfflineItem, OfflineResult, run_offline
 from engine.sampling import SamplingParams
@@ -81,6 +81,8 @@ class Options:
     decode_steps: int = 8
     prefills_per_step: int = 4
     prefill_segments: int = 8
+    prefix_cache_len: int = 256
+    """Prefix cache positions (0: off). Every offline run and TTFT measurement starts with it empty."""
     workload: str = "w2"
     """Synthetic prompt set: w1, w2 or w3."""
     prompts_file: str | None = None
@@ -161,6 +163,7 @@ def engine_config(opts: Options, num_slots: int | None = None) -> EngineConfig:
         page_size=min(opts.page_size, opts.max_seq_len),
         decode_steps=opts.decode_steps,
         prefill_segments=opts.prefill_segments,
+        prefix_cache_len=opts.prefix_cache_len,
         dtype=opts.dtype,
     )
 
@@ -307,7 +310,9 @@ def compile_all(
     """Compiles every shape of the given kinds not compiled yet, timing each: {"kind/size": seconds}."""
     shapes = []
     for kind in kinds:
-        if kind in ("prefill", "insert"):
+        if kind == "prefill":
+            shapes += [(k, t) for k in engine.prefill_kinds for t in engine.config.prefill_buckets]
+        elif kind == "insert":
             shapes += [(kind, t) for t in engine.config.prefill_buckets]
         elif kind == "generate":
             shapes += [(kind, w) for w in engine.config.windows]
@@ -323,15 +328,20 @@ def compile_all(
     return seconds
 
 
-def measure_ttft(engine: Engine, ids: Sequence[int], repeats: int) -> list[float]:
-    """Wall times of `repeats` prefills of `ids` (first token on the host), after one untimed run."""
+def measure_ttft(engine: Engine, ids: Sequence[int], repeats: int, *, cached: bool = False) -> list[float]:
+    """Wall times of `repeats` prefills of `ids` (first token on the host), after one untimed run: computed in full
+    (the prefix cache emptied before each), or with all but the last token read from the prefix cache."""
     params = _greedy(2)
-    engine.prefill(ids, params, seed=0)
     times = []
-    for _ in range(repeats):
+    for i in range(repeats + 1):
+        if not cached:
+            engine.clear_prefix_cache()
         start = time.perf_counter()
-        engine.prefill(ids, params, seed=0)
-        times.append(time.perf_counter() - start)
+        prefix = engine.prefill(ids, params, seed=0)
+        if i:
+            times.append(time.perf_counter() - start)
+            if cached != (prefix.cached > 0):
+                raise RuntimeError(f"prefill read {prefix.cached} cached tokens; expected cached={cached}")
     return times
 
 
@@ -397,6 +407,9 @@ def latency(opts: Options) -> dict[str, Any]:
     for name, ids in ttft_prompts:
         times = measure_ttft(base, ids, opts.repeats)
         ttft = statistics.median(times)
+        cached = None
+        if base.config.prefix_cache_len >= len(ids) > MIN_PREFIX_HIT:
+            cached = statistics.median(measure_ttft(base, ids, opts.repeats, cached=True)) * 1e3
         ttft_rows.append(
             {
                 "prompt": name,
@@ -406,6 +419,7 @@ def latency(opts: Options) -> dict[str, Any]:
                 "runs_ms": [t * 1e3 for t in times],
                 "prefill_tokens_per_s": len(ids) / ttft,
                 "prefill_mfu": rl.mfu(n_params, len(ids) / ttft, device.peak_flops),
+                "ttft_cached_ms": cached,
             }
         )
         bar.update(1)
@@ -468,10 +482,14 @@ def _offline_items(prompt_set: Sequence[Prompt], ids: Sequence[Sequence[int]], t
     ]
 
 
-def _offline_run(scheduler: Scheduler, items: list[OfflineItem]) -> tuple[float, list[OfflineResult]]:
+def _offline_run(scheduler: Scheduler, items: list[OfflineItem]) -> tuple[float, list[OfflineResult], int]:
+    """(wall seconds, results, prompt tokens read from the prefix cache) of one job, started with the cache empty:
+    reuse inside the job counts, reuse of an earlier run's prompts would not be a fair repeat."""
+    scheduler.engine.clear_prefix_cache()
+    hits = scheduler.engine.prefix_stats.hit_tokens
     start = time.perf_counter()
     results = run_offline(scheduler, items)
-    return time.perf_counter() - start, results
+    return time.perf_counter() - start, results, scheduler.engine.prefix_stats.hit_tokens - hits
 
 
 def offline_figures(
@@ -493,7 +511,7 @@ def offline_figures(
         bar.update(1)
     bar.close()
     runs.sort(key=lambda run: run[0])
-    wall, results = runs[len(runs) // 2]
+    wall, results, cached_tokens = runs[len(runs) // 2]
     ok = [x for x in results if x.error is None]
     tokens = sum(x.completion_tokens for x in ok)
     expected = [p.max_tokens for p in prompt_set]
@@ -505,7 +523,8 @@ def offline_figures(
         "failed": [{"id": x.id, "error": x.error} for x in results if x.error is not None],
         "wall_s": wall,
         "output_tokens_per_s": tokens / wall,
-        "runs_wall_s": [w for w, _ in runs],
+        "runs_wall_s": [w for w, _, _ in runs],
+        "prefix_cache_tokens": cached_tokens,
         "compile_s": compile_s,
         "ttft_ms": stats.summarize((x.ttft_s for x in ok), 1e3),
         "tpot_ms": stats.summarize(

@@ -1,8 +1,10 @@
 """The engine: a preallocated paged KV cache with fixed slots and three jitted steps, prefill -> insert -> generate.
 
 - `prefill_batch(prompts)` runs prompts packed side by side (a few per call, padded to a power-of-two bucket) and
-  samples each one's first token; `prefill` is the one-prompt case.
-- `insert(prefix, state, slot)` writes the prompt's K/V into a slot of the fixed-shape cache and arms the slot.
+  samples each one's first token; `prefill` is the one-prompt case. A prompt that starts with tokens held in the
+  prefix cache (a fixed-size ring of earlier prompts' K/V) computes only the rest.
+- `insert(prefix, state, slot)` writes the prompt's K/V (cached, then computed) into a slot of the fixed-shape cache
+  and arms the slot.
 - `generate(state, steps)` advances every slot up to `decode_steps` tokens in one dispatch (a loop on device whose
   trip count is an argument), empty and finished slots masked, and copies the tokens back to the host once.
 
@@ -83,6 +85,9 @@ class EngineConfig:
     """Smallest prefill bucket."""
     prefill_segments: int = 8
     """Most prompts packed into one prefill call (their total length within `max_prefill_len`)."""
+    prefix_cache_len: int = 256
+    """Positions of the prefix cache (0 disables it): prompts' K/V kept after prefill, so a later prompt that starts
+    with the same tokens (a system prompt, the chat template, an earlier turn) computes only the rest."""
     page_size: int = 128
     """P: cache positions per page; decode reads a power-of-two number of pages covering the longest sequence."""
     decode_steps: int = 8
@@ -107,6 +112,8 @@ class EngineConfig:
             raise CapacityError(f"decode_steps must be >= 1, got {self.decode_steps}")
         if self.prefill_segments < 1:
             raise CapacityError(f"prefill_segments must be >= 1, got {self.prefill_segments}")
+        if self.prefix_cache_len < 0:
+            raise CapacityError(f"prefix_cache_len must be >= 0 (0 disables the cache), got {self.prefix_cache_len}")
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
@@ -141,17 +148,45 @@ class DecodeState:
 class DevicePrefix:
     """One packed prefill on device: up to R prompts side by side in T positions, ready for `insert` (one row each).
 
-    Row r's prompt occupies positions [start[r], start[r] + length[r]) of k/v; unused rows have length 0.
+    Row r's prompt is its first ctx_len[r] tokens, cached earlier at [ctx_start[r], ctx_start[r] + ctx_len[r]) of
+    the prefix cache ctx_k/ctx_v (as it was when this pack ran), followed by the tokens computed here at positions
+    [start[r], start[r] + length[r]) of k/v. Unused rows have length 0.
     """
 
     k: tuple  # [L] of [K, T, H]
     v: tuple  # [L] of [K, T, H]
-    start: jax.Array  # [R] first position of each prompt
-    length: jax.Array  # [R] real prompt tokens
+    start: jax.Array  # [R] first position of each prompt's computed tokens
+    length: jax.Array  # [R] tokens computed in this pack
+    ctx_k: tuple  # [L] of [K, C, H]: the prefix cache this pack read
+    ctx_v: tuple
+    ctx_start: jax.Array  # [R]
+    ctx_len: jax.Array  # [R] tokens taken from the prefix cache (0: none)
     token: jax.Array  # [R] first sampled token
     remaining: jax.Array  # [R] max_tokens - 1
     want_logprobs: jax.Array  # [R] bool
     sampling: SlotSampling  # [R]
+
+
+MIN_PREFIX_HIT = 8
+"""Fewest matching tokens worth reading from the prefix cache (a prefill with context attends over the whole cache)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _CachedPrompt:
+    """A prompt prefix whose K/V sits at positions [start, start + len(tokens)) of the prefix cache."""
+
+    tokens: np.ndarray
+    start: int
+
+
+@dataclasses.dataclass
+class PrefixCacheStats:
+    """Prefix cache counters since start-up (prompt tokens seen and those taken from the cache)."""
+
+    prompts: int = 0
+    prompt_tokens: int = 0
+    hit_prompts: int = 0
+    hit_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +204,8 @@ class Prefix:
     device: DevicePrefix
     bucket: int
     row: int
-    length: int
+    length: int  # prompt tokens, cached ones included
+    cached: int  # prompt tokens taken from the prefix cache instead of computed
     token: int
     finished: bool  # the first token already ends the request (stop id, or max_tokens == 1)
     logprobs: TokenLogprobs | None
@@ -196,6 +232,7 @@ class MemoryBudget:
     kv_bytes_per_slot: int
     kv_bytes_total: int
     device_bytes: int | None
+    prefix_cache_bytes: int = 0
 
     def describe(self) -> str:
         gib = 2**30
@@ -203,7 +240,7 @@ class MemoryBudget:
         return (
             f"memory: weights {self.weight_bytes / gib:.3f} GiB; KV {self.kv_bytes_per_token / 1024:.1f} KiB/token, "
             f"{self.kv_bytes_per_slot / 2**20:.1f} MiB/slot, {self.kv_bytes_total / gib:.3f} GiB total; "
-            f"device {dev}"
+            f"prefix cache {self.prefix_cache_bytes / 2**20:.1f} MiB; device {dev}"
         )
 
 
@@ -255,6 +292,11 @@ class Engine:
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.state_shardings = self._state_shardings()
         self.prefix_shardings = self._prefix_shardings()
+        pool_shardings = self.prefix_shardings.ctx_k
+        self._pool = jax.jit(self._empty_pool, out_shardings=(pool_shardings, pool_shardings))()
+        self._prefix_entries: list[_CachedPrompt] = []
+        self._pool_cursor = 0
+        self.prefix_stats = PrefixCacheStats()
         log.info("%s", self.describe_sharding().describe())
         self._compiled: dict[tuple[str, int], Any] = {}
         self._host_lengths = np.zeros(config.num_slots, np.int64)
@@ -356,6 +398,7 @@ class Engine:
             kv_bytes_per_slot=per_token * e.max_seq_len,
             kv_bytes_total=per_token * e.max_seq_len * e.num_slots,
             device_bytes=device_memory_bytes(self.mesh.local_devices[0]),
+            prefix_cache_bytes=per_token * e.prefix_cache_len,
         )
 
     def _check_fits(self) -> None:
@@ -363,7 +406,7 @@ class Engine:
         if b.device_bytes is None:
             return
         # weights and cache are spread over the mesh; the budget is per device
-        per_device = (b.weight_bytes + b.kv_bytes_total) / self.mesh.size
+        per_device = (b.weight_bytes + b.kv_bytes_total + b.prefix_cache_bytes) / self.mesh.size
         limit = b.device_bytes * e.memory_fraction
         if per_device > limit:
             fit_slots = int((limit * self.mesh.size - b.weight_bytes) // max(b.kv_bytes_per_slot, 1))
@@ -401,7 +444,8 @@ class Engine:
             ),
         )
 
-    def _prefix_shardings(self) -> DevicePrefix:
+    def _prefix_shardings(self, with_context: bool = True) -> DevicePrefix:
+        """Shardings of a DevicePrefix; without the context arrays, as the prefill step returns it."""
         kv = tuple(self._spec(("kv_heads", None, "head_dim")) for _ in range(self.model_config.num_layers))
         rep = self._replicated
         return DevicePrefix(
@@ -409,6 +453,10 @@ class Engine:
             v=kv,
             start=rep,
             length=rep,
+            ctx_k=kv if with_context else (),
+            ctx_v=kv if with_context else (),
+            ctx_start=rep,
+            ctx_len=rep,
             token=rep,
             remaining=rep,
             want_logprobs=rep,
@@ -435,6 +483,11 @@ class Engine:
             sampling=SlotSampling.empty(b),
         )
 
+    def _empty_pool(self) -> tuple[tuple, tuple]:
+        c = self.model_config
+        shape = (c.num_kv_heads, self.config.prefix_cache_len, c.head_dim)
+        return tuple(tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)) for _ in range(2))
+
     def init_state(self) -> DecodeState:
         """An empty cache and all slots free, allocated directly in their shardings."""
         self._host_lengths[:] = 0
@@ -443,12 +496,41 @@ class Engine:
 
     # ----- compiled steps ---------------------------------------------------------------------------------------
 
-    def _prefill_fn(self, params, tokens, positions, segments, start, length, remaining, want_logprobs, sampling):
-        """Packed prefill: tokens/positions/segments [1, T] hold up to R prompts (segment r, positions from 0),
-        attending only inside their own segment; the logits of each prompt's last token pick its first token."""
+    def _prefill_fn(
+        self,
+        params,
+        pool,
+        tokens,
+        positions,
+        segments,
+        start,
+        length,
+        ctx_start,
+        ctx_len,
+        remaining,
+        want_logprobs,
+        sampling,
+        *,
+        context: bool,
+    ):
+        """Packed prefill: tokens/positions/segments [1, T] hold up to R prompts (segment r), attending only inside
+        their own segment and, with `context`, to their first ctx_len[r] tokens cached in the prefix cache `pool`
+        at ctx_start[r] (positions then start at ctx_len[r]); the logits of each prompt's last token pick its first
+        token."""
         last = jnp.maximum(start + length - 1, 0)  # unused rows (length 0) read position 0 and are ignored
+        ctx = None
+        if context:
+            seg = jnp.clip(segments[0], 0)
+            lo = ctx_start[seg]
+            hi = lo + jnp.where(segments[0] >= 0, ctx_len[seg], 0)
+            j = jnp.arange(self.config.prefix_cache_len)
+            visible = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])  # [T, C]
+            pool_kv = tuple(
+                (jnp.swapaxes(k, 0, 1)[None], jnp.swapaxes(v, 0, 1)[None]) for k, v in zip(*pool, strict=True)
+            )
+            ctx = (pool_kv, visible[None])
         logits, kv = self.model.apply(
-            {"params": params}, tokens, positions, segment_ids=segments, logits_index=last[None]
+            {"params": params}, tokens, positions, segment_ids=segments, logits_index=last[None], context=ctx
         )
         logits = logits[0]  # [R, V]
         token = sample(logits, sampling, jnp.zeros(last.shape, jnp.int32))
@@ -458,6 +540,10 @@ class Engine:
             v=tuple(jnp.swapaxes(v[0], 0, 1) for _, v in kv),
             start=start,
             length=length,
+            ctx_k=(),  # the caller attaches the pool it passed in (returning it would copy it)
+            ctx_v=(),
+            ctx_start=ctx_start,
+            ctx_len=ctx_len,
             token=token,
             remaining=remaining,
             want_logprobs=want_logprobs,
@@ -465,23 +551,37 @@ class Engine:
         )
         return prefix, (logprob, top_ids, top_vals)
 
-    def _insert_fn(self, prefix: DevicePrefix, state: DecodeState, slot, row):
-        """Copies row `row` of a packed prefix into `slot`: its K/V into the slot's first pages, its knobs into the
-        slot's rows. Positions past the prompt receive neighbouring K/V; decode never reads them (it masks
-        positions > length and overwrites position `length` before reading it)."""
-        p = self.config.page_size
-        t = prefix.k[0].shape[1]
-        chunk = min(p, t)
-        start = prefix.start[row]
+    def _store_fn(self, pool, prefix: DevicePrefix, source):
+        """The prefix cache with position j taken from position source[j] of [cache, this pack's new K/V]."""
+        return tuple(
+            tuple(jnp.take(jnp.concatenate([c, n], axis=1), source, axis=1) for c, n in zip(cache, new, strict=True))
+            for cache, new in zip(pool, (prefix.k, prefix.v), strict=True)
+        )
 
-        def write(pages: tuple, kv: jax.Array, seq_axis: int) -> tuple:
-            # kv [K, T, H] (keys: [K, H, T]); positions [start, start + T) land in pages 0 .. ceil(T / P) - 1
+    def _insert_fn(self, prefix: DevicePrefix, state: DecodeState, slot, row):
+        """Copies row `row` of a packed prefix into `slot`: its cached then computed K/V into the slot's first
+        pages, its knobs into the slot's rows. Positions past the prompt receive neighbouring K/V; decode never
+        reads them (it masks positions > length and overwrites position `length` before reading it)."""
+        p = self.config.page_size
+        c, t = self.config.prefix_cache_len, prefix.k[0].shape[1]
+        n = min(c + t, self.config.max_seq_len)  # positions a prompt of this pack can reach
+        chunk = min(p, n)
+        start, ctx_start, ctx_len = prefix.start[row], prefix.ctx_start[row], prefix.ctx_len[row]
+
+        def write(pages: tuple, cached: jax.Array, new: jax.Array, seq_axis: int) -> tuple:
+            # [cached | new] along seq_axis ([K, C + T, H]; keys [K, H, C + T]); slot position i reads cached
+            # position ctx_start + i while i < ctx_len, then new position start + i - ctx_len
+            kv = jnp.concatenate([cached, new], axis=seq_axis)
             pages = list(pages)
-            for c in range(-(-t // p)):
-                idx = jnp.minimum(start + c * chunk + jnp.arange(chunk), t - 1)
-                piece = jnp.take(kv, idx, axis=seq_axis)[None]
-                pages[c] = jax.lax.dynamic_update_slice(pages[c], piece, (slot, 0, 0, 0))
+            for page in range(-(-n // p)):
+                i = page * chunk + jnp.arange(chunk)
+                idx = jnp.where(i < ctx_len, ctx_start + i, c + start + i - ctx_len)
+                piece = jnp.take(kv, jnp.minimum(idx, c + t - 1), axis=seq_axis)[None]
+                pages[page] = jax.lax.dynamic_update_slice(pages[page], piece, (slot, 0, 0, 0))
             return tuple(pages)
+
+        def keys(kv: jax.Array) -> jax.Array:
+            return jnp.swapaxes(kv, 1, 2)
 
         token = prefix.token[row]
         sampling_row = jax.tree.map(lambda a: a[row][None], prefix.sampling)
@@ -489,9 +589,12 @@ class Engine:
         sampling = jax.tree.map(lambda all_, one: all_.at[slot].set(one[0]), state.sampling, sampling_row)
         remaining = prefix.remaining[row]
         return DecodeState(
-            k=tuple(write(pages, jnp.swapaxes(kv, 1, 2), 2) for pages, kv in zip(state.k, prefix.k, strict=True)),
-            v=tuple(write(pages, kv, 1) for pages, kv in zip(state.v, prefix.v, strict=True)),
-            lengths=state.lengths.at[slot].set(prefix.length[row]),
+            k=tuple(
+                write(pages, keys(ck), keys(nk), 2)
+                for pages, ck, nk in zip(state.k, prefix.ctx_k, prefix.k, strict=True)
+            ),
+            v=tuple(write(pages, cv, nv, 1) for pages, cv, nv in zip(state.v, prefix.ctx_v, prefix.v, strict=True)),
+            lengths=state.lengths.at[slot].set(ctx_len + prefix.length[row]),
             tokens=state.tokens.at[slot].set(token),
             active=state.active.at[slot].set(~first_stops & (remaining > 0)),
             remaining=state.remaining.at[slot].set(remaining),
@@ -574,8 +677,12 @@ class Engine:
         i32 = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
         state_abs = self._abstract(jax.eval_shape(self._empty_state), self.state_shardings)
         params_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.params)
-        if kind == "prefill":
-            fn = jax.jit(self._prefill_fn, out_shardings=(self.prefix_shardings, rep))
+        pool_abs = self._abstract(self._pool, (self.prefix_shardings.ctx_k, self.prefix_shardings.ctx_v))
+        if kind in ("prefill", "prefill_context"):
+            fn = jax.jit(
+                functools.partial(self._prefill_fn, context=kind == "prefill_context"),
+                out_shardings=(self._prefix_shardings(with_context=False), rep),
+            )
             r = self.config.prefill_segments
             sampling_abs = jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), SlotSampling.empty(r)
@@ -583,7 +690,14 @@ class Engine:
             row_abs = jax.ShapeDtypeStruct((1, size), jnp.int32, sharding=rep)
             per_prompt = jax.ShapeDtypeStruct((r,), jnp.int32, sharding=rep)
             want_abs = jax.ShapeDtypeStruct((r,), bool, sharding=rep)
-            args = (params_abs, row_abs, row_abs, row_abs, per_prompt, per_prompt, per_prompt, want_abs, sampling_abs)
+            args = (params_abs, pool_abs, row_abs, row_abs, row_abs, *[per_prompt] * 5, want_abs, sampling_abs)
+        elif kind == "store":
+            fn = jax.jit(self._store_fn, out_shardings=(self.prefix_shardings.ctx_k, self.prefix_shardings.ctx_v))
+            prefix_abs = self._abstract(
+                jax.eval_shape(functools.partial(self._abstract_prefix, size)), self.prefix_shardings
+            )
+            source = jax.ShapeDtypeStruct((self.config.prefix_cache_len,), jnp.int32, sharding=rep)
+            args = (pool_abs, prefix_abs, source)
         elif kind == "insert":
             fn = jax.jit(self._insert_fn, donate_argnums=(1,), out_shardings=self.state_shardings)
             prefix_abs = self._abstract(
@@ -612,11 +726,16 @@ class Engine:
         shape = (c.num_kv_heads, t, c.head_dim)
         r = self.config.prefill_segments
         z = jnp.zeros((r,), jnp.int32)
+        pool_k, pool_v = self._empty_pool()
         return DevicePrefix(
             k=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
             v=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
             start=z,
             length=z,
+            ctx_k=pool_k,
+            ctx_v=pool_v,
+            ctx_start=z,
+            ctx_len=z,
             token=z,
             remaining=z,
             want_logprobs=jnp.zeros((r,), bool),
@@ -629,7 +748,7 @@ class Engine:
         Shapes compile in parallel threads (XLA compiles outside the GIL), one per core by default.
         """
         start = time.perf_counter()
-        shapes = [("prefill", t) for t in self.config.prefill_buckets]
+        shapes = [(kind, t) for kind in self.prefill_kinds for t in self.config.prefill_buckets]
         shapes += [("generate", w) for w in self.config.windows]
         shapes += [("insert", t) for t in self.config.prefill_buckets] + [("release", 0), ("init", 0)]
         todo = [s for s in shapes if s not in self._compiled]
@@ -639,6 +758,11 @@ class Engine:
         elapsed = time.perf_counter() - start
         log.info("warm-up compiled %d shapes in %.1f s", len(todo), elapsed)
         return elapsed
+
+    @property
+    def prefill_kinds(self) -> tuple[str, ...]:
+        """The compiled steps one prefill bucket needs: with the prefix cache, a variant reading it and its store."""
+        return ("prefill", "prefill_context", "store") if self.config.prefix_cache_len else ("prefill",)
 
     # ----- the engine API ---------------------------------------------------------------------------------------
 
@@ -691,42 +815,24 @@ class Engine:
     def prefill_batch(self, requests: Sequence[tuple[Sequence[int], SamplingParams, int]]) -> list[Prefix]:
         """Runs prompts (tokens, params, seed) packed side by side, a few per call (see `packs`), and samples each
         one's first token. Measured on XLA:CPU: a dot over 256 packed positions runs at ~1.3-1.4x the FLOP/s of one
-        over 64, and packing skips the padding of one-prompt buckets."""
+        over 64, and packing skips the padding of one-prompt buckets.
+
+        A prompt whose first tokens are in the prefix cache computes only the rest; prompts of this batch are cached
+        as their pack runs, so later packs already find them."""
         for tokens, params, _ in requests:
             self.check_prompt(tokens, params)
-        r = self.config.prefill_segments
-        eos = self.model_config.eos_token_ids
         launched = []
-        for pack in self.packs([len(tokens) for tokens, _, _ in requests]):
-            bucket = self.bucket_for(sum(len(requests[i][0]) for i in pack))
-            tokens_row = np.zeros((1, bucket), np.int32)
-            positions = np.zeros((1, bucket), np.int32)
-            segments = np.full((1, bucket), -1, np.int32)
-            start = np.zeros((r,), np.int32)
-            length = np.zeros((r,), np.int32)
-            remaining = np.zeros((r,), np.int32)
-            want = np.zeros((r,), bool)
-            rows = [SlotSampling.from_params(SamplingParams(), 0, eos)] * r
-            at = 0
-            for row, i in enumerate(pack):
-                tokens, params, seed = requests[i]
-                n = len(tokens)
-                tokens_row[0, at : at + n] = tokens
-                positions[0, at : at + n] = np.arange(n)
-                segments[0, at : at + n] = row
-                start[row], length[row], remaining[row] = at, n, params.max_tokens - 1
-                want[row] = params.logprobs is not None
-                rows[row] = SlotSampling.from_params(params, seed, eos)
-                at += n
-            sampling = jax.tree.map(lambda *a: np.concatenate(a), *rows)
-            device, lps = self._compile("prefill", bucket)(
-                self.params, tokens_row, positions, segments, start, length, remaining, want, sampling
-            )
-            launched.append((pack, bucket, device, lps))  # dispatched; the host waits below, once per pack
+        todo = list(range(len(requests)))
+        while todo:
+            hits = [self._match(requests[i][0]) for i in todo]
+            pack = self.packs([len(requests[i][0]) - n for i, (_, n) in zip(todo, hits, strict=True)])[0]
+            launched.append(self._launch([(todo[j], *hits[j]) for j in pack], requests))
+            todo = todo[len(pack) :]
         out: list[Prefix | None] = [None] * len(requests)
+        eos = self.model_config.eos_token_ids
         for pack, bucket, device, (logprob, top_ids, top_vals) in launched:
             token, logprob, top_ids, top_vals = jax.device_get((device.token, logprob, top_ids, top_vals))
-            for row, i in enumerate(pack):
+            for row, (i, _, cached) in enumerate(pack):
                 tokens, params, _ = requests[i]
                 first = int(token[row])
                 stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos))
@@ -744,11 +850,96 @@ class Engine:
                     bucket=bucket,
                     row=row,
                     length=len(tokens),
+                    cached=cached,
                     token=first,
                     finished=first in stops or params.max_tokens == 1,
                     logprobs=lps,
                 )
         return out  # type: ignore[return-value]
+
+    def _launch(self, pack: list[tuple[int, int, int]], requests: Sequence) -> tuple:
+        """Dispatches one packed prefill of (request index, cache start, cached tokens) rows, then caches its
+        prompts; returns (pack, bucket, device prefix, logprob arrays) without waiting for the device."""
+        r = self.config.prefill_segments
+        eos = self.model_config.eos_token_ids
+        bucket = self.bucket_for(sum(len(requests[i][0]) - cached for i, _, cached in pack))
+        tokens_row = np.zeros((1, bucket), np.int32)
+        positions = np.zeros((1, bucket), np.int32)
+        segments = np.full((1, bucket), -1, np.int32)
+        start, length, ctx_start, ctx_len, remaining = (np.zeros((r,), np.int32) for _ in range(5))
+        want = np.zeros((r,), bool)
+        rows = [SlotSampling.from_params(SamplingParams(), 0, eos)] * r
+        at = 0
+        for row, (i, cache_start, cached) in enumerate(pack):
+            tokens, params, seed = requests[i]
+            n = len(tokens) - cached
+            tokens_row[0, at : at + n] = tokens[cached:]
+            positions[0, at : at + n] = np.arange(cached, len(tokens))
+            segments[0, at : at + n] = row
+            start[row], length[row], remaining[row] = at, n, params.max_tokens - 1
+            ctx_start[row], ctx_len[row] = cache_start, cached
+            want[row] = params.logprobs is not None
+            rows[row] = SlotSampling.from_params(params, seed, eos)
+            at += n
+            self.prefix_stats.prompts += 1
+            self.prefix_stats.prompt_tokens += len(tokens)
+            self.prefix_stats.hit_prompts += cached > 0
+            self.prefix_stats.hit_tokens += cached
+        sampling = jax.tree.map(lambda *a: np.concatenate(a), *rows)
+        kind = "prefill_context" if ctx_len.any() else "prefill"
+        pool = self._pool
+        device, lps = self._compile(kind, bucket)(
+            self.params, pool, tokens_row, positions, segments, start, length, ctx_start, ctx_len, remaining, want,
+            sampling,
+        )  # fmt: skip
+        device = device.replace(ctx_k=pool[0], ctx_v=pool[1])
+        self._cache_prompts(pack, requests, device, bucket, start)
+        return pack, bucket, device, lps
+
+    def _match(self, tokens: Sequence[int]) -> tuple[int, int]:
+        """(cache position, tokens) of the longest cached prefix of `tokens` that leaves at least one token to
+        compute; (0, 0) when it is shorter than MIN_PREFIX_HIT or the cache is off."""
+        best = (0, 0)
+        ids = np.asarray(tokens)
+        for entry in self._prefix_entries:
+            n = min(len(entry.tokens), len(ids) - 1)
+            if n <= best[1]:
+                continue
+            differ = np.flatnonzero(entry.tokens[:n] != ids[:n])
+            same = int(differ[0]) if differ.size else n
+            if same > best[1]:
+                best = (entry.start, same)
+        return best if best[1] >= MIN_PREFIX_HIT else (0, 0)
+
+    def _cache_prompts(self, pack: list, requests: Sequence, device: DevicePrefix, bucket: int, start) -> None:
+        """Copies into the prefix cache the prompts of a just-dispatched pack that are at least half new (the first
+        `prefix_cache_len` tokens of each): a ring, the oldest entries overwritten first."""
+        c = self.config.prefix_cache_len
+        source = np.arange(c, dtype=np.int32)  # positions not written keep their contents
+        written = 0
+        for row, (i, cache_start, cached) in enumerate(pack):
+            tokens = np.asarray(requests[i][0], np.int32)
+            n = min(len(tokens), c)
+            if n <= MIN_PREFIX_HIT or 2 * cached > len(tokens) or written + n > c:
+                continue
+            if self._pool_cursor + n > c:
+                self._pool_cursor = 0
+            at = self._pool_cursor
+            self._pool_cursor += n
+            written += n
+            self._prefix_entries = [
+                e for e in self._prefix_entries if e.start + len(e.tokens) <= at or e.start >= at + n
+            ]
+            self._prefix_entries.append(_CachedPrompt(tokens[:n], at))
+            i_pos = np.arange(n)
+            source[at : at + n] = np.where(i_pos < cached, cache_start + i_pos, c + start[row] + i_pos - cached)
+        if written:
+            self._pool = self._compile("store", bucket)(self._pool, device, source)
+
+    def clear_prefix_cache(self) -> None:
+        """Forgets every cached prompt (the next prompts are computed in full)."""
+        self._prefix_entries = []
+        self._pool_cursor = 0
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
         """Places a prefilled prompt into `slot` (its previous contents are overwritten)."""

@@ -6,7 +6,8 @@ L layers.
 
 Two entry shapes share one parameter tree:
 - prefill: tokens [B, T] with no cache; causal attention inside the T tokens (and inside each segment, when
-  several prompts are packed in one row); returns each layer's K/V ([B, T, K, H] each) for the engine to insert.
+  several prompts are packed in one row), optionally also over cached K/V of earlier tokens (`context`, masked per
+  query); returns each layer's K/V ([B, T, K, H] each) for the engine to insert.
 - decode: tokens [B, 1] with each layer's cache pages (k: tuples of [B, K, H, P], v: tuples of [B, K, P, H]) and
   per-slot lengths [B]; each layer first writes its new K/V at position `length` of every slot, then the query
   attends to positions <= length; returns each layer's updated pages. Writing before reading keeps the update in
@@ -102,7 +103,7 @@ class Block(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, positions, cache=None, lengths=None, segment_ids=None):
+    def __call__(self, x, positions, cache=None, lengths=None, segment_ids=None, context=None):
         c, dt = self.config, self.dtype
         d, n, k, h, f, g = c.dim, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim, c.q_per_kv
         normal, ones, zeros = nn.initializers.normal(0.02), nn.initializers.ones, nn.initializers.zeros
@@ -131,7 +132,7 @@ class Block(nn.Module):
             b, t = q.shape[:2]
             q = q.reshape(b, t, k, g, h) * (1.0 / math.sqrt(h))
             if cache is None:
-                out = _causal_attention(q, k_new, v_new, segment_ids)
+                out = _causal_attention(q, k_new, v_new, segment_ids, context)
                 kv_out = (k_new, v_new)  # [B, T, K, H] each
             else:
                 k_pages = write_pages(cache[0], k_new[:, 0], lengths, transposed=True)
@@ -148,14 +149,25 @@ class Block(nn.Module):
         return x, kv_out
 
 
-def _causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+def _causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, context: tuple | None = None
+) -> jax.Array:
     """q [B, T, K, G, H] (pre-scaled), k/v [B, T, K, H] -> [B, T, K, G, H]; query t sees keys <= t of its own
-    segment (segment_ids [B, T], or one segment per row when None)."""
+    segment (segment_ids [B, T], or one segment per row when None).
+
+    context (k [B, C, K, H], v [B, C, K, H], visible [B, T, C]): K/V cached from an earlier prefill that the queries
+    may also attend to, where `visible` allows (a prompt whose first tokens were already computed).
+    """
     t = q.shape[1]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k).astype(jnp.float32)
     mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None]  # [1, T, S]
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if context is not None:
+        ctx_k, ctx_v, visible = context
+        k = jnp.concatenate([ctx_k, k], axis=1)
+        v = jnp.concatenate([ctx_v, v], axis=1)
+        mask = jnp.concatenate([visible, jnp.broadcast_to(mask, (visible.shape[0], t, t))], axis=-1)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
@@ -168,11 +180,18 @@ def write_pages(pages: tuple, new: jax.Array, positions: jax.Array, *, transpose
     dropped everywhere, so an idle slot at its length limit writes nothing.
     """
     p = pages[0].shape[3] if transposed else pages[0].shape[2]
-    slots = jnp.arange(new.shape[0])
+    # One extra update aimed past the last slot (always dropped) keeps this a scatter at any batch size: with a single
+    # update XLA rewrites it into a dynamic-update-slice that emulates the drop by reading the old value, and that read
+    # made XLA copy every page on every step (profile at one slot: 120 page copies, ~3 ms of CPU time per step; they
+    # ran beside the weight dots, so the step's wall time moved within noise).
+    b = new.shape[0]
+    slots = jnp.arange(b + 1)
+    new = jnp.concatenate([new, jnp.zeros_like(new[:1])])
     out = []
     for c, page in enumerate(pages):
         offset = positions - c * p
         offset = jnp.where((offset >= 0) & (offset < p), offset, p)
+        offset = jnp.concatenate([offset, jnp.full((1,), p, offset.dtype)])
         if transposed:
             out.append(page.at[slots, :, :, offset].set(new, mode="drop"))
         else:
@@ -213,9 +232,10 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, positions, cache=None, lengths=None, logits_index=None, segment_ids=None):
+    def __call__(self, tokens, positions, cache=None, lengths=None, logits_index=None, segment_ids=None, context=None):
         """tokens/positions [B, T]; cache: per layer (k_pages, v_pages) or None; lengths [B] (decode only);
-        segment_ids [B, T] (prefill only): packed prompts attend only inside their own segment.
+        segment_ids [B, T] (prefill only): packed prompts attend only inside their own segment; context (prefill
+        only): per layer cached (k, v) [B, C, K, H] and one visibility mask [B, T, C] (see `_causal_attention`).
 
         logits_index [B, R]: compute logits only at those positions of each row (the last token of each packed
         prompt) -> [B, R, V]; None -> logits for every position [B, T, V]. Returns (logits, per-layer (k, v)):
@@ -227,7 +247,10 @@ class Transformer(nn.Module):
         kv = []
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache[i]
-            x, layer_kv = Block(c, self.dtype, name=layer_name(i))(x, positions, layer_cache, lengths, segment_ids)
+            layer_ctx = None if context is None else (*context[0][i], context[1])
+            x, layer_kv = Block(c, self.dtype, name=layer_name(i))(
+                x, positions, layer_cache, lengths, segment_ids, layer_ctx
+            )
             kv.append(layer_kv)
         x = rms_norm(x, _param(self, "final_norm", (c.dim,), self.dtype, nn.initializers.ones), c.rms_norm_eps)
         if logits_index is not None:

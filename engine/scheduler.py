@@ -124,6 +124,10 @@ class SchedulerStats:
     last_dispatch_seconds: float
     last_dispatch_tokens: int
     last_window: int
+    prefix_cache_queried_tokens: int = 0
+    """Prompt tokens prefilled since start-up (cumulative)."""
+    prefix_cache_hit_tokens: int = 0
+    """Of those, tokens read from the prefix cache instead of computed (cumulative)."""
 
 
 class Scheduler:
@@ -225,6 +229,8 @@ class Scheduler:
             last_dispatch_seconds=secs,
             last_dispatch_tokens=toks,
             last_window=window,
+            prefix_cache_queried_tokens=self.engine.prefix_stats.prompt_tokens,
+            prefix_cache_hit_tokens=self.engine.prefix_stats.hit_tokens,
         )
 
     # ----- the loop (one thread) --------------------------------------------------------------------------------

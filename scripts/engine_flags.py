@@ -34,6 +34,12 @@ _PREFILLS_PER_STEP = flags.DEFINE_integer(
 _PREFILL_SEGMENTS = flags.DEFINE_integer(
     "prefill_segments", 8, "Most prompts packed into one prefill call (their total within max_prefill_len)."
 )
+_PREFIX_CACHE_LEN = flags.DEFINE_integer(
+    "prefix_cache_len",
+    256,
+    "Prefix cache positions (0: off): prompts' K/V kept so later prompts starting with the same tokens (system prompt, "
+    "chat template, earlier turns) compute only the rest.",
+)
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "auto: float32 on CPU, bf16 on TPU/GPU.")
 _MESH = flags.DEFINE_string(
     "mesh",
@@ -101,6 +107,7 @@ def engine_config(**overrides) -> EngineConfig:
         page_size=min(_PAGE_SIZE.value, _MAX_SEQ_LEN.value),
         decode_steps=_DECODE_STEPS.value,
         prefill_segments=_PREFILL_SEGMENTS.value,
+        prefix_cache_len=_PREFIX_CACHE_LEN.value,
         dtype=default_dtype() if _DTYPE.value == "auto" else _DTYPE.value,
     )
     values.update(overrides)

@@ -135,6 +135,14 @@ class ServerMetrics:
         self.dispatch_seconds = Gauge(
             "meshserve_last_dispatch_seconds", "Wall time of the last decode dispatch.", registry=r
         )
+        self.prefix_queried = Counter(
+            "meshserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.", registry=r
+        )
+        self.prefix_hits = Counter(
+            "meshserve_prefix_cache_hit_tokens",
+            "Prompt tokens read from the prefix cache instead of computed (hit rate: hit / queried).",
+            registry=r,
+        )
         self.compiles = Counter(
             "meshserve_compiles", "XLA backend compilations seen in this process since the server started.", registry=r
         )
@@ -148,6 +156,7 @@ class ServerMetrics:
             "meshserve_engine_loop_errors", "Exceptions that escaped a scheduler step.", registry=r
         )
         self._last_step = -1
+        self._prefix_seen: tuple[int, int] | None = None
         self._http: Any = None
         self._lock = threading.Lock()
         self._listening = False
@@ -217,6 +226,12 @@ class ServerMetrics:
         self.waiting.set(stats.waiting)
         self.kv_used.set(stats.kv_tokens_used)
         self.kv_capacity.set(stats.kv_tokens_capacity)
+        # counters follow the engine's cumulative totals from the first observation on (the server's start)
+        seen = (stats.prefix_cache_queried_tokens, stats.prefix_cache_hit_tokens)
+        if self._prefix_seen is not None:
+            self.prefix_queried.inc(max(seen[0] - self._prefix_seen[0], 0))
+            self.prefix_hits.inc(max(seen[1] - self._prefix_seen[1], 0))
+        self._prefix_seen = seen
         if cost is None or stats.steps == self._last_step or stats.last_dispatch_seconds <= 0:
             return
         self._last_step = stats.steps

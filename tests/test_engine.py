@@ -364,6 +364,77 @@ def test_packed_prefill_matches_one_at_a_time(which, request):
             assert runs[slot].tokens == run_alone(engine, prompt, params, seed).tokens, f"prompt {i}"
 
 
+# ----- prefix cache -----------------------------------------------------------------------------------------------
+
+
+def _cold(engine: Engine, prompt, params: SamplingParams, seed: int) -> SlotRun:
+    """The prompt computed in full (the prefix cache emptied first)."""
+    engine.clear_prefix_cache()
+    return run_alone(engine, prompt, params, seed)
+
+
+def test_prefix_cache_hits_give_what_a_cold_prefill_gives(engine):
+    """Prompts sharing a cached prefix compute only their rest (packed together, in a later pack of the same batch)
+    and continue exactly as when computed in full."""
+    base = PROMPTS[20]
+    tails = [[3, 4, 5, 6, 7], [9, 8], [40, 41, 42], [77]]
+    prompts = [base + t for t in tails]
+    settings = [
+        SamplingParams(max_tokens=10, ignore_eos=True, logprobs=3),
+        SamplingParams(temperature=0.9, top_k=20, seed=7, max_tokens=10, ignore_eos=True),
+    ]
+    requests = [(p, settings[i % 2], 50 + i) for i, p in enumerate(prompts)]
+    engine.clear_prefix_cache()
+    before = dataclasses.replace(engine.prefix_stats)
+    prefixes = engine.prefill_batch(requests)
+    # max_prefill_len 32: the first prompt runs alone and is cached; the other three share the next call
+    assert [p.cached for p in prefixes] == [0, 20, 20, 20]
+    assert prefixes[1].device is prefixes[3].device and prefixes[0].device is not prefixes[1].device
+    assert engine.prefix_stats.hit_tokens - before.hit_tokens == 60
+    runs: dict[int, SlotRun] = {}
+    state = engine.init_state()
+    for slot, prefix in enumerate(prefixes):
+        runs[slot] = SlotRun([prefix.token], [])
+        state = engine.insert(prefix, state, slot)
+    decode(engine, state, runs)
+    for slot, (prompt, params, seed) in enumerate(requests):
+        assert runs[slot].tokens == _cold(engine, prompt, params, seed).tokens, f"prompt {slot}"
+    # logprobs of a hit match the cold ones
+    engine.clear_prefix_cache()
+    cold = engine.prefill(prompts[0], settings[0], 0)
+    warm = engine.prefill([*prompts[0][:-1], 11], settings[0], 0)
+    again = engine.prefill(prompts[0], settings[0], 0)
+    assert (cold.cached, warm.cached, again.cached) == (0, 24, 24)
+    assert again.token == cold.token and [i for i, _ in again.logprobs.top] == [i for i, _ in cold.logprobs.top]
+    np.testing.assert_allclose(again.logprobs.logprob, cold.logprobs.logprob, atol=1e-5)
+
+
+def test_prefix_cache_is_a_ring_that_forgets_the_oldest():
+    """A cache of 40 positions holds one 25-token prompt: the next one overwrites it, and a prompt mostly cached
+    already is not stored again; hits after the wrap still continue exactly as cold prefills."""
+    cfg = tiny_config()
+    engine = Engine(cfg, init_params(cfg, jnp.float32), dataclasses.replace(ENGINE_CONFIG, prefix_cache_len=40))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    a, b = PROMPTS[25], PROMPTS[20] + PROMPTS[5]
+    assert engine.prefill(a, params, 0).cached == 0
+    assert engine.prefill([*a[:20], 1, 2], params, 0).cached == 20  # 20 of 22 cached: not stored again
+    assert engine.prefill(b, params, 0).cached == 0  # wraps to position 0, overwriting a
+    hit = [*b[:24], 5]
+    prefix = engine.prefill(hit, params, 0)
+    assert prefix.cached == 24
+    assert engine.prefill([*a[:20], 1, 2], params, 0).cached == 0  # a is gone
+    runs: dict[int, SlotRun] = {}
+    state = engine.insert(prefix, engine.init_state(), 2)
+    runs[2] = SlotRun([prefix.token], [])
+    decode(engine, state, runs)
+    assert runs[2].tokens == _cold(engine, hit, params, 0).tokens
+    # off: nothing is cached, and the engine runs as before
+    off = Engine(cfg, engine.params, dataclasses.replace(ENGINE_CONFIG, prefix_cache_len=0))
+    assert [off.prefill(a, params, 0).cached for _ in range(2)] == [0, 0]
+    assert run_alone(off, hit, params).tokens == runs[2].tokens
+    assert off.budget.prefix_cache_bytes == 0 and engine.budget.prefix_cache_bytes > 0
+
+
 # ----- no compile after warm-up -----------------------------------------------------------------------------------
 
 
@@ -396,6 +467,8 @@ def test_nothing_compiles_after_warmup(engine, caplog):
             # every prefill bucket (16, 32), every slot, every window (1, 2, 4 pages: up to 30 + 90 positions)
             lengths = (1, 16, 17, 32, 30, 5, 25, 12)
             requests = [(PROMPTS[n], settings[i % len(settings)]) for i, n in enumerate(lengths)]
+            requests.append((PROMPTS[25] + [3, 4], settings[0]))  # read from the prefix cache
+            hits = engine.prefix_stats.hit_prompts
             outputs = collect(scheduler, requests)
             for _ in range(3):
                 scheduler.step()
@@ -409,10 +482,11 @@ def test_nothing_compiles_after_warmup(engine, caplog):
     finally:
         monitoring.unregister_event_duration_listener(listener)
     assert set(engine.compiled_shapes) >= {
-        ("prefill", 16), ("prefill", 32), ("insert", 16), ("insert", 32),
+        ("prefill", 16), ("prefill", 32), ("insert", 16), ("insert", 32), ("prefill_context", 16), ("store", 32),
         ("generate", 1), ("generate", 2), ("generate", 4), ("release", 0),
     }  # fmt: skip
     assert len(outputs) == len(requests) and all(outs[-1].finished for outs in outputs.values())
+    assert engine.prefix_stats.hit_prompts > hits
     compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling")]
     assert compiles == [], f"{len(compiles)} compiles after warm-up: {compiled}"
 

@@ -374,6 +374,43 @@ def test_metrics_move_as_requests_run(tiny, monkeypatch):
     assert during["meshserve_step_arithmetic_intensity"] > 0 and during["meshserve_bandwidth_utilization"] > 0
 
 
+def test_prefix_cache_counters(tiny):
+    """Two requests opening with the same 20 tokens: the second reads them from the prefix cache, and the counters
+    say so."""
+    engine, tok = tiny
+    engine.clear_prefix_cache()
+    shared = list(range(40, 60))
+    with running_server(engine, tok, metrics_port=0) as r:
+        outs = [
+            collect(
+                r.generate(
+                    pb.GenerateRequest(
+                        token_ids=pb.TokenIds(ids=shared + tail),
+                        sampling=sampling_options(SamplingParams(max_tokens=5, ignore_eos=True)),
+                    )
+                )
+            )
+            for tail in ([7, 8], [9])
+        ]
+        wait_for(
+            lambda: _scrape(r.server.metrics_port).get("meshserve_prefix_cache_queried_tokens_total") == 43,
+            what="prefix cache counters",
+        )
+        after = _scrape(r.server.metrics_port)
+    assert after["meshserve_prefix_cache_hit_tokens_total"] == 20
+    engine.clear_prefix_cache()
+    with running_server(engine, tok) as r:  # the same request computed in full gives the same tokens
+        cold = collect(
+            r.generate(
+                pb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=[*shared, 9]),
+                    sampling=sampling_options(SamplingParams(max_tokens=5, ignore_eos=True)),
+                )
+            )
+        )
+    assert cold == outs[1]
+
+
 def test_tokenize_model_info_load_and_reflection(tiny):
     engine, tok = tiny
     with running_server(engine, tok) as r:
