@@ -112,8 +112,10 @@ class EngineConfig:
             raise CapacityError(f"decode_steps must be >= 1, got {self.decode_steps}")
         if self.prefill_segments < 1:
             raise CapacityError(f"prefill_segments must be >= 1, got {self.prefill_segments}")
-        if self.prefix_cache_len < 0:
-            raise CapacityError(f"prefix_cache_len must be >= 0 (0 disables the cache), got {self.prefix_cache_len}")
+        if self.prefix_cache_len < 0 or 0 < self.prefix_cache_len <= MIN_PREFIX_HIT:
+            raise CapacityError(
+                f"prefix_cache_len must be 0 (off) or more than {MIN_PREFIX_HIT}, got {self.prefix_cache_len}"
+            )
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
@@ -293,7 +295,8 @@ class Engine:
         self.state_shardings = self._state_shardings()
         self.prefix_shardings = self._prefix_shardings()
         pool_shardings = self.prefix_shardings.ctx_k
-        self._pool = jax.jit(self._empty_pool, out_shardings=(pool_shardings, pool_shardings))()
+        self._new_pool = jax.jit(self._empty_pool, out_shardings=(pool_shardings, pool_shardings))
+        self._pool = self._new_pool()
         self._prefix_entries: list[_CachedPrompt] = []
         self._pool_cursor = 0
         self.prefix_stats = PrefixCacheStats()
@@ -409,7 +412,9 @@ class Engine:
         per_device = (b.weight_bytes + b.kv_bytes_total + b.prefix_cache_bytes) / self.mesh.size
         limit = b.device_bytes * e.memory_fraction
         if per_device > limit:
-            fit_slots = int((limit * self.mesh.size - b.weight_bytes) // max(b.kv_bytes_per_slot, 1))
+            fit_slots = int(
+                (limit * self.mesh.size - b.weight_bytes - b.prefix_cache_bytes) // max(b.kv_bytes_per_slot, 1)
+            )
             raise CapacityError(
                 f"{e.num_slots} slots x {e.max_seq_len} tokens need {per_device / 2**30:.2f} GiB per device but "
                 f"only {limit / 2**30:.2f} GiB is available; use at most {max(fit_slots, 0)} slots at this "
@@ -564,7 +569,7 @@ class Engine:
         reads them (it masks positions > length and overwrites position `length` before reading it)."""
         p = self.config.page_size
         c, t = self.config.prefix_cache_len, prefix.k[0].shape[1]
-        n = min(c + t, self.config.max_seq_len)  # positions a prompt of this pack can reach
+        n = min(c + t, self.config.max_prefill_len)  # positions a prompt of this pack can reach
         chunk = min(p, n)
         start, ctx_start, ctx_len = prefix.start[row], prefix.ctx_start[row], prefix.ctx_len[row]
 
@@ -821,6 +826,16 @@ class Engine:
         as their pack runs, so later packs already find them."""
         for tokens, params, _ in requests:
             self.check_prompt(tokens, params)
+        try:
+            return self._prefill_packs(requests)
+        except Exception:
+            # a failed pack may have poisoned the cache it stored into: start the cache over, then let the caller
+            # fail these requests
+            self._pool = self._new_pool()
+            self.clear_prefix_cache()
+            raise
+
+    def _prefill_packs(self, requests: Sequence[tuple[Sequence[int], SamplingParams, int]]) -> list[Prefix]:
         launched = []
         todo = list(range(len(requests)))
         while todo:
@@ -913,28 +928,29 @@ class Engine:
 
     def _cache_prompts(self, pack: list, requests: Sequence, device: DevicePrefix, bucket: int, start) -> None:
         """Copies into the prefix cache the prompts of a just-dispatched pack that are at least half new (the first
-        `prefix_cache_len` tokens of each): a ring, the oldest entries overwritten first."""
+        `prefix_cache_len` tokens of each): a ring, the oldest entries overwritten first. The host index changes
+        only once the copy is dispatched."""
         c = self.config.prefix_cache_len
         source = np.arange(c, dtype=np.int32)  # positions not written keep their contents
-        written = 0
+        entries, cursor = list(self._prefix_entries), self._pool_cursor
+        taken: list[tuple[int, int]] = []  # ranges written by this call: a later copy must not wrap onto them
         for row, (i, cache_start, cached) in enumerate(pack):
             tokens = np.asarray(requests[i][0], np.int32)
             n = min(len(tokens), c)
-            if n <= MIN_PREFIX_HIT or 2 * cached > len(tokens) or written + n > c:
+            if n <= MIN_PREFIX_HIT or 2 * cached > len(tokens):
                 continue
-            if self._pool_cursor + n > c:
-                self._pool_cursor = 0
-            at = self._pool_cursor
-            self._pool_cursor += n
-            written += n
-            self._prefix_entries = [
-                e for e in self._prefix_entries if e.start + len(e.tokens) <= at or e.start >= at + n
-            ]
-            self._prefix_entries.append(_CachedPrompt(tokens[:n], at))
+            at = 0 if cursor + n > c else cursor
+            if any(at < end and lo < at + n for lo, end in taken):
+                break
+            taken.append((at, at + n))
+            cursor = at + n
+            entries = [e for e in entries if e.start + len(e.tokens) <= at or e.start >= at + n]
+            entries.append(_CachedPrompt(tokens[:n], at))
             i_pos = np.arange(n)
             source[at : at + n] = np.where(i_pos < cached, cache_start + i_pos, c + start[row] + i_pos - cached)
-        if written:
+        if taken:
             self._pool = self._compile("store", bucket)(self._pool, device, source)
+            self._prefix_entries, self._pool_cursor = entries, cursor
 
     def clear_prefix_cache(self) -> None:
         """Forgets every cached prompt (the next prompts are computed in full)."""

@@ -409,6 +409,46 @@ def test_prefix_cache_hits_give_what_a_cold_prefill_gives(engine):
     np.testing.assert_allclose(again.logprobs.logprob, cold.logprobs.logprob, atol=1e-5)
 
 
+def test_prefix_cache_stores_prompts_that_were_partly_cached(engine):
+    """A prompt that read a third of itself from the cache is cached in full (its cached part copied from the cache,
+    at a non-zero offset), and a prompt hitting it continues exactly as a cold prefill."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2)
+    engine.clear_prefix_cache()
+    b = PROMPTS[12]
+    x = b[:10] + PROMPTS[17][:14]
+    y = [*x[:22], 5, 6]
+    assert [engine.prefill(p, params, 0).cached for p in (PROMPTS[16], b, x)] == [0, 0, 10]
+    warm = engine.prefill(y, params, 0)
+    assert warm.cached == 22
+    runs: dict[int, SlotRun] = {}
+    state = engine.insert(warm, engine.init_state(), 1)
+    runs[1] = SlotRun([warm.token], [])
+    decode(engine, state, runs)
+    engine.clear_prefix_cache()
+    cold = engine.prefill(y, params, 0)
+    np.testing.assert_allclose(warm.logprobs.logprob, cold.logprobs.logprob, atol=1e-5)
+    assert runs[1].tokens == run_alone(engine, y, params).tokens
+
+
+def test_prefix_cache_starts_over_after_a_failed_prefill(engine, monkeypatch):
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    engine.clear_prefix_cache()
+    engine.prefill(PROMPTS[20], params, 0)
+    assert engine.prefill([*PROMPTS[20], 3], params, 0).cached == 20
+    real = engine._compile
+
+    def failing(kind, size):
+        if kind == "store":
+            raise RuntimeError("injected store failure")
+        return real(kind, size)
+
+    monkeypatch.setattr(engine, "_compile", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.prefill(PROMPTS[30], params, 0)
+    monkeypatch.undo()
+    assert engine.prefill([*PROMPTS[20], 3], params, 0).cached == 0  # nothing cached before the failure is trusted
+
+
 def test_prefix_cache_is_a_ring_that_forgets_the_oldest():
     """A cache of 40 positions holds one 25-token prompt: the next one overwrites it, and a prompt mostly cached
     already is not stored again; hits after the wrap still continue exactly as cold prefills."""
