@@ -62,18 +62,18 @@ def hf_state_dict(config: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     d = config.dim
     out = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]}
     if not config.tie_embeddings:
-        out["lm_head.weight"] = p["lm_head"].T
+        out["lm_head.weight"] = p["lm_head"]  # the engine runs linear weights [out, in], as HF stores them
     for i in range(config.num_layers):
         layer, pre = p[f"layer_{i}"], f"model.layers.{i}."
         out[pre + "input_layernorm.weight"] = layer["attn_norm"]
         out[pre + "post_attention_layernorm.weight"] = layer["mlp_norm"]
-        out[pre + "self_attn.q_proj.weight"] = layer["wq"].reshape(d, -1).T  # [D, N, H] -> [N*H, D]
-        out[pre + "self_attn.k_proj.weight"] = layer["wk"].reshape(d, -1).T
-        out[pre + "self_attn.v_proj.weight"] = layer["wv"].reshape(d, -1).T
-        out[pre + "self_attn.o_proj.weight"] = layer["wo"].reshape(-1, d).T  # [N, H, D] -> [D, N*H]
-        out[pre + "mlp.gate_proj.weight"] = layer["w_gate"].T
-        out[pre + "mlp.up_proj.weight"] = layer["w_up"].T
-        out[pre + "mlp.down_proj.weight"] = layer["w_down"].T
+        out[pre + "self_attn.q_proj.weight"] = layer["wq"].reshape(-1, d)  # [N, H, D] -> [N*H, D]
+        out[pre + "self_attn.k_proj.weight"] = layer["wk"].reshape(-1, d)
+        out[pre + "self_attn.v_proj.weight"] = layer["wv"].reshape(-1, d)
+        out[pre + "self_attn.o_proj.weight"] = layer["wo"].reshape(d, -1)  # [D, N, H] -> [D, N*H]
+        out[pre + "mlp.gate_proj.weight"] = layer["w_gate"]
+        out[pre + "mlp.up_proj.weight"] = layer["w_up"]
+        out[pre + "mlp.down_proj.weight"] = layer["w_down"]
     return out
 
 

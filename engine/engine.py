@@ -37,7 +37,15 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engine.config import ModelConfig
-from engine.model import K_CACHE_AXES, V_CACHE_AXES, Transformer, abstract_params, stacked_axes, unstack_layers
+from engine.model import (
+    K_CACHE_AXES,
+    V_CACHE_AXES,
+    Transformer,
+    abstract_params,
+    checkpoint_shape,
+    stacked_axes,
+    unstack_layers,
+)
 from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotSampling, hits_stop, sample, token_logprobs
 from sharding.rules import (
     DEFAULT_RULES,
@@ -362,8 +370,10 @@ class Engine:
         abstract, _ = abstract_params(model_config, dtype)
         layer = abstract["layer_0"]
         stacked = {k: v for k, v in abstract.items() if not k.startswith("layer_")}
+        stacked = {k: jax.ShapeDtypeStruct(checkpoint_shape(k, v.shape), v.dtype) for k, v in stacked.items()}
         stacked["layers"] = {
-            n: jax.ShapeDtypeStruct((model_config.num_layers, *a.shape), a.dtype) for n, a in layer.items()
+            n: jax.ShapeDtypeStruct((model_config.num_layers, *checkpoint_shape(n, a.shape)), a.dtype)
+            for n, a in layer.items()
         }
         logical = stacked_axes(model_config)
         rules, _ = Engine.resolve_rules(model_config, dtype, mesh, rules)

@@ -94,7 +94,7 @@ def test_offline_job_on_two_processes_matches_one(checkpoint, single_process_tok
         with open(out) as f:
             result = json.load(f)
         assert result["tokens"] == single_process_tokens
-        assert result["spec"] == "P(None, 'tensor', None)"  # weights split over the 4-way tensor axis
+        assert result["spec"] == "P('tensor', None, None)"  # wq [N, H, D] split over the 4-way tensor axis
 
 
 def test_served_requests_on_two_processes_match_one(checkpoint, single_process_tokens, tmp_path):

@@ -74,13 +74,13 @@ def expected_specs(config: dict, spec: str) -> dict[str, PartitionSpec]:
     return {
         "['embed']": PartitionSpec(t(v), None),
         "['final_norm']": PartitionSpec(None),
-        "['layer_0']['wq']": PartitionSpec(None, t(n), None),
-        "['layer_0']['wk']": PartitionSpec(None, t(k), None),
-        "['layer_1']['wv']": PartitionSpec(None, t(k), None),
-        "['layer_1']['wo']": PartitionSpec(t(n), None, None),
-        "['layer_0']['w_gate']": PartitionSpec(None, t(f)),
-        "['layer_0']['w_up']": PartitionSpec(None, t(f)),
-        "['layer_1']['w_down']": PartitionSpec(t(f), None),
+        "['layer_0']['wq']": PartitionSpec(t(n), None, None),  # linear weights run [out, in]
+        "['layer_0']['wk']": PartitionSpec(t(k), None, None),
+        "['layer_1']['wv']": PartitionSpec(t(k), None, None),
+        "['layer_1']['wo']": PartitionSpec(None, t(n), None),
+        "['layer_0']['w_gate']": PartitionSpec(t(f), None),
+        "['layer_0']['w_up']": PartitionSpec(t(f), None),
+        "['layer_1']['w_down']": PartitionSpec(None, t(f)),
         "['layer_0']['attn_norm']": PartitionSpec(None),
         "k": PartitionSpec(d, t(k), None, None),
         "v": PartitionSpec(d, t(k), None, None),
@@ -130,9 +130,16 @@ def assert_mesh_result(result: dict, spec: str, *, tol: float) -> None:
     weight_sizes = set(ref["weight_sizes"])
     for op, type_ in got["collectives"]:
         if op == "all-gather":
-            dims = [int(x) for x in type_.split("[", 1)[1].split("]", 1)[0].split(",") if x]
-            assert math.prod(dims) not in weight_sizes, f"{spec}: decode all-gathers a weight-sized {type_}"
-    residual = [t for op, t in got["collectives"] if op == "all-reduce" and t.endswith(f",1,{config['dim']}]{{2,1,0}}")]
+            shape = [int(x) for x in type_.split("[", 1)[1].split("]", 1)[0].split(",") if x]
+            assert math.prod(shape) not in weight_sizes, f"{spec}: decode all-gathers a weight-sized {type_}"
+
+    def dims(type_: str) -> list[int]:
+        return [int(x) for x in type_.split("[", 1)[1].split("]", 1)[0].split(",") if x]
+
+    # the residual stream: [slots, D] after the embedding lookup, feature-major [D, slots] after wo and w_down
+    residual = [
+        t for op, t in got["collectives"] if op == "all-reduce" and len(dims(t)) == 2 and config["dim"] in dims(t)
+    ]
     sharded_layers = tensor > 1 and config["num_heads"] % tensor == 0
     if sharded_layers:
         # embedding lookup + (after wo, after w_down) per layer
