@@ -106,10 +106,9 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, axis: int = -1) -> jax.
     """RMSNorm over `axis` (the feature axis) in float32, scaled, cast back to x's dtype."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
-    scale = scale.astype(jnp.float32)
-    return (y * (scale if axis in (-1, x.ndim - 1) else scale.reshape(-1, *([1] * (x.ndim - 1 - axis))))).astype(
-        x.dtype
-    )
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return (y * scale.astype(jnp.float32).reshape(shape)).astype(x.dtype)
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], dtype: Any, init: Any) -> jax.Array:
