@@ -77,7 +77,7 @@ class Options:
     """Slot counts for latency decode, roofline tables and the slot sweep."""
     max_seq_len: int = 512
     max_prefill_len: int = 256
-    page_size: int = 128
+    page_size: int = 64
     decode_steps: int = 8
     prefills_per_step: int = 4
     prefill_segments: int = 8

@@ -96,7 +96,7 @@ class EngineConfig:
     prefix_cache_len: int = 256
     """Positions of the prefix cache (0 disables it): prompts' K/V kept after prefill, so a later prompt that starts
     with the same tokens (a system prompt, the chat template, an earlier turn) computes only the rest."""
-    page_size: int = 128
+    page_size: int = 64
     """P: cache positions per page; decode reads a power-of-two number of pages covering the longest sequence."""
     decode_steps: int = 8
     """Decode steps per dispatch: more amortizes host overhead, fewer frees finished slots sooner."""
@@ -135,8 +135,10 @@ class EngineConfig:
 
     @property
     def windows(self) -> tuple[int, ...]:
-        """Decode windows in pages: powers of two up to all pages."""
-        return _powers_of_two(1, self.num_pages)
+        """Decode windows in pages: 1, 2, 3, 4, 6, 8, 12, ... (powers of two and 1.5x them) up to all pages, so a
+        dispatch reads at most a third more pages than its longest sequence needs, from 5 + 2 log2(pages) compiles."""
+        twos = _powers_of_two(1, self.num_pages)
+        return tuple(sorted({*twos, *(3 * w // 2 for w in twos if w > 1 and 3 * w // 2 < self.num_pages)}))
 
 
 @struct.dataclass

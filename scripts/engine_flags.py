@@ -21,7 +21,7 @@ _CHECKPOINT = flags.DEFINE_string(
 _NUM_SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded together (B); fixed at start-up.")
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 2048, "Context per slot: prompt + max_tokens must fit.")
 _MAX_PREFILL_LEN = flags.DEFINE_integer("max_prefill_len", 1024, "Longest prompt (largest prefill bucket).")
-_PAGE_SIZE = flags.DEFINE_integer("page_size", 128, "KV cache page length; max_seq_len must be a multiple.")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 64, "KV cache page length; max_seq_len must be a multiple.")
 _DECODE_STEPS = flags.DEFINE_integer(
     "decode_steps", 8, "Decode steps per dispatch: more amortizes host overhead, fewer frees finished slots sooner."
 )
