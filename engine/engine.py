@@ -547,11 +547,17 @@ class Engine:
             )
             ctx = (pool_kv, visible[None])
         logits, kv = self.model.apply(
-            {"params": params}, tokens, positions, segment_ids=segments, logits_index=last[None], context=ctx
+            {"params": params},
+            tokens,
+            positions,
+            segment_ids=segments,
+            logits_index=last[None],
+            context=ctx,
+            vocab_major=True,
         )
-        logits = logits[0]  # [R, V]
-        token = sample(logits, sampling, jnp.zeros(last.shape, jnp.int32))
-        logprob, top_ids, top_vals = token_logprobs(logits, token, MAX_LOGPROBS)
+        logits = logits[:, 0]  # [V, R]
+        token = sample(logits, sampling, jnp.zeros(last.shape, jnp.int32), vocab_axis=0)
+        logprob, top_ids, top_vals = self._logprobs(logits, token, want_logprobs)
         prefix = DevicePrefix(
             k=tuple(jnp.swapaxes(k[0], 0, 1) for k, _ in kv),  # [T, K, H] -> [K, T, H]
             v=tuple(jnp.swapaxes(v[0], 0, 1) for _, v in kv),
@@ -620,6 +626,20 @@ class Engine:
             sampling=sampling,
         )
 
+    @staticmethod
+    def _logprobs(logits: jax.Array, token: jax.Array, want: jax.Array) -> tuple:
+        """token_logprobs of vocab-major logits [V, R], computed only when some row `want`s them (zeros else)."""
+        r = token.shape[0]
+        return jax.lax.cond(
+            jnp.any(want),
+            lambda: token_logprobs(logits, token, MAX_LOGPROBS, vocab_axis=0),
+            lambda: (
+                jnp.zeros((r,), jnp.float32),
+                jnp.zeros((r, MAX_LOGPROBS), jnp.int32),
+                jnp.zeros((r, MAX_LOGPROBS), jnp.float32),
+            ),
+        )
+
     def _release_fn(self, state: DecodeState, slot):
         return state.replace(active=state.active.at[slot].set(False))
 
@@ -632,21 +652,18 @@ class Engine:
             st, k_win, v_win, outs = carry
             cache = tuple(zip(k_win, v_win, strict=True))
             logits, kv = self.model.apply(
-                {"params": params}, st.tokens[:, None], st.lengths[:, None], cache=cache, lengths=st.lengths
+                {"params": params},
+                st.tokens[:, None],
+                st.lengths[:, None],
+                cache=cache,
+                lengths=st.lengths,
+                vocab_major=True,
             )
-            logits = logits[:, 0]  # [B, V]
+            logits = logits[:, :, 0]  # [V, B]
             k_win = tuple(k for k, _ in kv)  # the model wrote each slot's new K/V at its length
             v_win = tuple(v for _, v in kv)
-            token = sample(logits, st.sampling, st.generated)
-            lp = jax.lax.cond(
-                jnp.any(st.want_logprobs & st.active),
-                lambda: token_logprobs(logits, token, MAX_LOGPROBS),
-                lambda: (
-                    jnp.zeros((b,), jnp.float32),
-                    jnp.zeros((b, MAX_LOGPROBS), jnp.int32),
-                    jnp.zeros((b, MAX_LOGPROBS), jnp.float32),
-                ),
-            )
+            token = sample(logits, st.sampling, st.generated, vocab_axis=0)
+            lp = self._logprobs(logits, token, st.want_logprobs & st.active)
             live = st.active
             step_int = live.astype(jnp.int32)
             remaining = st.remaining - step_int

@@ -260,14 +260,28 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, positions, cache=None, lengths=None, logits_index=None, segment_ids=None, context=None):
+    def __call__(
+        self,
+        tokens,
+        positions,
+        cache=None,
+        lengths=None,
+        logits_index=None,
+        segment_ids=None,
+        context=None,
+        vocab_major=False,
+    ):
         """tokens/positions [B, T]; cache: per layer (k_pages, v_pages) or None; lengths [B] (decode only);
         segment_ids [B, T] (prefill only): packed prompts attend only inside their own segment; context (prefill
         only): per layer cached (k, v) [B, C, K, H] and one visibility mask [B, T, C] (see `_causal_attention`).
 
         logits_index [B, R]: compute logits only at those positions of each row (the last token of each packed
-        prompt) -> [B, R, V]; None -> logits for every position [B, T, V]. Returns (logits, per-layer (k, v)):
-        the new K/V in prefill, the updated cache pages in decode.
+        prompt) -> [B, R, V]; None -> logits for every position [B, T, V]. vocab_major: logits [V, B, R | T]
+        instead, as the head computes them: a plain [V, D] x [D, tokens] product, which XLA:CPU runs 1.2-1.4x faster
+        at 16-64 tokens than the [tokens, D] x [D, V] one, and ~10x faster at 4 tokens (measured with the argmax:
+        64 tokens 21.7 vs 30.6 ms, 16 tokens 8.6 vs 16.6 ms, 4 tokens 6.3 vs 69 ms), and transposing 64 x 49152
+        logits back costs another ~15 ms. Returns (logits, per-layer (k, v)): the new K/V in prefill, the updated
+        cache pages in decode.
         """
         c = self.config
         embed = _param(self, "embed", (c.vocab_size, c.dim), self.dtype, nn.initializers.normal(0.02))
@@ -281,16 +295,17 @@ class Transformer(nn.Module):
                 x, positions, layer_cache, lengths, segment_ids, layer_ctx
             )
             kv.append(layer_kv)
-        x = x.T.reshape(b, t, c.dim)
-        x = rms_norm(x, _param(self, "final_norm", (c.dim,), self.dtype, nn.initializers.ones), c.rms_norm_eps)
+        x = x.reshape(c.dim, b, t)
         if logits_index is not None:
-            x = jnp.take_along_axis(x, logits_index[:, :, None], axis=1)  # [B, R, D]
+            x = x[:, jnp.arange(b)[:, None], logits_index]  # [D, B, R]
+        final_norm = _param(self, "final_norm", (c.dim,), self.dtype, nn.initializers.ones)
+        x = jax.lax.optimization_barrier(rms_norm(x, final_norm, c.rms_norm_eps, axis=0))  # see Block
         if c.tie_embeddings:
-            logits = jnp.einsum("...D,VD->...V", x, embed)
+            head = embed
         else:
             head = _param(self, "lm_head", (c.vocab_size, c.dim), self.dtype, nn.initializers.normal(0.02))
-            logits = jnp.einsum("...D,VD->...V", x, head)
-        return logits.astype(jnp.float32), tuple(kv)
+        logits = jnp.einsum("VD,DBT->VBT", head, x).astype(jnp.float32)
+        return (logits if vocab_major else logits.transpose(1, 2, 0)), tuple(kv)
 
 
 def abstract_params(config: ModelConfig, dtype: Any) -> tuple[Any, Any]:

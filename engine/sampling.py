@@ -138,30 +138,33 @@ def _filter_logits(x: jax.Array, s: SlotSampling) -> jax.Array:
     return jnp.where(x >= threshold, x, -jnp.inf)
 
 
-def argmax(x: jax.Array) -> jax.Array:
-    """jnp.argmax over the last axis of x [B, V] (the first index of the maximum), as two plain reductions: the
-    maximum, then the smallest index holding it (float indices: exact below 2**24, and XLA:CPU's float min is the
-    fastest). XLA:CPU's one-pass (value, index) reduce is ~4x slower (measured over [64, 49152]: 7.9 ms vs 2.0 ms,
-    ~4% of a 64-slot decode step). With the vocabulary sharded, both reductions end in a [B] all-reduce."""
-    v = x.shape[-1]
+def argmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """jnp.argmax over `axis` of x (the first index of the maximum), as two plain reductions: the maximum, then the
+    smallest index holding it (float indices: exact below 2**24, and XLA:CPU's float min is the fastest). XLA:CPU's
+    one-pass (value, index) reduce is ~4x slower (measured over [64, 49152]: 7.9 ms vs 2.0 ms, ~4% of a 64-slot
+    decode step). With the vocabulary sharded, both reductions end in a [B] all-reduce."""
+    axis %= x.ndim
+    v = x.shape[axis]
     if v >= 2**24:
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
-    peak = jnp.max(x, axis=-1, keepdims=True)
-    first = jnp.min(jnp.where(x == peak, jnp.arange(v, dtype=jnp.float32), float(v)), axis=-1)
+        return jnp.argmax(x, axis=axis).astype(jnp.int32)
+    peak = jnp.max(x, axis=axis, keepdims=True)
+    index = jnp.arange(v, dtype=jnp.float32).reshape([v if i == axis else 1 for i in range(x.ndim)])
+    first = jnp.min(jnp.where(x == peak, index, float(v)), axis=axis)
     return jnp.minimum(first, v - 1).astype(jnp.int32)  # a NaN row matches nothing: clamp into the vocabulary
 
 
-def sample(logits: jax.Array, s: SlotSampling, token_index: jax.Array) -> jax.Array:
-    """Picks one token per slot from logits [B, V] (float32); token_index [B] = tokens the request generated so far.
+def sample(logits: jax.Array, s: SlotSampling, token_index: jax.Array, vocab_axis: int = -1) -> jax.Array:
+    """Picks one token per slot from logits [B, V] (float32; [V, B] with vocab_axis=0, as the engine's model emits
+    them); token_index [B] = tokens the request generated so far.
 
     Greedy slots take the argmax. The filtering sort and the Gumbel noise run only when some slot needs them
-    (`lax.cond` decides on device, so nothing recompiles).
+    (`lax.cond` decides on device, so nothing recompiles); so does moving the vocabulary last for them.
     """
-    greedy = argmax(logits)
+    greedy = argmax(logits, vocab_axis)
     stochastic = s.temperature > 0
 
     def draw() -> jax.Array:
-        x = logits / jnp.where(stochastic, s.temperature, 1.0)[:, None]
+        x = jnp.moveaxis(logits, vocab_axis, -1) / jnp.where(stochastic, s.temperature, 1.0)[:, None]
         needs_filter = jnp.any(stochastic & ((s.top_k > 0) | (s.top_p < 1.0) | (s.min_p > 0)))
         x = jax.lax.cond(needs_filter, _filter_logits, lambda x, _: x, x, s)
         keys = jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(s.key, token_index)
@@ -172,12 +175,15 @@ def sample(logits: jax.Array, s: SlotSampling, token_index: jax.Array) -> jax.Ar
     return jnp.where(stochastic, drawn, greedy)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array, num_top: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Log-probabilities of the model's distribution (before temperature/filters, as vLLM reports them).
+def token_logprobs(
+    logits: jax.Array, tokens: jax.Array, num_top: int, vocab_axis: int = -1
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities of the model's distribution (before temperature/filters, as vLLM reports them), from logits
+    [B, V] ([V, B] with vocab_axis=0).
 
     Returns (logprob of `tokens` [B], top ids [B, num_top], top logprobs [B, num_top]).
     """
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(jnp.moveaxis(logits, vocab_axis, -1), axis=-1)
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
     top_vals, top_ids = jax.lax.top_k(logp, num_top)
     return chosen, top_ids.astype(jnp.int32), top_vals
