@@ -71,6 +71,13 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two token arrays."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
 def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     out, x = [], lo
     while x < hi:
@@ -869,9 +876,11 @@ class Engine:
         todo = list(range(len(requests)))
         while todo:
             hits = [self._match(requests[i][0]) for i in todo]
-            pack = self.packs([len(requests[i][0]) - n for i, (_, n) in zip(todo, hits, strict=True)])[0]
+            ready = self._ready(todo, hits, requests)
+            pack = [ready[j] for j in self.packs([len(requests[todo[j]][0]) - hits[j][1] for j in ready])[0]]
             launched.append(self._launch([(todo[j], *hits[j]) for j in pack], requests))
-            todo = todo[len(pack) :]
+            packed = set(pack)
+            todo = [i for j, i in enumerate(todo) if j not in packed]
         out: list[Prefix | None] = [None] * len(requests)
         eos = self.model_config.eos_token_ids
         for pack, bucket, device, (logprob, top_ids, top_vals) in launched:
@@ -900,6 +909,25 @@ class Engine:
                     logprobs=lps,
                 )
         return out  # type: ignore[return-value]
+
+    def _ready(self, todo: list[int], hits: list[tuple[int, int]], requests: Sequence) -> list[int]:
+        """Positions in `todo` that should run now: a prompt that shares at least MIN_PREFIX_HIT more tokens with
+        an earlier prompt of the batch than it found in the cache waits until that prompt is cached (a later pack
+        finds it), so a burst of prompts with a common system prompt or template computes it once, not once per
+        pack row (W2: 6 full prompts in the first pack -> 1)."""
+        if not self.config.prefix_cache_len:
+            return list(range(len(todo)))
+        c = self.config.prefix_cache_len
+        ready, leaders = [], []
+        for j, (i, (_, cached)) in enumerate(zip(todo, hits, strict=True)):
+            ids = np.asarray(requests[i][0])
+            shared = max((_common_prefix(ids[: len(ids) - 1], lead) for lead in leaders), default=0)
+            if shared - cached >= MIN_PREFIX_HIT:
+                continue
+            ready.append(j)
+            if 2 * cached <= len(ids):  # what `_cache_prompts` stores
+                leaders.append(ids[:c])
+        return ready
 
     def _launch(self, pack: list[tuple[int, int, int]], requests: Sequence) -> tuple:
         """Dispatches one packed prefill of (request index, cache start, cached tokens) rows, then caches its
@@ -946,11 +974,9 @@ class Engine:
         best = (0, 0)
         ids = np.asarray(tokens)
         for entry in self._prefix_entries:
-            n = min(len(entry.tokens), len(ids) - 1)
-            if n <= best[1]:
+            if min(len(entry.tokens), len(ids) - 1) <= best[1]:
                 continue
-            differ = np.flatnonzero(entry.tokens[:n] != ids[:n])
-            same = int(differ[0]) if differ.size else n
+            same = _common_prefix(entry.tokens, ids[: len(ids) - 1])
             if same > best[1]:
                 best = (entry.start, same)
         return best if best[1] >= MIN_PREFIX_HIT else (0, 0)

@@ -409,6 +409,31 @@ def test_prefix_cache_hits_give_what_a_cold_prefill_gives(engine):
     np.testing.assert_allclose(again.logprobs.logprob, cold.logprobs.logprob, atol=1e-5)
 
 
+def test_prompts_sharing_an_opening_wait_for_the_first_to_be_cached(engine):
+    """A batch whose prompts would fit one pack, two of them sharing a 9-token opening: the second waits for the
+    first to be cached and computes only its tail, while an unrelated prompt still shares the first one's call;
+    with the cache off all three share one call. Either way each continues exactly as a cold prefill."""
+    opening = PROMPTS[12][:9]
+    prompts = [[*opening, 3, 4, 5], [*opening, 7, 8, 9], PROMPTS[5]]
+    params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2)
+    requests = [(p, params, i) for i, p in enumerate(prompts)]
+    assert engine.packs([len(p) for p in prompts]) == [[0, 1, 2]]  # without waiting: one call, nothing cached
+    engine.clear_prefix_cache()
+    prefixes = engine.prefill_batch(requests)
+    assert [p.cached for p in prefixes] == [0, 9, 0]
+    assert prefixes[0].device is prefixes[2].device and prefixes[1].device is not prefixes[0].device
+    off = Engine(engine.model_config, engine.params, dataclasses.replace(ENGINE_CONFIG, prefix_cache_len=0))
+    off_prefixes = off.prefill_batch(requests)
+    assert len({id(p.device) for p in off_prefixes}) == 1 and [p.cached for p in off_prefixes] == [0, 0, 0]
+    for i, (prompt, params_i, seed) in enumerate(requests):
+        cold = _cold(engine, prompt, params_i, seed)
+        np.testing.assert_allclose(prefixes[i].logprobs.logprob, cold.logprobs[0][0], atol=1e-5)
+        state = engine.insert(prefixes[i], engine.init_state(), i)
+        runs = {i: SlotRun([prefixes[i].token], [])}
+        decode(engine, state, runs)
+        assert runs[i].tokens == cold.tokens, f"prompt {i}"
+
+
 def test_prefix_cache_stores_prompts_that_were_partly_cached(engine):
     """A prompt that read a third of itself from the cache is cached in full (its cached part copied from the cache,
     at a non-zero offset), and a prompt hitting it continues exactly as a cold prefill."""
