@@ -44,6 +44,7 @@ from engine.model import (
     abstract_params,
     checkpoint_shape,
     stacked_axes,
+    unfuse_layer,
     unstack_layers,
 )
 from engine.sampling import MAX_LOGPROBS, SamplingParams, SlotSampling, hits_stop, sample, token_logprobs
@@ -377,7 +378,7 @@ class Engine:
         """Abstract params in the checkpoint's stacked layout, with the shardings to restore them directly into."""
         dtype = jnp.dtype(dtype)
         abstract, _ = abstract_params(model_config, dtype)
-        layer = abstract["layer_0"]
+        layer = unfuse_layer(abstract["layer_0"])
         stacked = {k: v for k, v in abstract.items() if not k.startswith("layer_")}
         stacked = {k: jax.ShapeDtypeStruct(checkpoint_shape(k, v.shape), v.dtype) for k, v in stacked.items()}
         stacked["layers"] = {

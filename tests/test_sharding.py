@@ -75,11 +75,10 @@ def expected_specs(config: dict, spec: str) -> dict[str, PartitionSpec]:
         "['embed']": PartitionSpec(t(v), None),
         "['final_norm']": PartitionSpec(None),
         "['layer_0']['wq']": PartitionSpec(t(n), None, None),  # linear weights run [out, in]
-        "['layer_0']['wk']": PartitionSpec(t(k), None, None),
-        "['layer_1']['wv']": PartitionSpec(t(k), None, None),
+        "['layer_0']['wkv']": PartitionSpec(None, t(k), None, None),  # k and v stacked on an unsharded axis
+        "['layer_1']['wkv']": PartitionSpec(None, t(k), None, None),
         "['layer_1']['wo']": PartitionSpec(None, t(n), None),
-        "['layer_0']['w_gate']": PartitionSpec(t(f), None),
-        "['layer_0']['w_up']": PartitionSpec(t(f), None),
+        "['layer_0']['w_gate_up']": PartitionSpec(None, t(f), None),
         "['layer_1']['w_down']": PartitionSpec(None, t(f)),
         "['layer_0']['attn_norm']": PartitionSpec(None),
         "k": PartitionSpec(d, t(k), None, None),
