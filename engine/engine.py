@@ -915,7 +915,7 @@ class Engine:
         """Positions in `todo` that should run now: a prompt that shares at least MIN_PREFIX_HIT more tokens with
         an earlier prompt of the batch than it found in the cache waits until that prompt is cached (a later pack
         finds it), so a burst of prompts with a common system prompt or template computes it once, not once per
-        pack row (W2: 6 full prompts in the first pack -> 1)."""
+        pack row (W2: 1964 -> 2079 of 2678 prompt tokens read from the cache)."""
         if not self.config.prefix_cache_len:
             return list(range(len(todo)))
         c = self.config.prefix_cache_len
@@ -926,9 +926,14 @@ class Engine:
             if shared - cached >= MIN_PREFIX_HIT:
                 continue
             ready.append(j)
-            if 2 * cached <= len(ids):  # what `_cache_prompts` stores
+            if self._worth_caching(len(ids), cached):
                 leaders.append(ids[:c])
         return ready
+
+    def _worth_caching(self, length: int, cached: int) -> bool:
+        """Whether `_cache_prompts` stores a prompt of `length` tokens that read `cached` of them from the cache:
+        one that is at least half new and leaves more than MIN_PREFIX_HIT tokens to match."""
+        return min(length, self.config.prefix_cache_len) > MIN_PREFIX_HIT and 2 * cached <= length
 
     def _launch(self, pack: list[tuple[int, int, int]], requests: Sequence) -> tuple:
         """Dispatches one packed prefill of (request index, cache start, cached tokens) rows, then caches its
@@ -993,7 +998,7 @@ class Engine:
         for row, (i, cache_start, cached) in enumerate(pack):
             tokens = np.asarray(requests[i][0], np.int32)
             n = min(len(tokens), c)
-            if n <= MIN_PREFIX_HIT or 2 * cached > len(tokens):
+            if not self._worth_caching(len(tokens), cached):
                 continue
             at = 0 if cursor + n > c else cursor
             if any(at < end and lo < at + n for lo, end in taken):

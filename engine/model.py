@@ -67,7 +67,8 @@ TO_RUNTIME: dict[str, tuple[int, ...]] = {
 # Weights the model runs as one product, stacked on a leading axis of their own at unstack time (the checkpoint keeps
 # them apart): k and v, gate and up. Measured on XLA:CPU (SmolLM2, 30 layers): a matrix-vector product pays ~25 us
 # of its own beyond its bytes, and the two fewer products per layer take a one-slot decode step from 20.4 to 18.0
-# ms in a model-shaped benchmark. Stacked on a new unsharded axis, each part keeps its own sharding (kv heads,
+# ms in a model-shaped benchmark (the real decode step: 26.6-26.7 -> 25.4-25.8 ms at one slot, 147-150 -> 132-137
+# ms at 64). Stacked on a new unsharded axis, each part keeps its own sharding (kv heads,
 # MLP columns), so tensor parallelism splits the fused weight exactly as it split the parts.
 FUSED: dict[str, tuple[str, str]] = {"wkv": ("wk", "wv"), "bkv": ("bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
 _RUNTIME_PART_AXES: dict[str, tuple[str, ...]] = {
