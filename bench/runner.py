@@ -83,6 +83,8 @@ class Options:
     prefill_segments: int = 8
     prefix_cache_len: int = 256
     """Prefix cache positions (0: off). Every offline run and TTFT measurement starts with it empty."""
+    attention: str = "auto"
+    """Decode attention: auto, kernel or xla (EngineConfig.attention)."""
     workload: str = "w2"
     """Synthetic prompt set: w1, w2 or w3."""
     prompts_file: str | None = None
@@ -165,6 +167,7 @@ def engine_config(opts: Options, num_slots: int | None = None) -> EngineConfig:
         prefill_segments=opts.prefill_segments,
         prefix_cache_len=opts.prefix_cache_len,
         dtype=opts.dtype,
+        attention=opts.attention,
     )
 
 
@@ -233,6 +236,7 @@ def model_summary(engine: Engine) -> dict[str, Any]:
         "weight_bytes": b.weight_bytes,
         "kv_bytes_per_token": b.kv_bytes_per_token,
         "dtype": engine.config.dtype,
+        "attention": engine.attention,
         "engine": dataclasses.asdict(engine.config),
     }
 

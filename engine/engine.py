@@ -36,6 +36,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from engine import kernels
 from engine.config import ModelConfig
 from engine.model import (
     K_CACHE_AXES,
@@ -87,6 +88,9 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return (*out, hi)
 
 
+ATTENTION_CHOICES = ("auto", "kernel", "xla")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Static shape and dtype choices; everything per-request lives in arrays instead."""
@@ -112,6 +116,9 @@ class EngineConfig:
     """Weights, activations and cache dtype."""
     memory_fraction: float = 0.9
     """Share of device memory weights + cache may take before start-up refuses."""
+    attention: str = "auto"
+    """Decode attention: 'kernel' (the hand-written CPU kernel, engine.kernels), 'xla' (the jnp formulation, any
+    backend) or 'auto' (the kernel on CPU in float32 where a C++ compiler exists, else xla)."""
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -126,6 +133,8 @@ class EngineConfig:
             )
         if self.decode_steps < 1:
             raise CapacityError(f"decode_steps must be >= 1, got {self.decode_steps}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.prefill_segments < 1:
             raise CapacityError(f"prefill_segments must be >= 1, got {self.prefill_segments}")
         if self.prefix_cache_len < 0 or 0 < self.prefix_cache_len <= MIN_PREFIX_HIT:
@@ -301,7 +310,8 @@ class Engine:
         self.dtype = jnp.dtype(config.dtype)
         self.mesh = mesh or single_device_mesh()
         self.rules, self.sharding_notes = Engine.resolve_rules(c, self.dtype, self.mesh, rules, config)
-        self.model = Transformer(c, self.dtype)
+        self.attention = self._resolve_attention()
+        self.model = Transformer(c, self.dtype, self._kernel_attention if self.attention == "kernel" else None)
         self.budget = self._memory_budget()
         log.info("%s", self.budget.describe())
         self._check_fits()
@@ -440,6 +450,47 @@ class Engine:
                 f"only {limit / 2**30:.2f} GiB is available; use at most {max(fit_slots, 0)} slots at this "
                 "max_seq_len, or lower max_seq_len"
             )
+
+    def _resolve_attention(self) -> str:
+        """'kernel' or 'xla' for `config.attention`; 'kernel' where it cannot run is a ValueError saying why."""
+        choice = self.config.attention
+        if choice == "xla":
+            return "xla"
+        k_spec = logical_to_spec(K_CACHE_AXES, self.rules, self.mesh)
+        why_not = None
+        if any(d.platform != "cpu" for d in self.mesh.devices.flat):
+            why_not = "it runs on CPU only"
+        elif self.dtype != jnp.float32:
+            why_not = f"it takes float32, and this engine runs {self.dtype}"
+        elif k_spec[2] is not None or k_spec[3] is not None:
+            why_not = "the sharding rules split head_dim or cache_seq, which it needs whole on each device"
+        if why_not is None:
+            try:
+                kernels.load()
+            except kernels.KernelUnavailable as e:
+                if choice == "kernel" or kernels.compiler() is not None:
+                    raise  # a compiler that fails is a bug to report, not a reason to run slower
+                log.warning("decode attention runs as XLA ops: %s", e)
+                return "xla"
+            log.info("decode attention: the CPU kernel (%s)", kernels.library_path(kernels.compiler()).name)
+            return "kernel"
+        if choice == "kernel":
+            raise ValueError(f"attention='kernel' cannot be used here: {why_not}; use attention='xla' or 'auto'")
+        return "xla"
+
+    def _kernel_attention(self, q, k_pages, v_pages, lengths):
+        """The CPU kernel on each device's slots and kv heads (attention never mixes either, so no collective)."""
+        q_spec = logical_to_spec(("slots", "kv_heads", None, None), self.rules, self.mesh)
+        k_spec = logical_to_spec(K_CACHE_AXES, self.rules, self.mesh)
+        v_spec = logical_to_spec(V_CACHE_AXES, self.rules, self.mesh)
+        n = len(k_pages)
+        return jax.shard_map(
+            kernels.decode_attention,
+            mesh=self.mesh,
+            in_specs=(q_spec, (k_spec,) * n, (v_spec,) * n, logical_to_spec(("slots",), self.rules, self.mesh)),
+            out_specs=q_spec,
+            check_vma=False,
+        )(q, k_pages, v_pages, lengths)
 
     def _spec(self, logical: Sequence[str | None]) -> NamedSharding:
         return NamedSharding(self.mesh, logical_to_spec(tuple(logical), self.rules, self.mesh))

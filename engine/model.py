@@ -25,6 +25,7 @@ Every parameter declares its logical axes with `nn.with_logical_partitioning`; `
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -139,6 +140,7 @@ class Block(nn.Module):
 
     config: ModelConfig
     dtype: Any
+    attend: Callable | None = None  # decode attention with `_decode_attention`'s contract; None: that function
 
     @nn.compact
     def __call__(self, x, positions, cache=None, lengths=None, segment_ids=None, context=None):
@@ -177,7 +179,7 @@ class Block(nn.Module):
             else:
                 k_pages = write_pages(cache[0], k_new[:, 0], lengths, transposed=True)
                 v_pages = write_pages(cache[1], v_new[:, 0], lengths, transposed=False)
-                out = _decode_attention(q[:, 0], k_pages, v_pages, lengths)[:, None]
+                out = (self.attend or _decode_attention)(q[:, 0], k_pages, v_pages, lengths)[:, None]
                 kv_out = (k_pages, v_pages)
             x = x + wo.reshape(d, n * h) @ out.reshape(b * t, n, h).transpose(1, 2, 0).reshape(n * h, b * t)
 
@@ -269,6 +271,9 @@ class Transformer(nn.Module):
 
     config: ModelConfig
     dtype: Any = jnp.float32
+    attend: Callable | None = None
+    """Decode attention (q, k_pages, v_pages, lengths) -> out, as `_decode_attention` defines it; None runs that
+    function. The engine passes a hand-written kernel here where it has one (see engine.kernels)."""
 
     @nn.compact
     def __call__(
@@ -302,7 +307,7 @@ class Transformer(nn.Module):
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache[i]
             layer_ctx = None if context is None else (*context[0][i], context[1])
-            x, layer_kv = Block(c, self.dtype, name=layer_name(i))(
+            x, layer_kv = Block(c, self.dtype, self.attend, name=layer_name(i))(
                 x, positions, layer_cache, lengths, segment_ids, layer_ctx
             )
             kv.append(layer_kv)

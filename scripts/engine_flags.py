@@ -41,6 +41,13 @@ _PREFIX_CACHE_LEN = flags.DEFINE_integer(
     "chat template, earlier turns) compute only the rest.",
 )
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "auto: float32 on CPU, bf16 on TPU/GPU.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention",
+    "auto",
+    ["auto", "kernel", "xla"],
+    "Decode attention: 'kernel' (hand-written CPU kernel, built on first use with the system C++ compiler), 'xla' "
+    "(any backend), 'auto' (the kernel on CPU in float32 when a compiler exists).",
+)
 _MESH = flags.DEFINE_string(
     "mesh",
     "auto",
@@ -109,6 +116,7 @@ def engine_config(**overrides) -> EngineConfig:
         prefill_segments=_PREFILL_SEGMENTS.value,
         prefix_cache_len=_PREFIX_CACHE_LEN.value,
         dtype=default_dtype() if _DTYPE.value == "auto" else _DTYPE.value,
+        attention=_ATTENTION.value,
     )
     values.update(overrides)
     return EngineConfig(**values)

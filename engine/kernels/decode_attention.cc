@@ -1,0 +1,244 @@
+// Decode attention over a paged KV cache, for XLA:CPU through the XLA FFI.
+//
+// One query per slot against that slot's cache positions [0, lengths[b]] (its own K/V already written at
+// lengths[b]). Shapes: q [B, K, G, H] (pre-scaled), lengths [B] int32, then `window` key pages [B, K, H, P]
+// (transposed) and `window` value pages [B, K, P, H]; out [B, K, G, H]. float32 only.
+//
+// Why a kernel: XLA:CPU runs the per-page batched products of this computation as B*K tiny [G, H] x [H, P] GEMMs,
+// and those streamed the cache at a third of the machine's read bandwidth. Here each (slot, kv head) is one task
+// that reads only the positions the slot has, once, with the exact softmax over all of them.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Shape {
+  int64_t b, k, g, h, p, window;
+};
+
+// 16 floats: one AVX-512 register (two AVX2 ones); GCC/Clang vector extensions, so the compiler picks the ISA.
+constexpr int64_t kLanes = 16;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
+
+inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+
+// Asks for the cache lines of `count` floats from `p` (the next page, while this one is being read): one core's
+// demand misses alone read the cache at about a third of the machine's bandwidth.
+inline void Prefetch(const float* p, int64_t count) {
+  if (p == nullptr) return;
+  for (int64_t i = 0; i < count; i += 64 / sizeof(float)) __builtin_prefetch(p + i, 0, 2);
+}
+
+// scores[g][p] = sum_h q[g][h] * kp[h][p] for GB query heads and positions [0, np) of one key page [H, P].
+// Up to kBlock positions are accumulated in registers across all of H, so the page is read in order, once.
+constexpr int64_t kBlock = 4;  // vectors per register block: GB x kBlock accumulators (<= 16 of 32 AVX-512 registers)
+
+template <int GB>
+void Scores(const float* __restrict q, int64_t H, int64_t P, int64_t np, const float* __restrict kp,
+            float* __restrict scores, int64_t stride, const float* next) {
+  int64_t p0 = 0;
+  for (; p0 + kBlock * kLanes <= P && p0 < np; p0 += kBlock * kLanes) {
+    Vec acc[GB][kBlock] = {};
+    for (int64_t h = 0; h < H; ++h) {
+      const float* row = kp + h * P + p0;
+      Prefetch(next + h * P + p0, kBlock * kLanes);
+      for (int j = 0; j < kBlock; ++j) {
+        const Vec k = Load(row + j * kLanes);
+        for (int g = 0; g < GB; ++g) acc[g][j] += q[g * H + h] * k;
+      }
+    }
+    for (int g = 0; g < GB; ++g)
+      for (int j = 0; j < kBlock; ++j) Store(scores + g * stride + p0 + j * kLanes, acc[g][j]);
+  }
+  for (; p0 < np; ++p0)  // page sizes that are not a multiple of kBlock * kLanes
+    for (int g = 0; g < GB; ++g) {
+      float acc = 0.0f;
+      for (int64_t h = 0; h < H; ++h) acc += q[g * H + h] * kp[h * P + p0];
+      scores[g * stride + p0] = acc;
+    }
+}
+
+// out[g][h] += sum_p w[g][p] * vp[p][h] over positions [0, np) of one value page [P, H]; rows are read in order
+// (all of a row's head dims at once when H <= kBlock * kLanes).
+template <int GB>
+void Values(const float* __restrict w, int64_t stride, int64_t H, int64_t np, const float* __restrict vp,
+            float* __restrict out, const float* next) {
+  int64_t h0 = 0;
+  for (; h0 + kBlock * kLanes <= H; h0 += kBlock * kLanes) {
+    Vec acc[GB][kBlock];
+    for (int g = 0; g < GB; ++g)
+      for (int j = 0; j < kBlock; ++j) acc[g][j] = Load(out + g * H + h0 + j * kLanes);
+    for (int64_t p = 0; p < np; ++p) {
+      const float* row = vp + p * H + h0;
+      Prefetch(next + p * H + h0, kBlock * kLanes);
+      for (int j = 0; j < kBlock; ++j) {
+        const Vec v = Load(row + j * kLanes);
+        for (int g = 0; g < GB; ++g) acc[g][j] += w[g * stride + p] * v;
+      }
+    }
+    for (int g = 0; g < GB; ++g)
+      for (int j = 0; j < kBlock; ++j) Store(out + g * H + h0 + j * kLanes, acc[g][j]);
+  }
+  for (; h0 < H; ++h0)  // head dims that are not a multiple of kBlock * kLanes
+    for (int g = 0; g < GB; ++g) {
+      float acc = out[g * H + h0];
+      for (int64_t p = 0; p < np; ++p) acc += w[g * stride + p] * vp[p * H + h0];
+      out[g * H + h0] = acc;
+    }
+}
+
+// Query heads go through in blocks of up to 4 (G = 3 for SmolLM2, 4 or 8 for Llama 3).
+template <typename F>
+void ForBlocks(int64_t G, F&& f) {
+  for (int64_t g = 0; g < G; g += 4) {
+    switch (std::min<int64_t>(4, G - g)) {
+      case 1: f(g, std::integral_constant<int, 1>()); break;
+      case 2: f(g, std::integral_constant<int, 2>()); break;
+      case 3: f(g, std::integral_constant<int, 3>()); break;
+      default: f(g, std::integral_constant<int, 4>()); break;
+    }
+  }
+}
+
+// exp(x) for x <= 0 (softmax inputs minus their max), ~1 ulp: x = k ln2 + r with |r| <= ln2 / 2, e^r by a
+// degree-6 polynomial, 2^k through the exponent bits. Inputs below -87 give ~0 instead of denormals.
+inline Vec ExpNonPositive(Vec x) {
+  typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  x = x < -87.0f ? Vec{} - 87.0f : x;
+  const Vec k = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f - 0.5f, IVec), Vec);
+  const Vec r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 in two parts keeps r exact
+  Vec e = 1.0f / 120 + r * (1.0f / 720);
+  e = 1.0f / 24 + r * e;
+  e = 1.0f / 6 + r * e;
+  e = 0.5f + r * e;
+  e = 1.0f + r * e;
+  e = 1.0f + r * e;
+  const IVec bits = (__builtin_convertvector(k, IVec) + 127) << 23;
+  Vec scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return e * scale;
+}
+
+// In-place softmax over x[0, n).
+inline void Softmax(float* x, int64_t n) {
+  Vec vmax = Vec{} + x[0];
+  int64_t t = 0;
+  for (; t + kLanes <= n; t += kLanes) {
+    const Vec v = Load(x + t);
+    vmax = v > vmax ? v : vmax;
+  }
+  float m = x[0];
+  for (int i = 0; i < kLanes; ++i) m = std::max(m, vmax[i]);
+  for (; t < n; ++t) m = std::max(m, x[t]);
+  Vec sum{};
+  t = 0;
+  for (; t + kLanes <= n; t += kLanes) {
+    const Vec e = ExpNonPositive(Load(x + t) - m);
+    Store(x + t, e);
+    sum += e;
+  }
+  float total = 0.0f;
+  for (int i = 0; i < kLanes; ++i) total += sum[i];
+  for (; t < n; ++t) total += (x[t] = std::exp(x[t] - m));
+  const float inv = 1.0f / total;
+  for (t = 0; t < n; ++t) x[t] *= inv;
+}
+
+// One (slot, kv head): scores, softmax and the weighted sum of values; `scratch` holds G * window * P floats.
+void AttendOne(const Shape& s, int64_t slot, int64_t head, const float* q, int32_t length,
+               const std::vector<const float*>& k_pages, const std::vector<const float*>& v_pages, float* out,
+               float* scratch) {
+  const int64_t G = s.g, H = s.h, P = s.p, S = s.window * P;
+  const int64_t n = std::clamp<int64_t>(static_cast<int64_t>(length) + 1, 0, S);
+  float* o = out + (slot * s.k + head) * G * H;
+  std::fill(o, o + G * H, 0.0f);
+  if (n == 0) return;
+  const float* qh = q + (slot * s.k + head) * G * H;
+  const int64_t offset = (slot * s.k + head) * H * P;
+  for (int64_t c = 0; c * P < n; ++c) {
+    const int64_t np = std::min(P, n - c * P);
+    ForBlocks(G, [&](int64_t g, auto gb) {
+      const float* next = (c + 1) * P < n ? k_pages[c + 1] + offset : v_pages[0] + offset;
+      Scores<decltype(gb)::value>(qh + g * H, H, P, np, k_pages[c] + offset, scratch + g * S + c * P, S, next);
+    });
+  }
+  for (int64_t g = 0; g < G; ++g) Softmax(scratch + g * S, n);
+  for (int64_t c = 0; c * P < n; ++c) {
+    const int64_t np = std::min(P, n - c * P);
+    ForBlocks(G, [&](int64_t g, auto gb) {
+      const float* next = (c + 1) * P < n ? v_pages[c + 1] + offset : nullptr;
+      Values<decltype(gb)::value>(scratch + g * S + c * P, S, H, np, v_pages[c] + offset, o + g * H, next);
+    });
+  }
+}
+
+// Work shared by the caller and the pool's tasks. Tasks that start after all work is claimed touch nothing but
+// this state (kept alive by their shared_ptr), so the caller never waits for a task that has not started.
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> lengths,
+                           ffi::RemainingArgs pages, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions();
+  if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be [B, K, G, H]");
+  if (pages.size() == 0 || pages.size() % 2 != 0)
+    return ffi::Error::InvalidArgument("expected the same number (>= 1) of key and value pages");
+  Shape s{qd[0], qd[1], qd[2], qd[3], 0, static_cast<int64_t>(pages.size() / 2)};
+  if (lengths.element_count() != static_cast<size_t>(s.b))
+    return ffi::Error::InvalidArgument("lengths must be [B]");
+  std::vector<const float*> k_pages(s.window), v_pages(s.window);
+  for (int64_t i = 0; i < 2 * s.window; ++i) {
+    auto page = pages.get<ffi::Buffer<ffi::F32>>(i);
+    if (page.has_error()) return page.error();
+    const auto d = page->dimensions();
+    if (d.size() != 4 || d[0] != s.b || d[1] != s.k)
+      return ffi::Error::InvalidArgument("pages must be [B, K, H, P] (keys) and [B, K, P, H] (values)");
+    const bool key = i < s.window;
+    const int64_t h = key ? d[2] : d[3], p = key ? d[3] : d[2];
+    if (h != s.h || (s.p != 0 && p != s.p)) return ffi::Error::InvalidArgument("pages disagree on H or P");
+    s.p = p;
+    (key ? k_pages[i] : v_pages[i - s.window]) = page->typed_data();
+  }
+
+  const float* qp = q.typed_data();
+  const int32_t* lp = lengths.typed_data();
+  float* op = out->typed_data();
+  const int64_t items = s.b * s.k;
+  auto work = std::make_shared<Work>();
+  auto run = [=, &k_pages, &v_pages](Work& w) {
+    std::vector<float> scratch;
+    for (int64_t i; (i = w.next.fetch_add(1)) < items;) {
+      if (scratch.empty()) scratch.resize(s.g * s.window * s.p + kLanes);
+      AttendOne(s, i / s.k, i % s.k, qp, lp[i / s.k], k_pages, v_pages, op, scratch.data());
+      w.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, run] { run(*work); });
+  run(*work);
+  while (work->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,147 @@
+"""The CPU decode-attention kernel (engine.kernels) against the XLA formulation it replaces, over shapes that take
+each of its code paths, and the engine's choice between them.
+
+Most engine tests (test_engine, test_parity, test_sharding, ...) already decode through the kernel, since 'auto'
+picks it on CPU in float32; these tests pin its contract on its own and the rules for when it is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine import kernels
+from engine.config import tiny_config
+from engine.engine import Engine, EngineConfig
+from engine.model import _decode_attention, init_params
+from engine.sampling import SamplingParams
+
+pytestmark = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler to build the kernel with")
+
+
+def random_case(rng, b, k, g, h, p, window, lengths):
+    q = rng.standard_normal((b, k, g, h), np.float32) / np.sqrt(h)
+    k_pages = tuple(rng.standard_normal((b, k, h, p), np.float32) for _ in range(window))
+    v_pages = tuple(rng.standard_normal((b, k, p, h), np.float32) for _ in range(window))
+    return q, k_pages, v_pages, np.asarray(lengths, np.int32)
+
+
+def kernel(q, k_pages, v_pages, lengths):
+    kernels.load()
+    return np.asarray(jax.jit(kernels.decode_attention)(q, k_pages, v_pages, lengths))
+
+
+# (B, K, G, H, P, window, lengths): G over the 1-4 register blocks (3: SmolLM2, 8: Llama 3 70B, 5: 4 + 1), head
+# dims and page sizes that are and are not multiples of the vector blocks, lengths at 0, inside a page, on a page's
+# last position, and past the window (all positions visible).
+CASES = [
+    (3, 3, 3, 64, 64, 2, [0, 70, 127]),
+    (2, 1, 8, 128, 16, 3, [47, 5]),
+    (2, 2, 5, 72, 24, 2, [23, 30]),
+    (4, 2, 1, 64, 128, 1, [1, 64, 127, 500]),
+    (1, 4, 2, 32, 32, 4, [100]),
+]
+
+
+@pytest.mark.parametrize(("b", "k", "g", "h", "p", "window", "lengths"), CASES)
+def test_kernel_matches_xla_decode_attention(b, k, g, h, p, window, lengths):
+    case = random_case(np.random.default_rng(0), b, k, g, h, p, window, lengths)
+    want = np.asarray(jax.jit(_decode_attention)(*case))
+    got = kernel(*case)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_positions_past_a_slots_length_are_never_read():
+    """Stale cache contents past a slot's length (here NaN and inf) change nothing: a freed slot's old K/V, or pages
+    the next request has not reached yet."""
+    rng = np.random.default_rng(1)
+    q, k_pages, v_pages, lengths = random_case(rng, 3, 2, 3, 64, 32, 3, [0, 40, 70])
+    clean = kernel(q, k_pages, v_pages, lengths)
+    dirty_k, dirty_v = [x.copy() for x in k_pages], [x.copy() for x in v_pages]
+    for s, n in enumerate(lengths):
+        for c in range(3):
+            start = max(0, min(32, n + 1 - c * 32))  # first stale position inside page c
+            dirty_k[c][s, :, :, start:] = np.nan
+            dirty_v[c][s, :, start:, :] = np.inf
+    dirty = kernel(q, tuple(dirty_k), tuple(dirty_v), lengths)
+    assert np.isfinite(dirty).all()
+    np.testing.assert_array_equal(dirty, clean)
+
+
+def test_softmax_stays_exact_at_large_scores():
+    """Scores far apart (softmax weights down to ~e-80, which the kernel's exp flushes to 0) and one dominant key."""
+    rng = np.random.default_rng(2)
+    q, k_pages, v_pages, lengths = random_case(rng, 2, 1, 3, 64, 64, 2, [100, 127])
+    q = q * 40.0
+    want = np.asarray(jax.jit(_decode_attention)(q, k_pages, v_pages, lengths))
+    np.testing.assert_allclose(kernel(q, k_pages, v_pages, lengths), want, rtol=2e-5, atol=2e-6)
+
+
+ENGINE_CONFIG = EngineConfig(
+    num_slots=3, max_seq_len=128, max_prefill_len=32, min_prefill_len=16, page_size=32, decode_steps=4, dtype="float32"
+)
+
+
+def run_engine(attention: str) -> tuple[str, list[list[int]], np.ndarray]:
+    cfg = tiny_config()
+    eng = Engine(cfg, init_params(cfg, jnp.float32), dataclasses.replace(ENGINE_CONFIG, attention=attention))
+    rng = np.random.default_rng(3)
+    state = eng.init_state()
+    params = SamplingParams(max_tokens=70, ignore_eos=True, logprobs=True)
+    for slot, n in enumerate((5, 17, 30)):  # different lengths: windows of 1 to 4 pages as decoding goes on
+        state = eng.insert(eng.prefill([int(t) for t in rng.integers(2, 256, n)], params, seed=slot), state, slot)
+    tokens, logprobs = [[] for _ in range(3)], []
+    while any(eng.slot_active(s) for s in range(3)):
+        state, out = eng.generate(state)
+        for s in range(3):
+            tokens[s] += [int(t) for t, ok in zip(out.tokens[:, s], out.valid[:, s], strict=True) if ok]
+        logprobs.append(np.where(out.valid, out.logprob, 0.0))
+    return eng.attention, tokens, np.concatenate(logprobs)
+
+
+def test_engine_decodes_the_same_with_the_kernel_and_with_xla():
+    kind_k, tokens_k, logprobs_k = run_engine("kernel")
+    kind_x, tokens_x, logprobs_x = run_engine("xla")
+    assert (kind_k, kind_x) == ("kernel", "xla")
+    assert all(len(t) == 69 for t in tokens_k)
+    assert tokens_k == tokens_x
+    np.testing.assert_allclose(logprobs_k, logprobs_x, atol=1e-4)
+
+
+def test_auto_picks_the_kernel_on_cpu_in_float32_only():
+    cfg = tiny_config()
+    assert Engine(cfg, init_params(cfg, jnp.float32), ENGINE_CONFIG).attention == "kernel"
+    bf16 = dataclasses.replace(ENGINE_CONFIG, dtype="bfloat16")
+    assert Engine(cfg, init_params(cfg, jnp.bfloat16), bf16).attention == "xla"
+    with pytest.raises(ValueError, match=r"takes float32.*attention='xla'"):
+        Engine(cfg, init_params(cfg, jnp.bfloat16), dataclasses.replace(bf16, attention="kernel"))
+    with pytest.raises(ValueError, match="attention must be one of auto, kernel, xla"):
+        dataclasses.replace(ENGINE_CONFIG, attention="pallas")
+
+
+def test_without_a_compiler_auto_warns_and_kernel_refuses(monkeypatch, caplog):
+    def unavailable():
+        raise kernels.KernelUnavailable("no C++ compiler found (set $CXX, or use --attention=xla)")
+
+    monkeypatch.setattr(kernels, "load", unavailable)
+    monkeypatch.setattr(kernels, "compiler", lambda: None)
+    cfg = tiny_config()
+    with caplog.at_level(logging.WARNING, logger="engine.engine"):
+        assert Engine(cfg, init_params(cfg, jnp.float32), ENGINE_CONFIG).attention == "xla"
+    assert "no C++ compiler found" in caplog.text
+    with pytest.raises(kernels.KernelUnavailable, match="no C\\+\\+ compiler"):
+        Engine(cfg, init_params(cfg, jnp.float32), dataclasses.replace(ENGINE_CONFIG, attention="kernel"))
+
+
+def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
+    """A fresh cache directory gets one library, named by the hash of what it was built from."""
+    monkeypatch.setenv("MESHSERVE_CACHE", str(tmp_path))
+    path = kernels.library_path(kernels.compiler())
+    assert path.parent == tmp_path / "kernels" and not path.exists()
+    kernels._build(kernels.compiler(), path)
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [path.name]
