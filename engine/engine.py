@@ -478,19 +478,18 @@ class Engine:
             raise ValueError(f"attention='kernel' cannot be used here: {why_not}; use attention='xla' or 'auto'")
         return "xla"
 
-    def _kernel_attention(self, q, k_pages, v_pages, lengths):
+    def _kernel_attention(self, q, k_new, v_new, k_pages, v_pages, lengths):
         """The CPU kernel on each device's slots and kv heads (attention never mixes either, so no collective)."""
-        q_spec = logical_to_spec(("slots", "kv_heads", None, None), self.rules, self.mesh)
-        k_spec = logical_to_spec(K_CACHE_AXES, self.rules, self.mesh)
-        v_spec = logical_to_spec(V_CACHE_AXES, self.rules, self.mesh)
-        n = len(k_pages)
+        spec = functools.partial(logical_to_spec, rules=self.rules, mesh=self.mesh)
+        q_spec, new_spec = spec(("slots", "kv_heads", None, None)), spec(("slots", "kv_heads", None))
+        k_specs, v_specs = (spec(K_CACHE_AXES),) * len(k_pages), (spec(V_CACHE_AXES),) * len(v_pages)
         return jax.shard_map(
             kernels.decode_attention,
             mesh=self.mesh,
-            in_specs=(q_spec, (k_spec,) * n, (v_spec,) * n, logical_to_spec(("slots",), self.rules, self.mesh)),
-            out_specs=q_spec,
+            in_specs=(q_spec, new_spec, new_spec, k_specs, v_specs, spec(("slots",))),
+            out_specs=(q_spec, k_specs, v_specs),
             check_vma=False,
-        )(q, k_pages, v_pages, lengths)
+        )(q, k_new, v_new, k_pages, v_pages, lengths)
 
     def _spec(self, logical: Sequence[str | None]) -> NamedSharding:
         return NamedSharding(self.mesh, logical_to_spec(tuple(logical), self.rules, self.mesh))

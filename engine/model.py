@@ -140,7 +140,7 @@ class Block(nn.Module):
 
     config: ModelConfig
     dtype: Any
-    attend: Callable | None = None  # decode attention with `_decode_attention`'s contract; None: that function
+    attend: Callable | None = None  # decode attention with `decode_attention_xla`'s contract; None: that function
 
     @nn.compact
     def __call__(self, x, positions, cache=None, lengths=None, segment_ids=None, context=None):
@@ -177,9 +177,9 @@ class Block(nn.Module):
                 out = _causal_attention(q, k_new, v_new, segment_ids, context)
                 kv_out = (k_new, v_new)  # [B, T, K, H] each
             else:
-                k_pages = write_pages(cache[0], k_new[:, 0], lengths, transposed=True)
-                v_pages = write_pages(cache[1], v_new[:, 0], lengths, transposed=False)
-                out = (self.attend or _decode_attention)(q[:, 0], k_pages, v_pages, lengths)[:, None]
+                attend = self.attend or decode_attention_xla
+                out, k_pages, v_pages = attend(q[:, 0], k_new[:, 0], v_new[:, 0], cache[0], cache[1], lengths)
+                out = out[:, None]
                 kv_out = (k_pages, v_pages)
             x = x + wo.reshape(d, n * h) @ out.reshape(b * t, n, h).transpose(1, 2, 0).reshape(n * h, b * t)
 
@@ -240,6 +240,14 @@ def write_pages(pages: tuple, new: jax.Array, positions: jax.Array, *, transpose
     return tuple(out)
 
 
+def decode_attention_xla(q, k_new, v_new, k_pages, v_pages, lengths):
+    """One decode step of attention: writes k_new / v_new [B, K, H] at each slot's length (see `write_pages`), then
+    attends (see `_decode_attention`). Returns (out [B, K, G, H], k_pages, v_pages)."""
+    k_pages = write_pages(k_pages, k_new, lengths, transposed=True)
+    v_pages = write_pages(v_pages, v_new, lengths, transposed=False)
+    return _decode_attention(q, k_pages, v_pages, lengths), k_pages, v_pages
+
+
 def _decode_attention(q, k_pages, v_pages, lengths):
     """One query per slot against its cache positions <= length (its own K/V already written at `length`).
 
@@ -272,8 +280,8 @@ class Transformer(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32
     attend: Callable | None = None
-    """Decode attention (q, k_pages, v_pages, lengths) -> out, as `_decode_attention` defines it; None runs that
-    function. The engine passes a hand-written kernel here where it has one (see engine.kernels)."""
+    """Decode attention with `decode_attention_xla`'s contract (write the new K/V into the pages, attend); None runs
+    that function. The engine passes a hand-written kernel here where it has one (see engine.kernels)."""
 
     @nn.compact
     def __call__(

@@ -18,7 +18,7 @@ import pytest
 from engine import kernels
 from engine.config import tiny_config
 from engine.engine import Engine, EngineConfig
-from engine.model import _decode_attention, init_params
+from engine.model import decode_attention_xla, init_params
 from engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler to build the kernel with")
@@ -26,19 +26,34 @@ pytestmark = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compi
 
 def random_case(rng, b, k, g, h, p, window, lengths):
     q = rng.standard_normal((b, k, g, h), np.float32) / np.sqrt(h)
+    k_new, v_new = rng.standard_normal((2, b, k, h), np.float32)
     k_pages = tuple(rng.standard_normal((b, k, h, p), np.float32) for _ in range(window))
     v_pages = tuple(rng.standard_normal((b, k, p, h), np.float32) for _ in range(window))
-    return q, k_pages, v_pages, np.asarray(lengths, np.int32)
+    return q, k_new, v_new, k_pages, v_pages, np.asarray(lengths, np.int32)
 
 
-def kernel(q, k_pages, v_pages, lengths):
+def run(fn, case):
+    """(out, k_pages, v_pages) as numpy, from `fn` jitted; the pages are donated as the engine donates them."""
+    q, k_new, v_new, k_pages, v_pages, lengths = case
+    pages = jax.device_put((k_pages, v_pages))
+    out, k_out, v_out = jax.jit(fn, donate_argnums=(3, 4))(q, k_new, v_new, *pages, lengths)
+    return np.asarray(out), [np.asarray(x) for x in k_out], [np.asarray(x) for x in v_out]
+
+
+def kernel(case):
     kernels.load()
-    return np.asarray(jax.jit(kernels.decode_attention)(q, k_pages, v_pages, lengths))
+    return run(kernels.decode_attention, case)
+
+
+def assert_same(got, want):
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=2e-6)
+    for g, w in zip(got[1] + got[2], want[1] + want[2], strict=True):
+        np.testing.assert_array_equal(g, w)  # the pages: the same positions written with the same values
 
 
 # (B, K, G, H, P, window, lengths): G over the 1-4 register blocks (3: SmolLM2, 8: Llama 3 70B, 5: 4 + 1), head
 # dims and page sizes that are and are not multiples of the vector blocks, lengths at 0, inside a page, on a page's
-# last position, and past the window (all positions visible).
+# last position, and past the window (nothing written, all positions visible).
 CASES = [
     (3, 3, 3, 64, 64, 2, [0, 70, 127]),
     (2, 1, 8, 128, 16, 3, [47, 5]),
@@ -51,35 +66,31 @@ CASES = [
 @pytest.mark.parametrize(("b", "k", "g", "h", "p", "window", "lengths"), CASES)
 def test_kernel_matches_xla_decode_attention(b, k, g, h, p, window, lengths):
     case = random_case(np.random.default_rng(0), b, k, g, h, p, window, lengths)
-    want = np.asarray(jax.jit(_decode_attention)(*case))
-    got = kernel(*case)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert_same(kernel(case), run(decode_attention_xla, case))
 
 
 def test_positions_past_a_slots_length_are_never_read():
     """Stale cache contents past a slot's length (here NaN and inf) change nothing: a freed slot's old K/V, or pages
     the next request has not reached yet."""
     rng = np.random.default_rng(1)
-    q, k_pages, v_pages, lengths = random_case(rng, 3, 2, 3, 64, 32, 3, [0, 40, 70])
-    clean = kernel(q, k_pages, v_pages, lengths)
+    q, k_new, v_new, k_pages, v_pages, lengths = random_case(rng, 3, 2, 3, 64, 32, 3, [0, 40, 70])
+    clean = kernel((q, k_new, v_new, k_pages, v_pages, lengths))
     dirty_k, dirty_v = [x.copy() for x in k_pages], [x.copy() for x in v_pages]
     for s, n in enumerate(lengths):
         for c in range(3):
-            start = max(0, min(32, n + 1 - c * 32))  # first stale position inside page c
+            start = max(0, min(32, n - c * 32))  # first stale position inside page c (length itself is written)
             dirty_k[c][s, :, :, start:] = np.nan
             dirty_v[c][s, :, start:, :] = np.inf
-    dirty = kernel(q, tuple(dirty_k), tuple(dirty_v), lengths)
-    assert np.isfinite(dirty).all()
-    np.testing.assert_array_equal(dirty, clean)
+    out, _, _ = kernel((q, k_new, v_new, tuple(dirty_k), tuple(dirty_v), lengths))
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, clean[0])
 
 
 def test_softmax_stays_exact_at_large_scores():
     """Scores far apart (softmax weights down to ~e-80, which the kernel's exp flushes to 0) and one dominant key."""
-    rng = np.random.default_rng(2)
-    q, k_pages, v_pages, lengths = random_case(rng, 2, 1, 3, 64, 64, 2, [100, 127])
-    q = q * 40.0
-    want = np.asarray(jax.jit(_decode_attention)(q, k_pages, v_pages, lengths))
-    np.testing.assert_allclose(kernel(q, k_pages, v_pages, lengths), want, rtol=2e-5, atol=2e-6)
+    q, *rest = random_case(np.random.default_rng(2), 2, 1, 3, 64, 64, 2, [100, 127])
+    case = (q * 40.0, *rest)
+    assert_same(kernel(case), run(decode_attention_xla, case))
 
 
 ENGINE_CONFIG = EngineConfig(
@@ -145,3 +156,16 @@ def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "kernels" and not path.exists()
     kernels._build(kernels.compiler(), path)
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [path.name]
+
+
+def test_pages_the_caller_keeps_are_left_alone():
+    """Without donation XLA copies the pages before the kernel writes into them: the caller's arrays keep their
+    contents, and the results still carry the new K/V."""
+    q, k_new, v_new, k_pages, v_pages, lengths = random_case(np.random.default_rng(4), 2, 3, 3, 64, 64, 2, [5, 90])
+    kept = jax.device_put((k_pages, v_pages))
+    kernels.load()
+    out, k_out, v_out = jax.jit(kernels.decode_attention)(q, k_new, v_new, *kept, lengths)
+    want = run(decode_attention_xla, (q, k_new, v_new, k_pages, v_pages, lengths))
+    assert_same((np.asarray(out), [np.asarray(x) for x in k_out], [np.asarray(x) for x in v_out]), want)
+    for x, original in zip(kept[0] + kept[1], k_pages + v_pages, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), original)

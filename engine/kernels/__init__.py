@@ -100,10 +100,21 @@ def load() -> None:
         _loaded = lib
 
 
-def decode_attention(q: jax.Array, k_pages: tuple, v_pages: tuple, lengths: jax.Array) -> jax.Array:
-    """The kernel's contract is `model._decode_attention`'s: q [B, K, G, H] (pre-scaled), k_pages [B, K, H, P] and
-    v_pages [B, K, P, H] per page, lengths [B] -> [B, K, G, H]; float32 on CPU. Call `load()` first."""
+def decode_attention(
+    q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: tuple, v_pages: tuple, lengths: jax.Array
+) -> tuple[jax.Array, tuple, tuple]:
+    """`model.decode_attention_xla`'s contract: writes k_new / v_new [B, K, H] at each slot's length into the pages
+    (in place: the page results alias the page arguments) and attends q [B, K, G, H] (pre-scaled) to positions
+    <= length; k_pages [B, K, H, P], v_pages [B, K, P, H] per page, lengths [B] -> (out [B, K, G, H], k_pages,
+    v_pages). float32 on CPU; call `load()` first."""
     if q.dtype != jnp.float32:
         raise TypeError(f"the CPU decode-attention kernel takes float32, got {q.dtype}")
-    call = jax.ffi.ffi_call(DECODE_ATTENTION, jax.ShapeDtypeStruct(q.shape, q.dtype))
-    return call(q, lengths.astype(jnp.int32), *k_pages, *v_pages)
+    pages = (*k_pages, *v_pages)
+    call = jax.ffi.ffi_call(
+        DECODE_ATTENTION,
+        (jax.ShapeDtypeStruct(q.shape, q.dtype), *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in pages)),
+        input_output_aliases={4 + i: 1 + i for i in range(len(pages))},
+    )
+    out, *pages = call(q, k_new, v_new, lengths.astype(jnp.int32), *pages)
+    n = len(k_pages)
+    return out, tuple(pages[:n]), tuple(pages[n:])

@@ -1,8 +1,10 @@
 // Decode attention over a paged KV cache, for XLA:CPU through the XLA FFI.
 //
-// One query per slot against that slot's cache positions [0, lengths[b]] (its own K/V already written at
-// lengths[b]). Shapes: q [B, K, G, H] (pre-scaled), lengths [B] int32, then `window` key pages [B, K, H, P]
-// (transposed) and `window` value pages [B, K, P, H]; out [B, K, G, H]. float32 only.
+// Each slot's new key and value are written at its position lengths[b] (nowhere if that lies outside the pages),
+// then its one query attends to positions [0, lengths[b]]. Arguments: q [B, K, G, H] (pre-scaled), k_new and
+// v_new [B, K, H], lengths [B] int32, then `window` key pages [B, K, H, P] (transposed) and `window` value pages
+// [B, K, P, H]. Results: out [B, K, G, H], then the pages, which must alias the page arguments (the write happens
+// in place; XLA copies an argument first where it cannot give up the buffer). float32 only.
 //
 // Why a kernel: XLA:CPU runs the per-page batched products of this computation as B*K tiny [G, H] x [H, P] GEMMs,
 // and those streamed the cache at a third of the machine's read bandwidth. Here each (slot, kv head) is one task
@@ -155,17 +157,30 @@ inline void Softmax(float* x, int64_t n) {
   for (t = 0; t < n; ++t) x[t] *= inv;
 }
 
+struct Pages {
+  std::vector<float*> k, v;
+};
+
+// Writes one (slot, kv head)'s new key and value at position `length` of the pages.
+void WriteOne(const Shape& s, int64_t item, int64_t length, const float* k_new, const float* v_new, Pages& pages) {
+  const int64_t H = s.h, P = s.p, offset = item * H * P;
+  if (length < 0 || length >= s.window * P) return;
+  float* kp = pages.k[length / P] + offset;  // [H, P]
+  float* vp = pages.v[length / P] + offset + (length % P) * H;  // row [H]
+  for (int64_t h = 0; h < H; ++h) kp[h * P + length % P] = k_new[item * H + h];
+  std::copy_n(v_new + item * H, H, vp);
+}
+
 // One (slot, kv head): scores, softmax and the weighted sum of values; `scratch` holds G * window * P floats.
-void AttendOne(const Shape& s, int64_t slot, int64_t head, const float* q, int32_t length,
-               const std::vector<const float*>& k_pages, const std::vector<const float*>& v_pages, float* out,
-               float* scratch) {
+void AttendOne(const Shape& s, int64_t item, const float* q, int64_t length, const std::vector<float*>& k_pages,
+               const std::vector<float*>& v_pages, float* out, float* scratch) {
   const int64_t G = s.g, H = s.h, P = s.p, S = s.window * P;
-  const int64_t n = std::clamp<int64_t>(static_cast<int64_t>(length) + 1, 0, S);
-  float* o = out + (slot * s.k + head) * G * H;
+  const int64_t n = std::clamp<int64_t>(length + 1, 0, S);
+  float* o = out + item * G * H;
   std::fill(o, o + G * H, 0.0f);
   if (n == 0) return;
-  const float* qh = q + (slot * s.k + head) * G * H;
-  const int64_t offset = (slot * s.k + head) * H * P;
+  const float* qh = q + item * G * H;
+  const int64_t offset = item * H * P;
   for (int64_t c = 0; c * P < n; ++c) {
     const int64_t np = std::min(P, n - c * P);
     ForBlocks(G, [&](int64_t g, auto gb) {
@@ -190,39 +205,49 @@ struct Work {
   std::atomic<int64_t> done{0};
 };
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> lengths,
-                           ffi::RemainingArgs pages, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
+                           ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::S32> lengths, ffi::RemainingArgs args,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::RemainingRets rets) {
   const auto qd = q.dimensions();
   if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be [B, K, G, H]");
-  if (pages.size() == 0 || pages.size() % 2 != 0)
-    return ffi::Error::InvalidArgument("expected the same number (>= 1) of key and value pages");
-  Shape s{qd[0], qd[1], qd[2], qd[3], 0, static_cast<int64_t>(pages.size() / 2)};
+  if (args.size() == 0 || args.size() % 2 != 0 || rets.size() != args.size())
+    return ffi::Error::InvalidArgument("expected as many key as value pages (>= 1), each returned");
+  Shape s{qd[0], qd[1], qd[2], qd[3], 0, static_cast<int64_t>(args.size() / 2)};
   if (lengths.element_count() != static_cast<size_t>(s.b))
     return ffi::Error::InvalidArgument("lengths must be [B]");
-  std::vector<const float*> k_pages(s.window), v_pages(s.window);
+  const size_t new_count = static_cast<size_t>(s.b * s.k * s.h);
+  if (k_new.element_count() != new_count || v_new.element_count() != new_count)
+    return ffi::Error::InvalidArgument("k_new and v_new must be [B, K, H]");
+  Pages pages{std::vector<float*>(s.window), std::vector<float*>(s.window)};
   for (int64_t i = 0; i < 2 * s.window; ++i) {
-    auto page = pages.get<ffi::Buffer<ffi::F32>>(i);
+    auto page = args.get<ffi::Buffer<ffi::F32>>(i);
     if (page.has_error()) return page.error();
+    auto result = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (result.has_error()) return result.error();
     const auto d = page->dimensions();
-    if (d.size() != 4 || d[0] != s.b || d[1] != s.k)
+    if (d.size() != 4 || d[0] != s.b || d[1] != s.k || (*result)->element_count() != page->element_count())
       return ffi::Error::InvalidArgument("pages must be [B, K, H, P] (keys) and [B, K, P, H] (values)");
     const bool key = i < s.window;
     const int64_t h = key ? d[2] : d[3], p = key ? d[3] : d[2];
     if (h != s.h || (s.p != 0 && p != s.p)) return ffi::Error::InvalidArgument("pages disagree on H or P");
     s.p = p;
-    (key ? k_pages[i] : v_pages[i - s.window]) = page->typed_data();
+    if ((*result)->untyped_data() != page->untyped_data())
+      return ffi::Error::InvalidArgument("the page results must alias the page arguments (input_output_aliases)");
+    (key ? pages.k : pages.v)[key ? i : i - s.window] = (*result)->typed_data();
   }
 
-  const float* qp = q.typed_data();
+  const float *qp = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
   const int32_t* lp = lengths.typed_data();
   float* op = out->typed_data();
   const int64_t items = s.b * s.k;
   auto work = std::make_shared<Work>();
-  auto run = [=, &k_pages, &v_pages](Work& w) {
+  auto run = [=, &pages](Work& w) {
     std::vector<float> scratch;
     for (int64_t i; (i = w.next.fetch_add(1)) < items;) {
       if (scratch.empty()) scratch.resize(s.g * s.window * s.p + kLanes);
-      AttendOne(s, i / s.k, i % s.k, qp, lp[i / s.k], k_pages, v_pages, op, scratch.data());
+      const int64_t length = lp[i / s.k];
+      WriteOne(s, i, length, kn, vn, pages);
+      AttendOne(s, i, qp, length, pages.k, pages.v, op, scratch.data());
       w.done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -238,7 +263,10 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .RemainingArgs()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_new
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_new
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .RemainingArgs()               // key pages, then value pages
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .RemainingRets());             // the pages, written
