@@ -357,7 +357,9 @@ class DecodePass:
     tokens: int
     steps: int
     bytes_read: float
-    """Weights once per step plus every slot's KV pages in the decode window, summed over the dispatches."""
+    """Weights once per step plus the KV cache the attention read, summed over the dispatches."""
+    kv_bytes_read: float
+    """The KV cache part of `bytes_read`."""
 
     @property
     def step_seconds(self) -> float:
@@ -371,7 +373,8 @@ class DecodePass:
 def decode_pass(engine: Engine, ids: Sequence[int], max_tokens: int) -> DecodePass:
     """Fills every slot with the prompt, then times `generate` dispatches until all slots have `max_tokens` tokens.
 
-    Decode reads whole pages, so a dispatch over a window of w pages reads w * page_size tokens of KV per slot.
+    Bytes read per step: the weights, plus the KV cache positions the attention read (whole pages of the window
+    for XLA's formulation, each slot's positions up to its length for the CPU kernel: `Engine.kv_positions_read`).
     """
     b, e = engine.config.num_slots, engine.config
     prefix = engine.prefill(ids, _greedy(max_tokens), seed=0)
@@ -379,18 +382,19 @@ def decode_pass(engine: Engine, ids: Sequence[int], max_tokens: int) -> DecodePa
     for slot in range(b):
         state = engine.insert(prefix, state, slot)
     jax.block_until_ready(state)
-    seconds, tokens, steps, moved = 0.0, 0, 0, 0.0
+    seconds, tokens, steps, kv_positions = 0.0, 0, 0, 0
     active = True
     while active:
+        lengths = engine.host_lengths.copy()
         start = time.perf_counter()
         state, out = engine.generate(state)
         seconds += time.perf_counter() - start
         tokens += int(out.valid.sum())
         steps += e.decode_steps
-        kv_read_per_slot = engine.last_window * e.page_size * engine.budget.kv_bytes_per_token
-        moved += e.decode_steps * (engine.budget.weight_bytes + b * kv_read_per_slot)
+        kv_positions += engine.kv_positions_read(lengths, out.valid, e.decode_steps, engine.last_window)
         active = bool(out.active.any())
-    return DecodePass(seconds, tokens, steps, moved)
+    kv_bytes = kv_positions * engine.budget.kv_bytes_per_token
+    return DecodePass(seconds, tokens, steps, steps * engine.budget.weight_bytes + kv_bytes, kv_bytes)
 
 
 def latency(opts: Options) -> dict[str, Any]:
@@ -450,6 +454,7 @@ def latency(opts: Options) -> dict[str, Any]:
                 "step_ms": mid.step_seconds * 1e3,
                 "tpot_ms": mid.step_seconds * 1e3,
                 "mbu": mid.bytes_read / mid.seconds / device.bandwidth,
+                "kv_bytes_per_step": mid.kv_bytes_read / mid.steps,
                 "mfu": rl.mfu(n_params, mid.tokens_per_s, device.peak_flops),
                 "runs_tokens_per_s": [p.tokens_per_s for p in passes],
                 "predicted_tokens_per_s": line.tokens_per_second(b, int(mean_context)),

@@ -1104,6 +1104,16 @@ class Engine:
         self._host_active = np.array(active)
         return state, StepOutput(tokens, valid, active, logprob, top_ids, top_vals)
 
+    def kv_positions_read(self, lengths: np.ndarray, valid: np.ndarray, steps: int, window: int) -> int:
+        """Cache positions (per layer, per kv head) one `generate` dispatch's attention read: every page of the window
+        for every slot and step (XLA), or each slot's positions up to its length (the kernel). lengths: per-slot
+        lengths before the dispatch; valid: its StepOutput.valid; steps: the steps it ran."""
+        span = window * self.config.page_size
+        if self.attention == "xla":
+            return steps * len(lengths) * span
+        taken = np.cumsum(valid[:steps], axis=0) - valid[:steps]  # tokens each slot added before each step
+        return int(np.minimum(np.asarray(lengths)[None, :] + taken + 1, span).sum())
+
     @property
     def host_lengths(self) -> np.ndarray:
         """Tokens cached per slot, as the host last saw them."""

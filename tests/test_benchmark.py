@@ -200,17 +200,23 @@ def test_roofline_command(tmp_path):
     assert len(v5e["table"]) == 4 and all(os.path.getsize(p) > 0 for p in pngs) and len(pngs) == 2
 
 
-def test_latency_command(tmp_path):
-    doc, _, pngs = runner.run_command("latency", tiny_options(), str(tmp_path))
+@pytest.mark.parametrize("attention", ["kernel", "xla"])
+def test_latency_command(tmp_path, attention):
+    doc, _, pngs = runner.run_command("latency", tiny_options(attention=attention), str(tmp_path))
     fig = doc["figures"]
     n_params, weight_bytes = fig["model"]["n_params"], fig["model"]["weight_bytes"]
     bandwidth, peak = fig["limits"]["bandwidth_gb_s"] * 1e9, fig["limits"]["peak_tflop_s"] * 1e12
-    kv_page = 64 * fig["model"]["kv_bytes_per_token"]  # one 64-token page per slot covers 8 + 9 tokens
+    assert fig["model"]["attention"] == attention
+    # The 8-token prompt's 8 decode steps attend to 9, 10, ..., 16 positions: the kernel reads those, XLA's
+    # formulation the whole 64-token page every step.
+    kv_tokens = {"kernel": (9 + 16) / 2, "xla": 64}[attention]
+    kv_per_slot = kv_tokens * fig["model"]["kv_bytes_per_token"]
     assert [r["slots"] for r in fig["decode"]] == [1, 2]
     for r in fig["decode"]:
         step = r["step_ms"] / 1e3
         assert r["tokens_per_s"] == pytest.approx(r["slots"] / step)  # every dispatch was full
-        assert r["mbu"] == pytest.approx(rl.mbu(weight_bytes, r["slots"], kv_page, step, bandwidth))
+        assert r["kv_bytes_per_step"] == pytest.approx(r["slots"] * kv_per_slot)
+        assert r["mbu"] == pytest.approx(rl.mbu(weight_bytes, r["slots"], kv_per_slot, step, bandwidth))
         assert r["mfu"] == pytest.approx(2 * n_params * r["tokens_per_s"] / peak)
     ttft = {r["prompt"]: r for r in fig["ttft"]}
     assert set(ttft) == {"random-8-0", "random-16-0"} and ttft["random-16-0"]["bucket"] == 16
