@@ -65,7 +65,7 @@ def hf_state_dict(config: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     if not config.tie_embeddings:
         out["lm_head.weight"] = p["lm_head"]  # the engine runs linear weights [out, in], as HF stores them
     for i in range(config.num_layers):
-        layer, pre = unfuse_layer(p[f"layer_{i}"]), f"model.layers.{i}."
+        layer, pre = unfuse_layer(p[f"layer_{i}"], config), f"model.layers.{i}."
         out[pre + "input_layernorm.weight"] = layer["attn_norm"]
         out[pre + "post_attention_layernorm.weight"] = layer["mlp_norm"]
         out[pre + "self_attn.q_proj.weight"] = layer["wq"].reshape(-1, d)  # [N, H, D] -> [N*H, D]

@@ -44,6 +44,7 @@ from engine.model import (
     Transformer,
     abstract_params,
     checkpoint_shape,
+    fuse_qkv_layer,
     stacked_axes,
     unfuse_layer,
     unstack_layers,
@@ -298,7 +299,8 @@ class Engine:
         mesh: Mesh | None = None,
         rules: dict[str, MeshAxes] | None = None,
     ) -> None:
-        """`params` in the model's per-layer layout (`unstack_params` converts a checkpoint's stacked layout)."""
+        """`params` in the model's per-layer layout (`unstack_params` converts a checkpoint's stacked layout); the
+        engine may fuse q/k/v in its copy (`self.params`, see `fuse_qkv_layer`)."""
         c = model_config
         if config.max_seq_len > c.max_position_embeddings:
             raise CapacityError(
@@ -311,13 +313,19 @@ class Engine:
         self.mesh = mesh or single_device_mesh()
         self.rules, self.sharding_notes = Engine.resolve_rules(c, self.dtype, self.mesh, rules, config)
         self.attention = self._resolve_attention()
-        self.model = Transformer(c, self.dtype, self._kernel_attention if self.attention == "kernel" else None)
+        # q, k and v as one product wherever no mesh axis splits heads (see fuse_qkv_layer)
+        self.fuse_qkv = all(logical_to_spec((a,), self.rules, self.mesh)[0] is None for a in ("q_heads", "kv_heads"))
+        attend = self._kernel_attention if self.attention == "kernel" else None
+        self.model = Transformer(c, self.dtype, attend, fuse_qkv=self.fuse_qkv)
         self.budget = self._memory_budget()
         log.info("%s", self.budget.describe())
         self._check_fits()
 
-        abstract, logical = abstract_params(c, self.dtype)
+        abstract, logical = abstract_params(c, self.dtype, fuse_qkv=self.fuse_qkv)
         self.param_shardings = tree_shardings(logical, self.rules, self.mesh, abstract)
+        if self.fuse_qkv:  # one layer at a time: the extra memory is one layer's q/k/v
+            fuse = jax.jit(functools.partial(fuse_qkv_layer, config=c))
+            params = {k: fuse(v) if k.startswith("layer_") else v for k, v in params.items()}
         self.params = jax.device_put(params, self.param_shardings)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.state_shardings = self._state_shardings()

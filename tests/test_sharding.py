@@ -71,12 +71,18 @@ def expected_specs(config: dict, spec: str) -> dict[str, PartitionSpec]:
 
     n, k, f, v = config["num_heads"], config["num_kv_heads"], config["mlp_dim"], config["vocab_size"]
     d = "data" if data > 1 else None
+    if t(n) is None and t(k) is None:  # no axis splits heads: q, k and v run as one [(N + 2K) H, D] product
+        qkv = {"['layer_0']['wqkv']": PartitionSpec(None, None), "['layer_1']['wqkv']": PartitionSpec(None, None)}
+    else:
+        qkv = {
+            "['layer_0']['wq']": PartitionSpec(t(n), None, None),  # linear weights run [out, in]
+            "['layer_0']['wkv']": PartitionSpec(None, t(k), None, None),  # k and v stacked on an unsharded axis
+            "['layer_1']['wkv']": PartitionSpec(None, t(k), None, None),
+        }
     return {
         "['embed']": PartitionSpec(t(v), None),
         "['final_norm']": PartitionSpec(None),
-        "['layer_0']['wq']": PartitionSpec(t(n), None, None),  # linear weights run [out, in]
-        "['layer_0']['wkv']": PartitionSpec(None, t(k), None, None),  # k and v stacked on an unsharded axis
-        "['layer_1']['wkv']": PartitionSpec(None, t(k), None, None),
+        **qkv,
         "['layer_1']['wo']": PartitionSpec(None, t(n), None),
         "['layer_0']['w_gate_up']": PartitionSpec(None, t(f), None),
         "['layer_1']['w_down']": PartitionSpec(None, t(f)),
@@ -113,6 +119,7 @@ def assert_mesh_result(result: dict, spec: str, *, tol: float) -> None:
     specs = expected_specs(config, spec)
     arrays = {**got["params"], **{k.strip("[]'"): v for k, v in got["cache"].items()}}
     for name, want in specs.items():
+        assert name in arrays or not name.startswith("["), f"{spec}: no {name} among the params {sorted(arrays)}"
         if name in arrays:
             assert as_spec(arrays[name][0]) == want, f"{spec}: {name} is {arrays[name][0]}, the table says {want}"
     mesh = parse_mesh_spec(spec)
