@@ -35,26 +35,18 @@ typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(si
 inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
 
-// Asks for the cache lines of `count` floats from `p` (the next page, while this one is being read): one core's
-// demand misses alone read the cache at about a third of the machine's bandwidth.
-inline void Prefetch(const float* p, int64_t count) {
-  if (p == nullptr) return;
-  for (int64_t i = 0; i < count; i += 64 / sizeof(float)) __builtin_prefetch(p + i, 0, 2);
-}
-
 // scores[g][p] = sum_h q[g][h] * kp[h][p] for GB query heads and positions [0, np) of one key page [H, P].
-// Up to kBlock positions are accumulated in registers across all of H, so the page is read in order, once.
+// Blocks of kBlock * kLanes positions are accumulated in registers across all of H: the page is read in order, once.
 constexpr int64_t kBlock = 4;  // vectors per register block: GB x kBlock accumulators (<= 16 of 32 AVX-512 registers)
 
 template <int GB>
 void Scores(const float* __restrict q, int64_t H, int64_t P, int64_t np, const float* __restrict kp,
-            float* __restrict scores, int64_t stride, const float* next) {
+            float* __restrict scores, int64_t stride) {
   int64_t p0 = 0;
   for (; p0 + kBlock * kLanes <= P && p0 < np; p0 += kBlock * kLanes) {
     Vec acc[GB][kBlock] = {};
     for (int64_t h = 0; h < H; ++h) {
       const float* row = kp + h * P + p0;
-      Prefetch(next + h * P + p0, kBlock * kLanes);
       for (int j = 0; j < kBlock; ++j) {
         const Vec k = Load(row + j * kLanes);
         for (int g = 0; g < GB; ++g) acc[g][j] += q[g * H + h] * k;
@@ -75,7 +67,7 @@ void Scores(const float* __restrict q, int64_t H, int64_t P, int64_t np, const f
 // (all of a row's head dims at once when H <= kBlock * kLanes).
 template <int GB>
 void Values(const float* __restrict w, int64_t stride, int64_t H, int64_t np, const float* __restrict vp,
-            float* __restrict out, const float* next) {
+            float* __restrict out) {
   int64_t h0 = 0;
   for (; h0 + kBlock * kLanes <= H; h0 += kBlock * kLanes) {
     Vec acc[GB][kBlock];
@@ -83,7 +75,6 @@ void Values(const float* __restrict w, int64_t stride, int64_t H, int64_t np, co
       for (int j = 0; j < kBlock; ++j) acc[g][j] = Load(out + g * H + h0 + j * kLanes);
     for (int64_t p = 0; p < np; ++p) {
       const float* row = vp + p * H + h0;
-      Prefetch(next + p * H + h0, kBlock * kLanes);
       for (int j = 0; j < kBlock; ++j) {
         const Vec v = Load(row + j * kLanes);
         for (int g = 0; g < GB; ++g) acc[g][j] += w[g * stride + p] * v;
@@ -184,16 +175,14 @@ void AttendOne(const Shape& s, int64_t item, const float* q, int64_t length, con
   for (int64_t c = 0; c * P < n; ++c) {
     const int64_t np = std::min(P, n - c * P);
     ForBlocks(G, [&](int64_t g, auto gb) {
-      const float* next = (c + 1) * P < n ? k_pages[c + 1] + offset : v_pages[0] + offset;
-      Scores<decltype(gb)::value>(qh + g * H, H, P, np, k_pages[c] + offset, scratch + g * S + c * P, S, next);
+      Scores<decltype(gb)::value>(qh + g * H, H, P, np, k_pages[c] + offset, scratch + g * S + c * P, S);
     });
   }
   for (int64_t g = 0; g < G; ++g) Softmax(scratch + g * S, n);
   for (int64_t c = 0; c * P < n; ++c) {
     const int64_t np = std::min(P, n - c * P);
     ForBlocks(G, [&](int64_t g, auto gb) {
-      const float* next = (c + 1) * P < n ? v_pages[c + 1] + offset : nullptr;
-      Values<decltype(gb)::value>(scratch + g * S + c * P, S, H, np, v_pages[c] + offset, o + g * H, next);
+      Values<decltype(gb)::value>(scratch + g * S + c * P, S, H, np, v_pages[c] + offset, o + g * H);
     });
   }
 }
