@@ -474,13 +474,13 @@ class Engine:
             why_not = "the sharding rules split head_dim or cache_seq, which it needs whole on each device"
         if why_not is None:
             try:
-                kernels.load()
+                library = kernels.load()
             except kernels.KernelUnavailable as e:
                 if choice == "kernel" or kernels.compiler() is not None:
                     raise  # a compiler that fails is a bug to report, not a reason to run slower
                 log.warning("decode attention runs as XLA ops: %s", e)
                 return "xla"
-            log.info("decode attention: the CPU kernel (%s)", kernels.library_path(kernels.compiler()).name)
+            log.info("decode attention: the CPU kernel (%s)", library.name)
             return "kernel"
         if choice == "kernel":
             raise ValueError(f"attention='kernel' cannot be used here: {why_not}; use attention='xla' or 'auto'")

@@ -173,17 +173,14 @@ class Block(nn.Module):
                 qkv = wqkv @ y  # [(N + 2K) * H, M]
                 if c.qkv_bias:
                     qkv = qkv + _param(self, "bqkv", ((n + 2 * k) * h,), dt, zeros)[:, None]
-                q = token_major(qkv[: n * h].reshape(n, h, b * t))
-                kv = qkv[n * h :].reshape(2, k, h, b * t)
-                k_new, v_new = token_major(kv[0]), token_major(kv[1])
+                q, kv = qkv[: n * h].reshape(n, h, b * t), qkv[n * h :].reshape(2, k, h, b * t)
             else:
-                q = token_major((wq.reshape(n * h, d) @ y).reshape(n, h, b * t))
+                q = (wq.reshape(n * h, d) @ y).reshape(n, h, b * t)
                 kv = jnp.einsum("CKHD,DM->CKHM", wkv, y)  # [2, K, H, M]
-                k_new, v_new = token_major(kv[0]), token_major(kv[1])
                 if c.qkv_bias:
-                    bkv = _param(self, "bkv", (2, k, h), dt, zeros)
-                    q = q + _param(self, "bq", (n, h), dt, zeros)
-                    k_new, v_new = k_new + bkv[0], v_new + bkv[1]
+                    q = q + _param(self, "bq", (n, h), dt, zeros)[..., None]
+                    kv = kv + _param(self, "bkv", (2, k, h), dt, zeros)[..., None]
+            q, k_new, v_new = token_major(q), token_major(kv[0]), token_major(kv[1])
             inv_freq = jnp.asarray(rope_inv_freq(c))
             q = apply_rope(q, positions, inv_freq)
             k_new = apply_rope(k_new, positions, inv_freq)
@@ -416,7 +413,7 @@ def fuse_qkv_layer(layer: dict[str, Any], config: ModelConfig) -> dict[str, Any]
     return out
 
 
-def _rows(a: Any, start: int, stop: int, shape: tuple[int, ...]) -> Any:
+def _rows(a: Any, start: int, stop: int | None, shape: tuple[int, ...]) -> Any:
     """a[start:stop] reshaped to `shape`; for a ShapeDtypeStruct, the struct of that result."""
     if isinstance(a, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(shape, a.dtype)
@@ -453,11 +450,9 @@ def unstack_layers(stacked: dict[str, Any], num_layers: int) -> dict[str, Any]:
     return out
 
 
-def stack_layers(params: dict[str, Any], num_layers: int, config: ModelConfig | None = None) -> dict[str, Any]:
-    """Per-layer layout -> checkpoint layout (layers stacked on a leading axis); `config` where q/k/v are fused."""
-    layers = [
-        unfuse_layer({k: np.asarray(v) for k, v in params[layer_name(i)].items()}, config) for i in range(num_layers)
-    ]
+def stack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Per-layer layout -> checkpoint layout (layers stacked on a leading axis)."""
+    layers = [unfuse_layer({k: np.asarray(v) for k, v in params[layer_name(i)].items()}) for i in range(num_layers)]
     out = {k: to_checkpoint(k, np.asarray(v)) for k, v in params.items() if not k.startswith("layer_")}
     out["layers"] = {n: np.stack([to_checkpoint(n, layer[n]) for layer in layers]) for n in layers[0]}
     return out

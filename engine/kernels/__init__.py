@@ -35,7 +35,7 @@ DECODE_ATTENTION = "meshserve_decode_attention"
 _SOURCE = Path(__file__).with_name("decode_attention.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _lock = threading.Lock()
-_loaded: ctypes.CDLL | None = None
+_loaded: tuple[ctypes.CDLL, Path] | None = None  # the library (kept referenced) and its path
 
 
 class KernelUnavailable(ValueError):
@@ -83,12 +83,13 @@ def _build(cxx: str, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def load() -> None:
-    """Builds (once per machine) and registers the CPU kernels with XLA; raises KernelUnavailable if it cannot."""
+def load() -> Path:
+    """Builds (once per machine) and registers the CPU kernels with XLA; returns the library's path. Raises
+    KernelUnavailable if it cannot."""
     global _loaded
     with _lock:
         if _loaded is not None:
-            return
+            return _loaded[1]
         cxx = compiler()
         if cxx is None:
             raise KernelUnavailable("no C++ compiler found (set $CXX, or use --attention=xla)")
@@ -97,7 +98,8 @@ def load() -> None:
             _build(cxx, path)
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(lib.MeshserveDecodeAttention), platform="cpu")
-        _loaded = lib
+        _loaded = (lib, path)
+        return path
 
 
 def decode_attention(
