@@ -85,6 +85,8 @@ class Options:
     """Prefix cache positions (0: off). Every offline run and TTFT measurement starts with it empty."""
     attention: str = "auto"
     """Decode attention: auto, kernel or xla (EngineConfig.attention)."""
+    linear: str = "auto"
+    """Weight products: auto, kernel or xla (EngineConfig.linear)."""
     workload: str = "w2"
     """Synthetic prompt set: w1, w2 or w3."""
     prompts_file: str | None = None
@@ -168,6 +170,7 @@ def engine_config(opts: Options, num_slots: int | None = None) -> EngineConfig:
         prefix_cache_len=opts.prefix_cache_len,
         dtype=opts.dtype,
         attention=opts.attention,
+        linear=opts.linear,
     )
 
 
@@ -237,6 +240,7 @@ def model_summary(engine: Engine) -> dict[str, Any]:
         "kv_bytes_per_token": b.kv_bytes_per_token,
         "dtype": engine.config.dtype,
         "attention": engine.attention,
+        "linear": engine.linear,
         "engine": dataclasses.asdict(engine.config),
     }
 

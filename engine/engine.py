@@ -41,10 +41,12 @@ from engine.config import ModelConfig
 from engine.model import (
     K_CACHE_AXES,
     V_CACHE_AXES,
+    Packed,
     Transformer,
     abstract_params,
     checkpoint_shape,
-    fuse_qkv_layer,
+    rope_angles,
+    runtime_layer,
     stacked_axes,
     unfuse_layer,
     unstack_layers,
@@ -90,6 +92,11 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
 
 
 ATTENTION_CHOICES = ("auto", "kernel", "xla")
+LINEAR_CHOICES = ("auto", "kernel", "xla")
+# Slots from which `linear='auto'` packs the weights for the CPU kernel: a decode step's products then fill at least
+# one 16-float vector of tokens; below that XLA's matrix-vector products already stream the weights near the
+# machine's bandwidth, and the kernel would compute 16 lanes for each token.
+MIN_KERNEL_LINEAR_SLOTS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +127,10 @@ class EngineConfig:
     attention: str = "auto"
     """Decode attention: 'kernel' (the hand-written CPU kernel, engine.kernels), 'xla' (the jnp formulation, any
     backend) or 'auto' (the kernel on CPU in float32 where a C++ compiler exists, else xla)."""
+    linear: str = "auto"
+    """Weight products: 'kernel' (weights packed at load for the hand-written CPU kernel, engine.kernels), 'xla'
+    (XLA's dot, any backend and sharding) or 'auto' (the kernel on a one-device CPU mesh in float32 with at least
+    MIN_KERNEL_LINEAR_SLOTS slots, where a C++ compiler exists, else xla)."""
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -136,6 +147,8 @@ class EngineConfig:
             raise CapacityError(f"decode_steps must be >= 1, got {self.decode_steps}")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
+        if self.linear not in LINEAR_CHOICES:
+            raise ValueError(f"linear must be one of {', '.join(LINEAR_CHOICES)}, got {self.linear!r}")
         if self.prefill_segments < 1:
             raise CapacityError(f"prefill_segments must be >= 1, got {self.prefill_segments}")
         if self.prefix_cache_len < 0 or 0 < self.prefix_cache_len <= MIN_PREFIX_HIT:
@@ -300,7 +313,8 @@ class Engine:
         rules: dict[str, MeshAxes] | None = None,
     ) -> None:
         """`params` in the model's per-layer layout (`unstack_params` converts a checkpoint's stacked layout); the
-        engine may fuse q/k/v in its copy (`self.params`, see `fuse_qkv_layer`)."""
+        engine may fuse q/k/v and pack the linear weights in its copy (`self.params`, see `fuse_qkv_layer` and
+        `pack_layer`)."""
         c = model_config
         if config.max_seq_len > c.max_position_embeddings:
             raise CapacityError(
@@ -315,17 +329,19 @@ class Engine:
         self.attention = self._resolve_attention()
         # q, k and v as one product wherever no mesh axis splits heads (see fuse_qkv_layer)
         self.fuse_qkv = all(logical_to_spec((a,), self.rules, self.mesh)[0] is None for a in ("q_heads", "kv_heads"))
+        self.linear = self._resolve_linear()
+        packed = Packed(kernels.PANEL_ROWS, kernels.linear) if self.linear == "kernel" else None
         attend = self._kernel_attention if self.attention == "kernel" else None
-        self.model = Transformer(c, self.dtype, attend, fuse_qkv=self.fuse_qkv)
+        self.model = Transformer(c, self.dtype, attend, fuse_qkv=self.fuse_qkv, packed=packed)
         self.budget = self._memory_budget()
         log.info("%s", self.budget.describe())
         self._check_fits()
 
-        abstract, logical = abstract_params(c, self.dtype, fuse_qkv=self.fuse_qkv)
+        abstract, logical = abstract_params(c, self.dtype, fuse_qkv=self.fuse_qkv, packed=packed)
         self.param_shardings = tree_shardings(logical, self.rules, self.mesh, abstract)
-        if self.fuse_qkv:  # one layer at a time: the extra memory is one layer's q/k/v
-            fuse = jax.jit(functools.partial(fuse_qkv_layer, config=c))
-            params = {k: fuse(v) if k.startswith("layer_") else v for k, v in params.items()}
+        # one layer at a time: the extra memory is one layer's weights
+        prepare = jax.jit(functools.partial(runtime_layer, config=c, fuse_qkv=self.fuse_qkv, packed=packed))
+        params = {k: prepare(v) if k.startswith("layer_") else v for k, v in params.items()}
         self.params = jax.device_put(params, self.param_shardings)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.state_shardings = self._state_shardings()
@@ -484,6 +500,34 @@ class Engine:
             return "kernel"
         if choice == "kernel":
             raise ValueError(f"attention='kernel' cannot be used here: {why_not}; use attention='xla' or 'auto'")
+        return "xla"
+
+    def _resolve_linear(self) -> str:
+        """'kernel' or 'xla' for `config.linear`; 'kernel' where it cannot run is a ValueError saying why."""
+        choice = self.config.linear
+        if choice == "xla":
+            return "xla"
+        why_not = None
+        if any(d.platform != "cpu" for d in self.mesh.devices.flat):
+            why_not = "it runs on CPU only"
+        elif self.dtype != jnp.float32:
+            why_not = f"it takes float32, and this engine runs {self.dtype}"
+        elif self.mesh.size != 1:
+            why_not = f"it runs on one device, and this mesh has {self.mesh.size}"
+        elif choice == "auto" and self.config.num_slots < MIN_KERNEL_LINEAR_SLOTS:
+            return "xla"  # see MIN_KERNEL_LINEAR_SLOTS
+        if why_not is None:
+            try:
+                kernels.load()
+            except kernels.KernelUnavailable as e:
+                if choice == "kernel" or kernels.compiler() is not None:
+                    raise
+                log.warning("weight products run as XLA dots: %s", e)
+                return "xla"
+            log.info("weight products: the CPU kernel on packed weights")
+            return "kernel"
+        if choice == "kernel":
+            raise ValueError(f"linear='kernel' cannot be used here: {why_not}; use linear='xla' or 'auto'")
         return "xla"
 
     def _kernel_attention(self, q, k_new, v_new, k_pages, v_pages, lengths):
@@ -714,16 +758,23 @@ class Engine:
         through untouched); outputs have decode_steps rows, the rows past `steps` marked invalid."""
         b, n = self.config.num_slots, self.config.decode_steps
 
+        # The rotary angles of every position the window holds, computed once outside the loop: each step gathers its
+        # rows. Computed inside, XLA:CPU fused cos/sin into every layer's q and k rotation, per element (SmolLM2 at
+        # 64 slots: ~5 ms of a ~85 ms step).
+        cos, sin = rope_angles(jnp.arange(window * self.config.page_size), self.model_config)
+
         def step(i, carry):
             st, k_win, v_win, outs = carry
             cache = tuple(zip(k_win, v_win, strict=True))
+            at = st.lengths[:, None]  # [B, 1]; past the window only for idle slots, whose output is dropped
             logits, kv = self.model.apply(
                 {"params": params},
                 st.tokens[:, None],
-                st.lengths[:, None],
+                at,
                 cache=cache,
                 lengths=st.lengths,
                 vocab_major=True,
+                rope=(jnp.take(cos, at, axis=0, mode="clip"), jnp.take(sin, at, axis=0, mode="clip")),
             )
             logits = logits[:, :, 0]  # [V, B]
             k_win = tuple(k for k, _ in kv)  # the model wrote each slot's new K/V at its length

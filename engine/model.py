@@ -24,6 +24,7 @@ Every parameter declares its logical axes with `nn.with_logical_partitioning`; `
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +84,11 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     # q, k and v rows stacked (see fuse_qkv_layer)
     "wqkv": (None, "embed"),
     "bqkv": (None,),
+    # packed for a hand-written product (see Packed, pack_layer): [ceil(out / rows), in, rows]
+    "wqkv_packed": (None, "embed", None),
+    "wo_packed": (None, None, None),
+    "w_gate_up_packed": (None, "embed", None),
+    "w_down_packed": (None, "mlp", None),
 }
 # Logical axes of one KV cache page, per layer and page: keys are stored transposed (see _decode_attention).
 K_CACHE_AXES = ("slots", "kv_heads", "head_dim", "cache_seq")
@@ -108,11 +114,16 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotates x [B, T, n, H] by positions [B, T] (HF "rotate half" convention)."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+def rope_angles(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [..., H/2] of the rotary angles at positions [...]."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(config))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates x [B, T, n, H] by the angles `rope` (cos, sin [B, T, H/2], see rope_angles; HF "rotate half"
+    convention)."""
+    cos, sin = rope[0][:, :, None, :], rope[1][:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -130,6 +141,46 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], dtype: Any, ini
     return module.param(name, nn.with_logical_partitioning(init, PARAM_AXES[name]), shape, dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """Linear weights stored packed for a hand-written product instead of [out, in] for XLA's dot.
+
+    Each [out, in] weight is held as panels of `rows` rows interleaved per input feature, [ceil(out / rows), in,
+    rows] (the rows past `out` zero), and `product(w_packed, x [in, M], out)` returns [out, M]. The engine passes
+    engine.kernels' (see there for why and how much faster) and converts its weights with `pack_layer`; the model
+    only knows the layout. Used with q/k/v fused and no mesh axis splitting any weight."""
+
+    rows: int
+    product: Callable[[jax.Array, jax.Array, int], jax.Array]
+
+    def shape(self, out: int, inp: int) -> tuple[int, int, int]:
+        return (-(-out // self.rows), inp, self.rows)
+
+    def pack(self, w: jax.Array) -> jax.Array:
+        """[out, in] -> [ceil(out / rows), in, rows] (jnp: works inside jit)."""
+        out, inp = w.shape
+        panels = -(-out // self.rows)
+        w = jnp.pad(w, ((0, panels * self.rows - out), (0, 0)))
+        return w.reshape(panels, self.rows, inp).transpose(0, 2, 1)
+
+    @staticmethod
+    def unpack(w: jax.Array, out: int) -> jax.Array:
+        """The inverse of `pack`: [ceil(out / rows), in, rows] -> [out, in]."""
+        return w.transpose(0, 2, 1).reshape(-1, w.shape[1])[:out]
+
+
+def packed_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """[out, in] of each weight a layer holds packed (see Packed), by its unpacked runtime name."""
+    c = config
+    n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
+    return {
+        "wqkv": ((n + 2 * k) * h, c.dim),
+        "wo": (c.dim, n * h),
+        "w_gate_up": (2 * c.mlp_dim, c.dim),
+        "w_down": (c.dim, c.mlp_dim),
+    }
+
+
 class Block(nn.Module):
     """One pre-norm decoder block: attention (GQA + RoPE) then a SwiGLU MLP, both residual.
 
@@ -145,23 +196,41 @@ class Block(nn.Module):
     dtype: Any
     attend: Callable | None = None  # decode attention with `decode_attention_xla`'s contract; None: that function
     fuse_qkv: bool = False  # q, k and v as one product (`wqkv`, see fuse_qkv_layer)
+    packed: Packed | None = None  # linear weights packed for a hand-written product (needs fuse_qkv)
 
     @nn.compact
-    def __call__(self, x, positions, cache=None, lengths=None, segment_ids=None, context=None):
+    def __call__(self, x, rope, cache=None, lengths=None, segment_ids=None, context=None):
+        """x [D, M] (feature-major); rope: the (cos, sin) [B, T, H/2] of the tokens' positions (see rope_angles)."""
         c, dt = self.config, self.dtype
         d, n, k, h, f, g = c.dim, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim, c.q_per_kv
-        b, t = positions.shape
+        b, t = rope[0].shape[:2]
         normal, ones, zeros = nn.initializers.normal(0.02), nn.initializers.ones, nn.initializers.zeros
         attn_norm = _param(self, "attn_norm", (d,), dt, ones)
-        if self.fuse_qkv:
-            wqkv = _param(self, "wqkv", ((n + 2 * k) * h, d), dt, normal)
-        else:
-            wq = _param(self, "wq", (n, h, d), dt, normal)
-            wkv = _param(self, "wkv", (2, k, h, d), dt, normal)  # k and v, one product (see FUSED)
-        wo = _param(self, "wo", (d, n, h), dt, normal)
         mlp_norm = _param(self, "mlp_norm", (d,), dt, ones)
-        w_gate_up = _param(self, "w_gate_up", (2, f, d), dt, normal)
-        w_down = _param(self, "w_down", (d, f), dt, normal)
+        shapes = packed_shapes(c)
+        if self.packed is not None:
+            if not self.fuse_qkv:
+                raise ValueError("packed weights need q, k and v fused (fuse_qkv=True)")
+            pk = self.packed
+            packed = {name: _param(self, f"{name}_packed", pk.shape(*s), dt, normal) for name, s in shapes.items()}
+
+            def product(name: str, y: jax.Array) -> jax.Array:  # weight [out, in] x y [in, M] -> [out, M]
+                return pk.product(packed[name], y, shapes[name][0])
+
+        else:
+            dense = {"wo": _param(self, "wo", (d, n, h), dt, normal).reshape(d, n * h)}
+            if self.fuse_qkv:
+                dense["wqkv"] = _param(self, "wqkv", ((n + 2 * k) * h, d), dt, normal)
+            else:
+                wq = _param(self, "wq", (n, h, d), dt, normal)
+                wkv = _param(self, "wkv", (2, k, h, d), dt, normal)  # k and v, one product (see FUSED)
+            w_gate_up = _param(self, "w_gate_up", (2, f, d), dt, normal)
+            dense["w_down"] = _param(self, "w_down", (d, f), dt, normal)
+
+            def product(name: str, y: jax.Array) -> jax.Array:  # as above; w_gate_up's result [2, F, M]
+                if name == "w_gate_up":  # not flattened to [2F, D]: under tensor parallelism F is split
+                    return jnp.einsum("CFD,DM->CFM", w_gate_up, y)
+                return dense[name] @ y
 
         def token_major(y: jax.Array) -> jax.Array:  # [heads, H, M] -> [B, T, heads, H]
             # the heads were split off before this transpose: sharded over heads, the split needs no collective
@@ -170,7 +239,7 @@ class Block(nn.Module):
         with jax.named_scope("attention"):
             y = jax.lax.optimization_barrier(rms_norm(x, attn_norm, c.rms_norm_eps, axis=0))
             if self.fuse_qkv:
-                qkv = wqkv @ y  # [(N + 2K) * H, M]
+                qkv = product("wqkv", y)  # [(N + 2K) * H, M]
                 if c.qkv_bias:
                     qkv = qkv + _param(self, "bqkv", ((n + 2 * k) * h,), dt, zeros)[:, None]
                 q, kv = qkv[: n * h].reshape(n, h, b * t), qkv[n * h :].reshape(2, k, h, b * t)
@@ -181,9 +250,7 @@ class Block(nn.Module):
                     q = q + _param(self, "bq", (n, h), dt, zeros)[..., None]
                     kv = kv + _param(self, "bkv", (2, k, h), dt, zeros)[..., None]
             q, k_new, v_new = token_major(q), token_major(kv[0]), token_major(kv[1])
-            inv_freq = jnp.asarray(rope_inv_freq(c))
-            q = apply_rope(q, positions, inv_freq)
-            k_new = apply_rope(k_new, positions, inv_freq)
+            q, k_new = apply_rope(q, rope), apply_rope(k_new, rope)
             q = q.reshape(b, t, k, g, h) * (1.0 / math.sqrt(h))
             if cache is None:
                 out = _causal_attention(q, k_new, v_new, segment_ids, context)
@@ -193,12 +260,12 @@ class Block(nn.Module):
                 out, k_pages, v_pages = attend(q[:, 0], k_new[:, 0], v_new[:, 0], cache[0], cache[1], lengths)
                 out = out[:, None]
                 kv_out = (k_pages, v_pages)
-            x = x + wo.reshape(d, n * h) @ out.reshape(b * t, n, h).transpose(1, 2, 0).reshape(n * h, b * t)
+            x = x + product("wo", out.reshape(b * t, n, h).transpose(1, 2, 0).reshape(n * h, b * t))
 
         with jax.named_scope("mlp"):
             y = jax.lax.optimization_barrier(rms_norm(x, mlp_norm, c.rms_norm_eps, axis=0))
-            gate_up = jnp.einsum("CFD,DM->CFM", w_gate_up, y)  # [2, F, M]
-            x = x + w_down @ (jax.nn.silu(gate_up[0]) * gate_up[1])
+            gate_up = product("w_gate_up", y).reshape(2, f, -1)  # [2, F, M]
+            x = x + product("w_down", jax.nn.silu(gate_up[0]) * gate_up[1])
         return x, kv_out
 
 
@@ -296,6 +363,8 @@ class Transformer(nn.Module):
     that function. The engine passes a hand-written kernel here where it has one (see engine.kernels)."""
     fuse_qkv: bool = False
     """q, k and v as one product (`wqkv`, see `fuse_qkv_layer`); the engine sets it where no mesh axis splits heads."""
+    packed: Packed | None = None
+    """Linear weights packed for a hand-written product (see Packed, `pack_layer`); needs fuse_qkv."""
 
     @nn.compact
     def __call__(
@@ -308,6 +377,7 @@ class Transformer(nn.Module):
         segment_ids=None,
         context=None,
         vocab_major=False,
+        rope=None,
     ):
         """tokens/positions [B, T]; cache: per layer (k_pages, v_pages) or None; lengths [B] (decode only);
         segment_ids [B, T] (prefill only): packed prompts attend only inside their own segment; context (prefill
@@ -318,19 +388,22 @@ class Transformer(nn.Module):
         instead, as the head computes them: a plain [V, D] x [D, tokens] product, which XLA:CPU runs 1.2-1.4x faster
         at 16-64 tokens than the [tokens, D] x [D, V] one, and ~10x faster at 4 tokens (measured with the argmax:
         64 tokens 21.7 vs 30.6 ms, 16 tokens 8.6 vs 16.6 ms, 4 tokens 6.3 vs 69 ms), and transposing 64 x 49152
-        logits back costs another ~15 ms. Returns (logits, per-layer (k, v)): the new K/V in prefill, the updated
+        logits back costs another ~15 ms. rope: the (cos, sin) [B, T, H/2] of `positions` (see rope_angles) when the
+        caller has them; else computed here. Returns (logits, per-layer (k, v)): the new K/V in prefill, the updated
         cache pages in decode.
         """
         c = self.config
         embed = _param(self, "embed", (c.vocab_size, c.dim), self.dtype, nn.initializers.normal(0.02))
         b, t = tokens.shape
         x = jnp.take(embed, tokens.reshape(b * t), axis=0).T  # [D, M], feature-major (see Block)
+        if rope is None:
+            rope = rope_angles(positions, c)
         kv = []
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache[i]
             layer_ctx = None if context is None else (*context[0][i], context[1])
-            x, layer_kv = Block(c, self.dtype, self.attend, self.fuse_qkv, name=layer_name(i))(
-                x, positions, layer_cache, lengths, segment_ids, layer_ctx
+            x, layer_kv = Block(c, self.dtype, self.attend, self.fuse_qkv, self.packed, name=layer_name(i))(
+                x, rope, layer_cache, lengths, segment_ids, layer_ctx
             )
             kv.append(layer_kv)
         x = x.reshape(c.dim, b, t)
@@ -346,9 +419,11 @@ class Transformer(nn.Module):
         return (logits if vocab_major else logits.transpose(1, 2, 0)), tuple(kv)
 
 
-def abstract_params(config: ModelConfig, dtype: Any, fuse_qkv: bool = False) -> tuple[Any, Any]:
+def abstract_params(
+    config: ModelConfig, dtype: Any, fuse_qkv: bool = False, packed: Packed | None = None
+) -> tuple[Any, Any]:
     """(abstract per-layer param tree of ShapeDtypeStruct, matching tree of logical PartitionSpecs)."""
-    model = Transformer(config, dtype, fuse_qkv=fuse_qkv)
+    model = Transformer(config, dtype, fuse_qkv=fuse_qkv, packed=packed)
     tokens = jnp.zeros((1, 1), jnp.int32)
     boxed = jax.eval_shape(model.init, jax.random.key(0), tokens, tokens)["params"]
     return nn.unbox(boxed), nn.get_partition_spec(boxed)
@@ -413,6 +488,29 @@ def fuse_qkv_layer(layer: dict[str, Any], config: ModelConfig) -> dict[str, Any]
     return out
 
 
+def pack_layer(layer: dict[str, Any], config: ModelConfig, packed: Packed) -> dict[str, Any]:
+    """One layer's runtime arrays (q/k/v fused, see `fuse_qkv_layer`) with the linear weights in `packed`'s layout,
+    under the names `<name>_packed` (jnp: works inside jit)."""
+    out = dict(layer)
+    for name, (rows, cols) in packed_shapes(config).items():
+        out[f"{name}_packed"] = packed.pack(out.pop(name).reshape(rows, cols))
+    return out
+
+
+def unpack_layer(layer: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """The inverse of `pack_layer` (q/k/v stay fused); takes arrays, or ShapeDtypeStructs for their shapes."""
+    out = dict(layer)
+    runtime = {"wo": (config.dim, config.num_heads, config.head_dim), "w_gate_up": (2, config.mlp_dim, config.dim)}
+    for name, (rows, cols) in packed_shapes(config).items():
+        if (a := out.pop(f"{name}_packed", None)) is not None:
+            shape = runtime.get(name, (rows, cols))
+            if isinstance(a, jax.ShapeDtypeStruct):
+                out[name] = jax.ShapeDtypeStruct(shape, a.dtype)
+            else:
+                out[name] = Packed.unpack(a, rows).reshape(shape)
+    return out
+
+
 def _rows(a: Any, start: int, stop: int | None, shape: tuple[int, ...]) -> Any:
     """a[start:stop] reshaped to `shape`; for a ShapeDtypeStruct, the struct of that result."""
     if isinstance(a, jax.ShapeDtypeStruct):
@@ -420,20 +518,43 @@ def _rows(a: Any, start: int, stop: int | None, shape: tuple[int, ...]) -> Any:
     return a[start:stop].reshape(shape)
 
 
-def unfuse_layer(layer: dict[str, Any], config: ModelConfig | None = None) -> dict[str, Any]:
-    """One layer's runtime arrays with each fused weight split back into its parts (the inverse of `fuse_layer` and
-    `fuse_qkv_layer`; splitting wqkv needs `config`); takes arrays, or ShapeDtypeStructs for their shapes."""
+def _split_qkv(layer: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """The inverse of `fuse_qkv_layer`: wqkv -> wq, wkv (and bqkv -> bq, bkv); arrays or ShapeDtypeStructs."""
     out = dict(layer)
+    n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.dim
+    if "wqkv" in out:
+        a = out.pop("wqkv")
+        out["wq"], out["wkv"] = _rows(a, 0, n * h, (n, h, d)), _rows(a, n * h, None, (2, k, h, d))
+    if "bqkv" in out:
+        a = out.pop("bqkv")
+        out["bq"], out["bkv"] = _rows(a, 0, n * h, (n, h)), _rows(a, n * h, None, (2, k, h))
+    return out
+
+
+def runtime_layer(layer: dict[str, Any], config: ModelConfig, fuse_qkv: bool, packed: Packed | None) -> dict[str, Any]:
+    """One layer's runtime arrays, in whichever of the layouts above (fused q/k/v or not, packed or not), converted
+    to the one a model with these `fuse_qkv` / `packed` settings runs (jnp: works inside jit)."""
+    out = unpack_layer(layer, config)
+    if fuse_qkv and "wq" in out:
+        out = fuse_qkv_layer(out, config)
+    elif not fuse_qkv and "wqkv" in out:
+        out = _split_qkv(out, config)
+    return pack_layer(out, config, packed) if packed is not None else out
+
+
+def unfuse_layer(layer: dict[str, Any], config: ModelConfig | None = None) -> dict[str, Any]:
+    """One layer's runtime arrays with each fused weight split back into its parts (the inverse of `fuse_layer`,
+    `fuse_qkv_layer` and `pack_layer`; splitting wqkv or unpacking needs `config`); takes arrays, or
+    ShapeDtypeStructs for their shapes."""
+    out = dict(layer)
+    if any(name.endswith("_packed") for name in out):
+        if config is None:
+            raise ValueError("unpacking weights needs the model config")
+        out = unpack_layer(out, config)
     if "wqkv" in out or "bqkv" in out:
         if config is None:
             raise ValueError("splitting wqkv back into wq and wkv needs the model config")
-        n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.dim
-        if "wqkv" in out:
-            a = out.pop("wqkv")
-            out["wq"], out["wkv"] = _rows(a, 0, n * h, (n, h, d)), _rows(a, n * h, None, (2, k, h, d))
-        if "bqkv" in out:
-            a = out.pop("bqkv")
-            out["bq"], out["bkv"] = _rows(a, 0, n * h, (n, h)), _rows(a, n * h, None, (2, k, h))
+        out = _split_qkv(out, config)
     for fused, parts in FUSED.items():
         if fused in out:
             a = out.pop(fused)

@@ -43,6 +43,7 @@ _PREFIX_CACHE_LEN = flags.DEFINE_integer(
     "prefix_cache_len", 256, "Prefix cache positions (0: off); every timed run starts with it empty."
 )
 _ATTENTION = flags.DEFINE_enum("attention", "auto", ["auto", "kernel", "xla"], "Decode attention implementation.")
+_LINEAR = flags.DEFINE_enum("linear", "auto", ["auto", "kernel", "xla"], "Weight products implementation.")
 _WORKLOAD = flags.DEFINE_enum("workload", "w2", ["w1", "w2", "w3"], "Synthetic prompt set (shared/PERFORMANCE.md).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL prompts: messages | prompt | text | token_ids.")
 _RANDOM_PROMPT_LENS = flags.DEFINE_list("random_prompt_lens", [], "Random token prompts of these lengths.")
@@ -108,6 +109,7 @@ def options() -> Options:
         prefill_segments=_PREFILL_SEGMENTS.value,
         prefix_cache_len=_PREFIX_CACHE_LEN.value,
         attention=_ATTENTION.value,
+        linear=_LINEAR.value,
         workload=_WORKLOAD.value,
         prompts_file=_PROMPTS_FILE.value,
         random_prompt_lens=_ints(_RANDOM_PROMPT_LENS.value, "random_prompt_lens"),

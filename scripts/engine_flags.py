@@ -48,6 +48,13 @@ _ATTENTION = flags.DEFINE_enum(
     "Decode attention: 'kernel' (hand-written CPU kernel, built on first use with the system C++ compiler), 'xla' "
     "(any backend), 'auto' (the kernel on CPU in float32 when a compiler exists).",
 )
+_LINEAR = flags.DEFINE_enum(
+    "linear",
+    "auto",
+    ["auto", "kernel", "xla"],
+    "Weight products: 'kernel' (weights packed at load for a hand-written CPU kernel, built like --attention's), "
+    "'xla' (any backend and mesh), 'auto' (the kernel on one CPU device in float32 with >= 16 slots).",
+)
 _MESH = flags.DEFINE_string(
     "mesh",
     "auto",
@@ -117,6 +124,7 @@ def engine_config(**overrides) -> EngineConfig:
         prefix_cache_len=_PREFIX_CACHE_LEN.value,
         dtype=default_dtype() if _DTYPE.value == "auto" else _DTYPE.value,
         attention=_ATTENTION.value,
+        linear=_LINEAR.value,
     )
     values.update(overrides)
     return EngineConfig(**values)

@@ -1,8 +1,10 @@
-"""The CPU decode-attention kernel (engine.kernels) against the XLA formulation it replaces, over shapes that take
-each of its code paths, and the engine's choice between them.
+"""The CPU kernels (engine.kernels) against what they replace, over shapes that take each of their code paths, and
+the engine's choice between them: decode attention against the XLA formulation, the packed-weight products against
+float64 numpy and, through the engine, against XLA's dots.
 
-Most engine tests (test_engine, test_parity, test_sharding, ...) already decode through the kernel, since 'auto'
-picks it on CPU in float32; these tests pin its contract on its own and the rules for when it is used.
+Most engine tests (test_engine, test_parity, test_sharding, ...) already decode through the attention kernel, since
+'auto' picks it on CPU in float32; test_parity also runs the packed products against HF. These tests pin each
+kernel's contract on its own and the rules for when it is used.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 from engine import kernels
 from engine.config import tiny_config
 from engine.engine import Engine, EngineConfig
-from engine.model import decode_attention_xla, init_params
+from engine.model import Packed, decode_attention_xla, init_params, unfuse_layer
 from engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler to build the kernel with")
@@ -169,3 +171,82 @@ def test_pages_the_caller_keeps_are_left_alone():
     assert_same((np.asarray(out), [np.asarray(x) for x in k_out], [np.asarray(x) for x in v_out]), want)
     for x, original in zip(kept[0] + kept[1], k_pages + v_pages, strict=True):
         np.testing.assert_array_equal(np.asarray(x), original)
+
+
+PACKED = Packed(kernels.PANEL_ROWS, kernels.linear)
+
+
+# (N, K, M): rows that do and do not fill the last panel, tokens through 64-token tiles, 16-token tiles and the
+# padded tail (M = 1 is one-slot decode), more tokens than one work item's block (256), SmolLM2's decode shapes.
+@pytest.mark.parametrize(
+    ("n", "k", "m"),
+    [(7, 5, 3), (13, 32, 17), (6, 64, 1), (100, 48, 80), (12, 8, 600), (960, 576, 64), (576, 1536, 64)],
+)
+def test_linear_kernel_matches_numpy(n, k, m):
+    rng = np.random.default_rng(n * 1000 + m)
+    w, x = rng.standard_normal((n, k), np.float32), rng.standard_normal((k, m), np.float32)
+    wp = PACKED.pack(jnp.asarray(w))
+    assert wp.shape == (-(-n // 6), k, 6)
+    np.testing.assert_array_equal(np.asarray(Packed.unpack(wp, n)), w)
+    kernels.load()
+    got = np.asarray(jax.jit(kernels.linear, static_argnums=2)(wp, jnp.asarray(x), n))
+    want = w.astype(np.float64) @ x.astype(np.float64)
+    assert got.shape == (n, m)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_linear_kernel_rejects_mismatched_shapes():
+    kernels.load()
+    wp = jnp.zeros((2, 8, 6), jnp.float32)
+    with pytest.raises(ValueError, match=r"cannot multiply a packed weight \(2, 8, 6\) \(N=13\)"):
+        kernels.linear(wp, jnp.zeros((8, 4), jnp.float32), 13)  # 13 rows need 3 panels
+    with pytest.raises(ValueError, match="cannot multiply"):
+        kernels.linear(wp, jnp.zeros((9, 4), jnp.float32), 12)
+    with pytest.raises(TypeError, match="float32"):
+        kernels.linear(wp.astype(jnp.bfloat16), jnp.zeros((8, 4), jnp.bfloat16), 12)
+
+
+def run_packed(linear: str, num_slots: int):
+    """Greedy tokens and logprobs of three requests of different lengths on a tiny random model."""
+    cfg = tiny_config()
+    config = dataclasses.replace(ENGINE_CONFIG, num_slots=num_slots, linear=linear)
+    eng = Engine(cfg, init_params(cfg, jnp.float32), config)
+    rng = np.random.default_rng(5)
+    state = eng.init_state()
+    params = SamplingParams(max_tokens=40, ignore_eos=True, logprobs=True)
+    for slot, n in enumerate((5, 17, 30)):
+        state = eng.insert(eng.prefill([int(t) for t in rng.integers(2, 256, n)], params, seed=slot), state, slot)
+    tokens, logprobs = [[] for _ in range(3)], []
+    while any(eng.slot_active(s) for s in range(3)):
+        state, out = eng.generate(state)
+        for s in range(3):
+            tokens[s] += [int(t) for t, ok in zip(out.tokens[:, s], out.valid[:, s], strict=True) if ok]
+        logprobs.append(np.where(out.valid, out.logprob, 0.0)[:, :3])
+    return eng, tokens, np.concatenate(logprobs)
+
+
+@pytest.mark.parametrize("num_slots", [3, 16])  # decode through the padded tail, and through one 16-token tile
+def test_engine_decodes_the_same_with_packed_weights_and_with_xla_dots(num_slots):
+    eng_k, tokens_k, logprobs_k = run_packed("kernel", num_slots)
+    eng_x, tokens_x, logprobs_x = run_packed("xla", num_slots)
+    assert (eng_k.linear, eng_x.linear) == ("kernel", "xla")
+    assert "wqkv_packed" in eng_k.params["layer_0"] and "wqkv" not in eng_k.params["layer_0"]
+    assert all(len(t) == 39 for t in tokens_k)
+    assert tokens_k == tokens_x
+    np.testing.assert_allclose(logprobs_k, logprobs_x, atol=1e-4)
+    # the packed copy unpacks to exactly the weights the XLA engine runs
+    for name, a in unfuse_layer(eng_x.params["layer_1"], eng_x.model_config).items():
+        np.testing.assert_array_equal(np.asarray(unfuse_layer(eng_k.params["layer_1"], eng_k.model_config)[name]), a)
+
+
+def test_auto_packs_weights_from_16_slots_on_one_cpu_device_in_float32():
+    cfg = tiny_config()
+    params = init_params(cfg, jnp.float32)
+    assert Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, num_slots=15)).linear == "xla"
+    assert Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, num_slots=16)).linear == "kernel"
+    bf16 = dataclasses.replace(ENGINE_CONFIG, num_slots=16, dtype="bfloat16")
+    assert Engine(cfg, init_params(cfg, jnp.bfloat16), bf16).linear == "xla"
+    with pytest.raises(ValueError, match=r"linear='kernel' cannot be used here: it takes float32.*linear='xla'"):
+        Engine(cfg, init_params(cfg, jnp.bfloat16), dataclasses.replace(bf16, linear="kernel"))
+    with pytest.raises(ValueError, match="linear must be one of auto, kernel, xla"):
+        dataclasses.replace(ENGINE_CONFIG, linear="onednn")

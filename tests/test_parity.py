@@ -8,6 +8,7 @@ reference's top-2 logit gap there, so a genuine near-tie can be told apart from 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -27,7 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.reference]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NEW_TOKENS = 64
 ENGINE_CONFIG = EngineConfig(
-    num_slots=4, max_seq_len=1024, max_prefill_len=1024, page_size=128, decode_steps=8, dtype="float32"
+    num_slots=4, max_seq_len=1024, max_prefill_len=1024, page_size=128, decode_steps=8, dtype="float32", linear="xla"
 )
 _SENTENCES = [
     "The lighthouse keeper counted the ships that passed each night.",
@@ -77,8 +78,20 @@ def hf_model():
 
 
 @pytest.fixture(scope="module")
-def served(hf_model) -> tuple[Engine, Tokenizer]:
+def bundled(hf_model) -> tuple[Engine, Tokenizer]:
     return load_engine(None, ENGINE_CONFIG)
+
+
+@pytest.fixture(scope="module", params=["xla", "kernel"])
+def served(request, bundled) -> tuple[Engine, Tokenizer]:
+    """The engine with its weight products as XLA dots, and with the packed-weight CPU kernel (built from the first
+    engine's weights: the engine converts them to its layout)."""
+    engine, tok = bundled
+    if request.param == "xla":
+        return bundled
+    packed = Engine(engine.model_config, engine.params, dataclasses.replace(ENGINE_CONFIG, linear="kernel"))
+    assert packed.linear == "kernel"
+    return packed, tok
 
 
 def hf_logits(hf_model, ids: list[int]) -> np.ndarray:
@@ -89,11 +102,11 @@ def hf_logits(hf_model, ids: list[int]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(hf_model, served) -> dict[str, tuple[list[int], list[int]]]:
+def hf_greedy(hf_model, bundled) -> dict[str, tuple[list[int], list[int]]]:
     """name -> (prompt ids, HF's 64 greedy tokens)."""
     import torch
 
-    _, tok = served
+    _, tok = bundled
     out = {}
     for name, chat in GENERATION_CHATS.items():
         ids = tok.encode_chat(chat)

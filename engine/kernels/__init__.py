@@ -1,13 +1,18 @@
-"""Hand-written kernels for what XLA compiles poorly on one backend, registered through the XLA FFI.
+"""Hand-written kernels for what XLA compiles poorly on one backend, registered through the XLA FFI. Both are for CPU
+in float32:
 
-Only one for now: decode attention over the paged KV cache on CPU (`decode_attention.cc`). XLA:CPU runs the per-page
-batched products of that computation as thousands of tiny [G, H] x [H, P] GEMMs per step and streams the cache at
-about a third of the machine's read bandwidth; the kernel reads each slot's positions once, in order, on every core.
-Measured on a 2-core AVX-512 VM, 30 layers x 64 slots x 256 positions of SmolLM2's cache: 74 -> 33 ms.
+- Decode attention over the paged KV cache (`decode_attention.cc`). XLA:CPU runs the per-page batched products of
+  that computation as thousands of tiny [G, H] x [H, P] GEMMs per step and streams the cache at about a third of the
+  machine's read bandwidth; the kernel reads each slot's positions once, in order, on every core. Measured on a
+  2-core AVX-512 VM, 30 layers x 64 slots x 256 positions of SmolLM2's cache: 74 -> 33 ms.
+- The weight products on weights packed once at load (`linear.cc`). XLA's library GEMM repacks both
+  operands on every call; at a decode step's 64 tokens that held the products to ~240 GFLOP/s, where the packed
+  kernel runs ~400 (same VM).
 
-The source is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`) for the
-host CPU, into `$MESHSERVE_CACHE/kernels`, keyed by the source, the flags, the jaxlib version and the CPU, and
-loaded with ctypes. Processes that race to build it each write their own file and rename it into place.
+The sources are compiled on first use, into one library, with the system's C++ compiler (`$CXX`, else
+`c++`/`g++`/`clang++`) for the host CPU, into `$MESHSERVE_CACHE/kernels`, keyed by the sources, the flags, the
+jaxlib version and the CPU, and loaded with ctypes. Processes that race to build it each write their own file and
+rename it into place.
 """
 
 from __future__ import annotations
@@ -32,14 +37,20 @@ from checkpoints.bundled import cache_root
 log = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "meshserve_decode_attention"
-_SOURCE = Path(__file__).with_name("decode_attention.cc")
+LINEAR = "meshserve_linear"
+PANEL_ROWS = 6
+"""Weight rows per packed panel (`kRows` in linear.cc)."""
+_DIR = Path(__file__).parent
+_SOURCES = (_DIR / "decode_attention.cc", _DIR / "linear.cc")
+_HEADERS = (_DIR / "common.h",)
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL, Path] | None = None  # the library (kept referenced) and its path
 
 
 class KernelUnavailable(ValueError):
-    """The CPU kernels cannot be built here (no C++ compiler, or it failed); --attention=xla runs without them."""
+    """The CPU kernels cannot be built here (no C++ compiler, or it failed); --attention=xla --linear=xla run
+    without them."""
 
 
 def compiler() -> str | None:
@@ -62,23 +73,25 @@ def _cpu_id() -> str:
 
 def library_path(cxx: str) -> Path:
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), cxx.encode(), jaxlib.__version__.encode()):
-        key.update(part)
-    key.update(_cpu_id().encode())
-    return Path(cache_root()) / "kernels" / f"decode_attention-{key.hexdigest()[:16]}.so"
+    for path in (*_SOURCES, *_HEADERS):
+        key.update(path.read_bytes())
+    for part in (" ".join(_FLAGS), cxx, jaxlib.__version__, _cpu_id()):
+        key.update(part.encode())
+    return Path(cache_root()) / "kernels" / f"meshserve_kernels-{key.hexdigest()[:16]}.so"
 
 
 def _build(cxx: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
-    log.info("building the CPU decode-attention kernel: %s", " ".join(cmd))
+    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", tmp]
+    log.info("building the CPU kernels: %s", " ".join(cmd))
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(tmp)
         raise KernelUnavailable(
-            f"building {_SOURCE.name} with {cxx} failed (use --attention=xla to run without it):\n{result.stderr}"
+            f"building the CPU kernels with {cxx} failed (use --attention=xla --linear=xla to run without them):\n"
+            f"{result.stderr}"
         )
     os.replace(tmp, target)
 
@@ -92,12 +105,13 @@ def load() -> Path:
             return _loaded[1]
         cxx = compiler()
         if cxx is None:
-            raise KernelUnavailable("no C++ compiler found (set $CXX, or use --attention=xla)")
+            raise KernelUnavailable("no C++ compiler found (set $CXX, or use --attention=xla --linear=xla)")
         path = library_path(cxx)
         if not path.exists():
             _build(cxx, path)
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(lib.MeshserveDecodeAttention), platform="cpu")
+        jax.ffi.register_ffi_target(LINEAR, jax.ffi.pycapsule(lib.MeshserveLinear), platform="cpu")
         _loaded = (lib, path)
         return path
 
@@ -120,3 +134,13 @@ def decode_attention(
     out, *pages = call(q, k_new, v_new, lengths.astype(jnp.int32), *pages)
     n = len(k_pages)
     return out, tuple(pages[:n]), tuple(pages[n:])
+
+
+def linear(wp: jax.Array, x: jax.Array, n: int) -> jax.Array:
+    """y [N, M] = W x for a weight W [N, K] packed in panels of PANEL_ROWS rows (wp [ceil(N / 6), K, 6], see
+    `engine.model.Packed`) and x [K, M]; float32 on CPU; call `load()` first."""
+    if wp.dtype != jnp.float32 or x.dtype != jnp.float32:
+        raise TypeError(f"the CPU linear kernel takes float32, got {wp.dtype} and {x.dtype}")
+    if wp.ndim != 3 or wp.shape[2] != PANEL_ROWS or wp.shape[0] != -(-n // PANEL_ROWS) or x.shape[0] != wp.shape[1]:
+        raise ValueError(f"cannot multiply a packed weight {wp.shape} (N={n}) by x {x.shape}")
+    return jax.ffi.ffi_call(LINEAR, jax.ShapeDtypeStruct((n, x.shape[1]), x.dtype))(wp, x)

@@ -10,30 +10,24 @@
 // and those streamed the cache at a third of the machine's read bandwidth. Here each (slot, kv head) is one task
 // that reads only the positions the slot has, once, with the exact softmax over all of them.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
+using meshserve::kLanes;
+using meshserve::Load;
+using meshserve::Store;
+using meshserve::Vec;
 
 namespace {
 
 struct Shape {
   int64_t b, k, g, h, p, window;
 };
-
-// 16 floats: one AVX-512 register (two AVX2 ones); GCC/Clang vector extensions, so the compiler picks the ISA.
-constexpr int64_t kLanes = 16;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
-
-inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
-inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
 
 // scores[g][p] = sum_h q[g][h] * kp[h][p] for GB query heads and positions [0, np) of one key page [H, P].
 // Blocks of kBlock * kLanes positions are accumulated in registers across all of H: the page is read in order, once.
@@ -187,13 +181,6 @@ void AttendOne(const Shape& s, int64_t item, const float* q, int64_t length, con
   }
 }
 
-// Work shared by the caller and the pool's tasks. Tasks that start after all work is claimed touch nothing but
-// this state (kept alive by their shared_ptr), so the caller never waits for a task that has not started.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
                            ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::S32> lengths, ffi::RemainingArgs args,
                            ffi::ResultBuffer<ffi::F32> out, ffi::RemainingRets rets) {
@@ -229,21 +216,12 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int32_t* lp = lengths.typed_data();
   float* op = out->typed_data();
   const int64_t items = s.b * s.k;
-  auto work = std::make_shared<Work>();
-  auto run = [=, &pages](Work& w) {
-    std::vector<float> scratch;
-    for (int64_t i; (i = w.next.fetch_add(1)) < items;) {
-      if (scratch.empty()) scratch.resize(s.g * s.window * s.p + kLanes);
-      const int64_t length = lp[i / s.k];
-      WriteOne(s, i, length, kn, vn, pages);
-      AttendOne(s, i, qp, length, pages.k, pages.v, op, scratch.data());
-      w.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, run] { run(*work); });
-  run(*work);
-  while (work->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  meshserve::ParallelFor(pool, items, [=, &pages, scratch = std::vector<float>()](int64_t i) mutable {
+    if (scratch.empty()) scratch.resize(s.g * s.window * s.p + kLanes);
+    const int64_t length = lp[i / s.k];
+    WriteOne(s, i, length, kn, vn, pages);
+    AttendOne(s, i, qp, length, pages.k, pages.v, op, scratch.data());
+  });
   return ffi::Error::Success();
 }
 

@@ -1,0 +1,45 @@
+// What the CPU kernels share: one AVX-512 register of floats as a GCC/Clang vector type, and work spread over the
+// XLA intra-op thread pool that the FFI hands each call.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace meshserve {
+
+// 16 floats: one AVX-512 register (two AVX2 ones); vector extensions, so the compiler picks the ISA.
+constexpr int64_t kLanes = 16;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
+
+inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+
+// Runs body(i) for i in [0, items) on the caller and up to pool.num_threads() - 1 pool tasks, claiming items from a
+// shared counter; returns when all are done. Tasks that start after every item is claimed touch nothing but the
+// shared counters (kept alive by their shared_ptr), so the caller never waits for a task that has not started.
+// body must be copyable; each worker gets its own copy (its own scratch, if it keeps one).
+template <typename Body>
+void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, Body body) {
+  struct Work {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto work = std::make_shared<Work>();
+  auto run = [items, body](Work& w) mutable {
+    for (int64_t i; (i = w.next.fetch_add(1)) < items;) {
+      body(i);
+      w.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, run]() mutable { run(*work); });
+  run(*work);
+  while (work->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
+
+}  // namespace meshserve
