@@ -29,6 +29,10 @@ namespace {
 constexpr int64_t kRows = 6;       // weight rows per panel (packed layout; engine/kernels/__init__.py must agree)
 constexpr int64_t kVecs = 4;       // token vectors per tile: 64 tokens
 constexpr int64_t kTokenBlock = 256;  // tokens per work item: its activations stay in L2 across the item's panels
+// Weights are prefetched this many floats (2 KiB) ahead, into the next panel at a panel's end (panels are
+// contiguous). The hardware prefetcher stops at 4 KiB page boundaries: measured on the AVX-512 VM, a [3072, 576]
+// product at 64 tokens went 348 -> 414 GFLOP/s and a [576, 1536] one 374 -> 410 (the small ones lose ~3%).
+constexpr int64_t kPrefetch = 512;
 
 // y[i][m0 + t] for rows i < rows (<= kRows) and TV * kLanes tokens from m0; x and y have row stride M.
 template <int TV>
@@ -36,6 +40,10 @@ void Tile(const float* __restrict panel, int64_t K, const float* __restrict x, i
           int64_t rows) {
   Vec acc[kRows][TV] = {};
   for (int64_t k = 0; k < K; ++k) {
+    if (k % 8 == 0) {  // the 3 cache lines of weights 8 features hold, kPrefetch floats ahead (see kPrefetch)
+      const char* ahead = reinterpret_cast<const char*>(panel + k * kRows + kPrefetch);
+      for (int line = 0; line < 3; ++line) __builtin_prefetch(ahead + 64 * line, 0, 3);
+    }
     Vec xv[TV];
     for (int j = 0; j < TV; ++j) xv[j] = Load(x + k * M + j * kLanes);
     const float* w = panel + k * kRows;
