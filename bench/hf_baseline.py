@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from engine.config import ModelConfig
-from engine.model import unfuse_layer
+from engine.model import unfuse_layer, unpack_head
 
 
 def hf_config(config: ModelConfig) -> Any:
@@ -59,7 +59,7 @@ def hf_config(config: ModelConfig) -> Any:
 
 def hf_state_dict(config: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     """Engine params (per-layer layout) as HF Llama tensors ([out, in] linear weights), float32 numpy."""
-    p = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(params))
+    p = unpack_head(jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(params)), config)
     d = config.dim
     out = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]}
     if not config.tie_embeddings:

@@ -46,6 +46,7 @@ from engine.model import (
     abstract_params,
     checkpoint_shape,
     rope_angles,
+    runtime_head,
     runtime_layer,
     stacked_axes,
     unfuse_layer,
@@ -341,7 +342,11 @@ class Engine:
         self.param_shardings = tree_shardings(logical, self.rules, self.mesh, abstract)
         # one layer at a time: the extra memory is one layer's weights
         prepare = jax.jit(functools.partial(runtime_layer, config=c, fuse_qkv=self.fuse_qkv, packed=packed))
-        params = {k: prepare(v) if k.startswith("layer_") else v for k, v in params.items()}
+        head = jax.jit(functools.partial(runtime_head, config=c, packed=packed))
+        params = {
+            **head({k: v for k, v in params.items() if not k.startswith("layer_")}),
+            **{k: prepare(v) for k, v in params.items() if k.startswith("layer_")},
+        }
         self.params = jax.device_put(params, self.param_shardings)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.state_shardings = self._state_shardings()

@@ -89,6 +89,8 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "wo_packed": (None, None, None),
     "w_gate_up_packed": (None, "embed", None),
     "w_down_packed": (None, "mlp", None),
+    "embed_packed": (None, "embed", None),
+    "lm_head_packed": (None, "embed", None),
 }
 # Logical axes of one KV cache page, per layer and page: keys are stored transposed (see _decode_attention).
 K_CACHE_AXES = ("slots", "kv_heads", "head_dim", "cache_seq")
@@ -167,6 +169,10 @@ class Packed:
     def unpack(w: jax.Array, out: int) -> jax.Array:
         """The inverse of `pack`: [ceil(out / rows), in, rows] -> [out, in]."""
         return w.transpose(0, 2, 1).reshape(-1, w.shape[1])[:out]
+
+    def rows_of(self, w: jax.Array, index: jax.Array) -> jax.Array:
+        """Rows `index` [M] of a packed weight -> [M, in] (an embedding lookup in a packed tied head)."""
+        return w[index // self.rows, :, index % self.rows]
 
 
 def packed_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -393,9 +399,14 @@ class Transformer(nn.Module):
         cache pages in decode.
         """
         c = self.config
-        embed = _param(self, "embed", (c.vocab_size, c.dim), self.dtype, nn.initializers.normal(0.02))
+        normal, pk, v = nn.initializers.normal(0.02), self.packed, c.vocab_size
         b, t = tokens.shape
-        x = jnp.take(embed, tokens.reshape(b * t), axis=0).T  # [D, M], feature-major (see Block)
+        if pk is not None and c.tie_embeddings:  # the head's packed weight, whose rows are the embeddings
+            embed = _param(self, "embed_packed", pk.shape(v, c.dim), self.dtype, normal)
+            x = pk.rows_of(embed, tokens.reshape(b * t)).T
+        else:
+            embed = _param(self, "embed", (v, c.dim), self.dtype, normal)
+            x = jnp.take(embed, tokens.reshape(b * t), axis=0).T  # [D, M], feature-major (see Block)
         if rope is None:
             rope = rope_angles(positions, c)
         kv = []
@@ -414,8 +425,13 @@ class Transformer(nn.Module):
         if c.tie_embeddings:
             head = embed
         else:
-            head = _param(self, "lm_head", (c.vocab_size, c.dim), self.dtype, nn.initializers.normal(0.02))
-        logits = jnp.einsum("VD,DBT->VBT", head, x).astype(jnp.float32)
+            name = "lm_head" if pk is None else "lm_head_packed"
+            head = _param(self, name, (v, c.dim) if pk is None else pk.shape(v, c.dim), self.dtype, normal)
+        if pk is None:
+            logits = jnp.einsum("VD,DBT->VBT", head, x)
+        else:
+            logits = pk.product(head, x.reshape(c.dim, -1), v).reshape(v, *x.shape[1:])
+        logits = logits.astype(jnp.float32)
         return (logits if vocab_major else logits.transpose(1, 2, 0)), tuple(kv)
 
 
@@ -516,6 +532,31 @@ def _rows(a: Any, start: int, stop: int | None, shape: tuple[int, ...]) -> Any:
     if isinstance(a, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(shape, a.dtype)
     return a[start:stop].reshape(shape)
+
+
+def runtime_head(top: dict[str, Any], config: ModelConfig, packed: Packed | None) -> dict[str, Any]:
+    """The arrays outside the layers (embed, lm_head, final_norm), in whichever layout, converted to the one a model
+    with `packed` runs: the output head packed (a tied embedding packed whole; the model gathers the embedding rows
+    from its panels). jnp: works inside jit."""
+    out = unpack_head(top, config)
+    if packed is not None:
+        name = "embed" if config.tie_embeddings else "lm_head"
+        out[f"{name}_packed"] = packed.pack(out.pop(name))
+    return out
+
+
+def unpack_head(top: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """The inverse of `runtime_head`'s packing: embed / lm_head [V, D] again; arrays or ShapeDtypeStructs."""
+    out = dict(top)
+    for name in ("embed", "lm_head"):
+        if (a := out.pop(f"{name}_packed", None)) is not None:
+            shape = (config.vocab_size, config.dim)
+            out[name] = (
+                jax.ShapeDtypeStruct(shape, a.dtype)
+                if isinstance(a, jax.ShapeDtypeStruct)
+                else Packed.unpack(a, shape[0])
+            )
+    return out
 
 
 def _split_qkv(layer: dict[str, Any], config: ModelConfig) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import pytest
 from engine import kernels
 from engine.config import tiny_config
 from engine.engine import Engine, EngineConfig
-from engine.model import Packed, decode_attention_xla, init_params, unfuse_layer
+from engine.model import Packed, decode_attention_xla, init_params, unfuse_layer, unpack_head
 from engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler to build the kernel with")
@@ -206,9 +206,9 @@ def test_linear_kernel_rejects_mismatched_shapes():
         kernels.linear(wp.astype(jnp.bfloat16), jnp.zeros((8, 4), jnp.bfloat16), 12)
 
 
-def run_packed(linear: str, num_slots: int):
+def run_packed(linear: str, num_slots: int, **model: object):
     """Greedy tokens and logprobs of three requests of different lengths on a tiny random model."""
-    cfg = tiny_config()
+    cfg = tiny_config(**model)
     config = dataclasses.replace(ENGINE_CONFIG, num_slots=num_slots, linear=linear)
     eng = Engine(cfg, init_params(cfg, jnp.float32), config)
     rng = np.random.default_rng(5)
@@ -225,18 +225,26 @@ def run_packed(linear: str, num_slots: int):
     return eng, tokens, np.concatenate(logprobs)
 
 
-@pytest.mark.parametrize("num_slots", [3, 16])  # decode through the padded tail, and through one 16-token tile
-def test_engine_decodes_the_same_with_packed_weights_and_with_xla_dots(num_slots):
-    eng_k, tokens_k, logprobs_k = run_packed("kernel", num_slots)
-    eng_x, tokens_x, logprobs_x = run_packed("xla", num_slots)
+# decode through the padded tail and through one 16-token tile; an untied head with q/k/v biases (Qwen2) and a
+# head tied to the embedding (SmolLM2), whose rows the model then gathers from the packed head
+@pytest.mark.parametrize(("num_slots", "model"), [(3, {}), (16, {}), (16, {"tie_embeddings": True, "qkv_bias": True})])
+def test_engine_decodes_the_same_with_packed_weights_and_with_xla_dots(num_slots, model):
+    eng_k, tokens_k, logprobs_k = run_packed("kernel", num_slots, **model)
+    eng_x, tokens_x, logprobs_x = run_packed("xla", num_slots, **model)
     assert (eng_k.linear, eng_x.linear) == ("kernel", "xla")
     assert "wqkv_packed" in eng_k.params["layer_0"] and "wqkv" not in eng_k.params["layer_0"]
     assert all(len(t) == 39 for t in tokens_k)
     assert tokens_k == tokens_x
     np.testing.assert_allclose(logprobs_k, logprobs_x, atol=1e-4)
     # the packed copy unpacks to exactly the weights the XLA engine runs
-    for name, a in unfuse_layer(eng_x.params["layer_1"], eng_x.model_config).items():
-        np.testing.assert_array_equal(np.asarray(unfuse_layer(eng_k.params["layer_1"], eng_k.model_config)[name]), a)
+    cfg = eng_k.model_config
+    for name, a in unfuse_layer(eng_x.params["layer_1"], cfg).items():
+        np.testing.assert_array_equal(np.asarray(unfuse_layer(eng_k.params["layer_1"], cfg)[name]), a)
+    head = "embed_packed" if cfg.tie_embeddings else "lm_head_packed"
+    assert head in eng_k.params
+    top = {k: v for k, v in eng_k.params.items() if not k.startswith("layer_")}
+    for name, a in unpack_head(top, cfg).items():
+        np.testing.assert_array_equal(np.asarray(a), eng_x.params[name])
 
 
 def test_auto_packs_weights_from_16_slots_on_one_cpu_device_in_float32():
