@@ -80,7 +80,7 @@ class Options:
     page_size: int = 64
     decode_steps: int = 8
     prefills_per_step: int = 4
-    prefill_segments: int = 8
+    prefill_segments: int = 32
     prefix_cache_len: int = 256
     """Prefix cache positions (0: off). Every offline run and TTFT measurement starts with it empty."""
     attention: str = "auto"

@@ -38,7 +38,9 @@ _MAX_PREFILL_LEN = flags.DEFINE_integer("max_prefill_len", 256, "Longest prompt.
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 64, "KV cache page length.")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
 _PREFILLS_PER_STEP = flags.DEFINE_integer("prefills_per_step", 4, "Most prefills between two decode dispatches.")
-_PREFILL_SEGMENTS = flags.DEFINE_integer("prefill_segments", 8, "Most prompts packed into one prefill call.")
+_PREFILL_SEGMENTS = flags.DEFINE_integer(
+    "prefill_segments", 32, "Most prompts packed into one prefill call (one per 8 of its tokens at most)."
+)
 _PREFIX_CACHE_LEN = flags.DEFINE_integer(
     "prefix_cache_len", 256, "Prefix cache positions (0: off); every timed run starts with it empty."
 )

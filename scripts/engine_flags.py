@@ -32,7 +32,9 @@ _PREFILLS_PER_STEP = flags.DEFINE_integer(
     "inter-token latency of running requests steady.",
 )
 _PREFILL_SEGMENTS = flags.DEFINE_integer(
-    "prefill_segments", 8, "Most prompts packed into one prefill call (their total within max_prefill_len)."
+    "prefill_segments",
+    32,
+    "Most prompts packed into one prefill call (their total within max_prefill_len, one per 8 of its tokens at most).",
 )
 _PREFIX_CACHE_LEN = flags.DEFINE_integer(
     "prefix_cache_len",

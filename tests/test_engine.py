@@ -317,11 +317,16 @@ def test_short_dispatches_while_a_slot_is_free(engine):
 # ----- packed prefill ---------------------------------------------------------------------------------------------
 
 
-def test_packs_respect_length_and_segment_limits(engine):
-    # max_prefill_len 32, prefill_segments 8: a pack closes when the next prompt would overflow either
+def test_packs_respect_length_and_row_limits(engine):
+    # max_prefill_len 32: 8 prompts per call at most; a pack closes when the next prompt would overflow either
     assert engine.packs([30, 3, 32, 1, 1, 1, 1, 1, 1, 1, 1, 1, 20, 13]) == [
         [0], [1], [2], [3, 4, 5, 6, 7, 8, 9, 10], [11, 12], [13],
     ]  # fmt: skip
+    # a call of T >= 64 tokens takes up to T // 8 prompts (16 at 128), within prefill_segments
+    cfg = engine.model_config
+    wide = Engine(cfg, engine.params, dataclasses.replace(ENGINE_CONFIG, max_prefill_len=128, prefill_segments=12))
+    assert [wide.prefill_rows(t) for t in (16, 64, 128)] == [8, 8, 12]
+    assert wide.packs([1] * 10 + [70] + [1] * 12) == [list(range(8)), [8, 9, 10, *range(11, 20)], [20, 21, 22]]
 
 
 @pytest.fixture(scope="module")

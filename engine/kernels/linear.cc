@@ -56,21 +56,35 @@ void Tile(const float* __restrict panel, int64_t K, const float* __restrict x, i
     for (int j = 0; j < TV; ++j) Store(y + i * M + j * kLanes, acc[i][j]);
 }
 
-// Tokens [m0, m1) of one panel: full 64-token tiles, then 16-token ones, then the last < 16 tokens through a
-// zero-padded copy (`pad`: K * kLanes floats).
-void Panel(const float* panel, int64_t K, const float* x, int64_t M, float* y, int64_t rows, int64_t m0, int64_t m1,
-           std::vector<float>& pad) {
-  int64_t m = m0;
-  for (; m + kVecs * kLanes <= m1; m += kVecs * kLanes) Tile<kVecs>(panel, K, x + m, M, y + m, rows);
-  for (; m + kLanes <= m1; m += kLanes) Tile<1>(panel, K, x + m, M, y + m, rows);
-  if (m == m1) return;
-  const int64_t tail = m1 - m;
-  if (pad.empty()) pad.resize(K * kLanes + kRows * kLanes);
-  float *px = pad.data(), *py = pad.data() + K * kLanes;
-  std::fill(px, px + K * kLanes, 0.0f);
-  for (int64_t k = 0; k < K; ++k) std::memcpy(px + k * kLanes, x + k * M + m, tail * sizeof(float));
-  Tile<1>(panel, K, px, kLanes, py, rows);
-  for (int64_t i = 0; i < rows; ++i) std::memcpy(y + i * M + m, py + i * kLanes, tail * sizeof(float));
+// One work item: panels [p0, p1) (rows past N dropped) x tokens [m0, m1). Tokens go through 64-token tiles, then
+// one tile of the 16-48 left; the last < 16 through a zero-padded copy (`pad`) made once for all of the item's
+// panels.
+void Run(const float* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t p0, int64_t p1,
+         int64_t m0, int64_t m1, std::vector<float>& pad) {
+  const int64_t whole = m0 + (m1 - m0) / kLanes * kLanes, tail = m1 - whole;
+  float *px = nullptr, *py = nullptr;
+  if (tail > 0) {
+    pad.assign(K * kLanes + kRows * kLanes, 0.0f);
+    px = pad.data();
+    py = px + K * kLanes;
+    for (int64_t k = 0; k < K; ++k) std::memcpy(px + k * kLanes, x + k * M + whole, tail * sizeof(float));
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* panel = w + p * K * kRows;
+    float* yp = y + p * kRows * M;
+    const int64_t rows = std::min(kRows, N - p * kRows);
+    int64_t m = m0;
+    for (; m + kVecs * kLanes <= whole; m += kVecs * kLanes) Tile<kVecs>(panel, K, x + m, M, yp + m, rows);
+    switch ((whole - m) / kLanes) {  // the 1-3 whole vectors left: one tile, one pass over the panel
+      case 3: Tile<3>(panel, K, x + m, M, yp + m, rows); break;
+      case 2: Tile<2>(panel, K, x + m, M, yp + m, rows); break;
+      case 1: Tile<1>(panel, K, x + m, M, yp + m, rows); break;
+    }
+    if (tail > 0) {
+      Tile<1>(panel, K, px, kLanes, py, rows);
+      for (int64_t i = 0; i < rows; ++i) std::memcpy(yp + i * M + whole, py + i * kLanes, tail * sizeof(float));
+    }
+  }
 }
 
 ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ffi::F32> x,
@@ -92,8 +106,7 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ff
   meshserve::ParallelFor(pool, runs * blocks, [=, pad = std::vector<float>()](int64_t item) mutable {
     const int64_t m0 = (item % blocks) * kTokenBlock, m1 = std::min(M, m0 + kTokenBlock);
     const int64_t p0 = (item / blocks) * run, p1 = std::min(panels, p0 + run);
-    for (int64_t p = p0; p < p1; ++p)
-      Panel(w + p * K * kRows, K, xs, M, ys + p * kRows * M, std::min(kRows, N - p * kRows), m0, m1, pad);
+    Run(w, N, K, xs, M, ys, p0, p1, m0, m1, pad);
   });
   return ffi::Error::Success();
 }
