@@ -148,7 +148,9 @@ class Packed:
     """Linear weights stored packed for a hand-written product instead of [out, in] for XLA's dot.
 
     Each [out, in] weight is held as panels of `rows` rows interleaved per input feature, [ceil(out / rows), in,
-    rows] (the rows past `out` zero), and `product(w_packed, x [in, M], out)` returns [out, M]. The engine passes
+    rows] (the rows past `out` zero), and `product(w_packed, x [in, M], out, residual=None, gated=False)` returns
+    [out, M], plus `residual` when given. The MLP's gate and up weights share panels (`pack_gated`: half of each
+    panel's rows from each), and their product with gated=True is silu(gate x) * (up x) [F, M]. The engine passes
     engine.kernels' (see there for why and how much faster) and converts its weights with `pack_layer`; the model
     only knows the layout. Used with q/k/v fused and no mesh axis splitting any weight."""
 
@@ -169,6 +171,21 @@ class Packed:
     def unpack(w: jax.Array, out: int) -> jax.Array:
         """The inverse of `pack`: [ceil(out / rows), in, rows] -> [out, in]."""
         return w.transpose(0, 2, 1).reshape(-1, w.shape[1])[:out]
+
+    def pack_gated(self, w: jax.Array) -> jax.Array:
+        """Gate and up rows [2F, in] (gate first) -> [ceil(F / half), in, rows]: each panel holds `half` = rows / 2
+        gate rows, then the same rows of up (jnp: works inside jit)."""
+        f, half = w.shape[0] // 2, self.rows // 2
+        panels = -(-f // half)
+        parts = [jnp.pad(p, ((0, panels * half - f), (0, 0))).reshape(panels, half, -1) for p in (w[:f], w[f:])]
+        return jnp.concatenate(parts, axis=1).transpose(0, 2, 1)
+
+    @staticmethod
+    def unpack_gated(w: jax.Array, f: int) -> jax.Array:
+        """The inverse of `pack_gated`: -> [2F, in]."""
+        half = w.shape[2] // 2
+        rows = w.transpose(0, 2, 1)  # [panels, rows, in]
+        return jnp.concatenate([rows[:, :half].reshape(-1, w.shape[1])[:f], rows[:, half:].reshape(-1, w.shape[1])[:f]])
 
     def rows_of(self, w: jax.Array, index: jax.Array) -> jax.Array:
         """Rows `index` [M] of a packed weight -> [M, in] (an embedding lookup in a packed tied head)."""
@@ -220,8 +237,12 @@ class Block(nn.Module):
             pk = self.packed
             packed = {name: _param(self, f"{name}_packed", pk.shape(*s), dt, normal) for name, s in shapes.items()}
 
-            def product(name: str, y: jax.Array) -> jax.Array:  # weight [out, in] x y [in, M] -> [out, M]
-                return pk.product(packed[name], y, shapes[name][0])
+            def product(name: str, y: jax.Array, residual: jax.Array | None = None) -> jax.Array:
+                """weight [out, in] x y [in, M] -> [out, M], plus `residual` [out, M] if given."""
+                return pk.product(packed[name], y, shapes[name][0], residual=residual)
+
+            def swiglu(y: jax.Array) -> jax.Array:  # silu(gate y) * (up y) [F, M], the [2F, M] product never stored
+                return pk.product(packed["w_gate_up"], y, f, gated=True)
 
         else:
             dense = {"wo": _param(self, "wo", (d, n, h), dt, normal).reshape(d, n * h)}
@@ -233,10 +254,12 @@ class Block(nn.Module):
             w_gate_up = _param(self, "w_gate_up", (2, f, d), dt, normal)
             dense["w_down"] = _param(self, "w_down", (d, f), dt, normal)
 
-            def product(name: str, y: jax.Array) -> jax.Array:  # as above; w_gate_up's result [2, F, M]
-                if name == "w_gate_up":  # not flattened to [2F, D]: under tensor parallelism F is split
-                    return jnp.einsum("CFD,DM->CFM", w_gate_up, y)
-                return dense[name] @ y
+            def product(name: str, y: jax.Array, residual: jax.Array | None = None) -> jax.Array:  # as above
+                return dense[name] @ y if residual is None else residual + dense[name] @ y
+
+            def swiglu(y: jax.Array) -> jax.Array:  # as above
+                gate_up = jnp.einsum("CFD,DM->CFM", w_gate_up, y)  # [2, F, M]: under tensor parallelism F is split
+                return jax.nn.silu(gate_up[0]) * gate_up[1]
 
         def token_major(y: jax.Array) -> jax.Array:  # [heads, H, M] -> [B, T, heads, H]
             # the heads were split off before this transpose: sharded over heads, the split needs no collective
@@ -266,12 +289,11 @@ class Block(nn.Module):
                 out, k_pages, v_pages = attend(q[:, 0], k_new[:, 0], v_new[:, 0], cache[0], cache[1], lengths)
                 out = out[:, None]
                 kv_out = (k_pages, v_pages)
-            x = x + product("wo", out.reshape(b * t, n, h).transpose(1, 2, 0).reshape(n * h, b * t))
+            x = product("wo", out.reshape(b * t, n, h).transpose(1, 2, 0).reshape(n * h, b * t), residual=x)
 
         with jax.named_scope("mlp"):
             y = jax.lax.optimization_barrier(rms_norm(x, mlp_norm, c.rms_norm_eps, axis=0))
-            gate_up = product("w_gate_up", y).reshape(2, f, -1)  # [2, F, M]
-            x = x + product("w_down", jax.nn.silu(gate_up[0]) * gate_up[1])
+            x = product("w_down", swiglu(y), residual=x)
         return x, kv_out
 
 
@@ -509,7 +531,8 @@ def pack_layer(layer: dict[str, Any], config: ModelConfig, packed: Packed) -> di
     under the names `<name>_packed` (jnp: works inside jit)."""
     out = dict(layer)
     for name, (rows, cols) in packed_shapes(config).items():
-        out[f"{name}_packed"] = packed.pack(out.pop(name).reshape(rows, cols))
+        pack = packed.pack_gated if name == "w_gate_up" else packed.pack
+        out[f"{name}_packed"] = pack(out.pop(name).reshape(rows, cols))
     return out
 
 
@@ -522,6 +545,8 @@ def unpack_layer(layer: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
             shape = runtime.get(name, (rows, cols))
             if isinstance(a, jax.ShapeDtypeStruct):
                 out[name] = jax.ShapeDtypeStruct(shape, a.dtype)
+            elif name == "w_gate_up":
+                out[name] = Packed.unpack_gated(a, config.mlp_dim).reshape(shape)
             else:
                 out[name] = Packed.unpack(a, rows).reshape(shape)
     return out

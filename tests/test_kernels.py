@@ -185,23 +185,45 @@ PACKED = Packed(kernels.PANEL_ROWS, kernels.linear)
 def test_linear_kernel_matches_numpy(n, k, m):
     rng = np.random.default_rng(n * 1000 + m)
     w, x = rng.standard_normal((n, k), np.float32), rng.standard_normal((k, m), np.float32)
+    residual = rng.standard_normal((n, m), np.float32)
     wp = PACKED.pack(jnp.asarray(w))
     assert wp.shape == (-(-n // 6), k, 6)
     np.testing.assert_array_equal(np.asarray(Packed.unpack(wp, n)), w)
     kernels.load()
-    got = np.asarray(jax.jit(kernels.linear, static_argnums=2)(wp, jnp.asarray(x), n))
     want = w.astype(np.float64) @ x.astype(np.float64)
+    tol = dict(rtol=1e-5, atol=1e-5 * np.sqrt(k))
+    got = np.asarray(jax.jit(kernels.linear, static_argnums=2)(wp, jnp.asarray(x), n))
     assert got.shape == (n, m)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+    np.testing.assert_allclose(got, want, **tol)
+    with_residual = jax.jit(lambda w, x, r: kernels.linear(w, x, n, residual=r), donate_argnums=2)
+    np.testing.assert_allclose(
+        np.asarray(with_residual(wp, jnp.asarray(x), jnp.asarray(residual))), want + residual, **tol
+    )
+    # gated: w's rows as a gate and an up weight of n // 2 rows each; y = silu(gate x) * (up x)
+    f = n // 2
+    if f:
+        gp = PACKED.pack_gated(jnp.asarray(w[: 2 * f]))
+        assert gp.shape == (-(-f // 3), k, 6)
+        np.testing.assert_array_equal(np.asarray(Packed.unpack_gated(gp, f)), w[: 2 * f])
+        # each row sums in the same order as in the plain product: only the epilogue's silu may round differently
+        plain = np.asarray(kernels.linear(PACKED.pack(jnp.asarray(w[: 2 * f])), jnp.asarray(x), 2 * f), np.float64)
+        gate, up = plain[:f], plain[f:]
+        swiglu = gate / (1 + np.exp(-gate)) * up
+        got = np.asarray(jax.jit(lambda w, x: kernels.linear(w, x, f, gated=True))(gp, jnp.asarray(x)))
+        np.testing.assert_allclose(got, swiglu, rtol=1e-5, atol=1e-6 * np.abs(swiglu).max())
 
 
 def test_linear_kernel_rejects_mismatched_shapes():
     kernels.load()
     wp = jnp.zeros((2, 8, 6), jnp.float32)
-    with pytest.raises(ValueError, match=r"cannot multiply a packed weight \(2, 8, 6\) \(N=13\)"):
+    with pytest.raises(ValueError, match=r"cannot multiply a packed weight \(2, 8, 6\) \(N=13, gated=False\)"):
         kernels.linear(wp, jnp.zeros((8, 4), jnp.float32), 13)  # 13 rows need 3 panels
     with pytest.raises(ValueError, match="cannot multiply"):
         kernels.linear(wp, jnp.zeros((9, 4), jnp.float32), 12)
+    with pytest.raises(ValueError, match="cannot multiply"):
+        kernels.linear(wp, jnp.zeros((8, 4), jnp.float32), 12, gated=True)  # 12 gated rows need 4 panels
+    with pytest.raises(ValueError, match=r"the residual must be \(12, 4\)"):
+        kernels.linear(wp, jnp.zeros((8, 4), jnp.float32), 12, residual=jnp.zeros((12, 5), jnp.float32))
     with pytest.raises(TypeError, match="float32"):
         kernels.linear(wp.astype(jnp.bfloat16), jnp.zeros((8, 4), jnp.bfloat16), 12)
 

@@ -136,11 +136,19 @@ def decode_attention(
     return out, tuple(pages[:n]), tuple(pages[n:])
 
 
-def linear(wp: jax.Array, x: jax.Array, n: int) -> jax.Array:
+def linear(wp: jax.Array, x: jax.Array, n: int, *, residual: jax.Array | None = None, gated: bool = False) -> jax.Array:
     """y [N, M] = W x for a weight W [N, K] packed in panels of PANEL_ROWS rows (wp [ceil(N / 6), K, 6], see
-    `engine.model.Packed`) and x [K, M]; float32 on CPU; call `load()` first."""
+    `engine.model.Packed`) and x [K, M]; plus `residual` [N, M] when given (its buffer is reused for y where XLA
+    can give it up). gated: wp holds a gate and an up weight [N, K] each, packed by `Packed.pack_gated` ([ceil(N /
+    3), K, 6]), and y = silu(gate x) * (up x). float32 on CPU; call `load()` first."""
     if wp.dtype != jnp.float32 or x.dtype != jnp.float32:
         raise TypeError(f"the CPU linear kernel takes float32, got {wp.dtype} and {x.dtype}")
-    if wp.ndim != 3 or wp.shape[2] != PANEL_ROWS or wp.shape[0] != -(-n // PANEL_ROWS) or x.shape[0] != wp.shape[1]:
-        raise ValueError(f"cannot multiply a packed weight {wp.shape} (N={n}) by x {x.shape}")
-    return jax.ffi.ffi_call(LINEAR, jax.ShapeDtypeStruct((n, x.shape[1]), x.dtype))(wp, x)
+    rows = PANEL_ROWS // 2 if gated else PANEL_ROWS
+    if wp.ndim != 3 or wp.shape[2] != PANEL_ROWS or wp.shape[0] != -(-n // rows) or x.shape[0] != wp.shape[1]:
+        raise ValueError(f"cannot multiply a packed weight {wp.shape} (N={n}, gated={gated}) by x {x.shape}")
+    out = jax.ShapeDtypeStruct((n, x.shape[1]), x.dtype)
+    if residual is None:
+        return jax.ffi.ffi_call(LINEAR, out)(wp, x, gated=gated)
+    if residual.shape != out.shape or residual.dtype != x.dtype:
+        raise ValueError(f"the residual must be {out.shape} {x.dtype}, got {residual.shape} {residual.dtype}")
+    return jax.ffi.ffi_call(LINEAR, out, input_output_aliases={2: 0})(wp, x, residual, gated=gated)

@@ -19,6 +19,25 @@ typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(si
 inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
 
+// exp(x) for x <= 0 (softmax inputs minus their max), ~1 ulp: x = k ln2 + r with |r| <= ln2 / 2, e^r by a
+// degree-6 polynomial, 2^k through the exponent bits. Inputs below -87 give ~0 instead of denormals.
+inline Vec ExpNonPositive(Vec x) {
+  typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  x = x < -87.0f ? Vec{} - 87.0f : x;
+  const Vec k = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f - 0.5f, IVec), Vec);
+  const Vec r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 in two parts keeps r exact
+  Vec e = 1.0f / 120 + r * (1.0f / 720);
+  e = 1.0f / 24 + r * e;
+  e = 1.0f / 6 + r * e;
+  e = 0.5f + r * e;
+  e = 1.0f + r * e;
+  e = 1.0f + r * e;
+  const IVec bits = (__builtin_convertvector(k, IVec) + 127) << 23;
+  Vec scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return e * scale;
+}
+
 // Runs body(i) for i in [0, items) on the caller and up to pool.num_threads() - 1 pool tasks, claiming items from a
 // shared counter; returns when all are done. Tasks that start after every item is claimed touch nothing but the
 // shared counters (kept alive by their shared_ptr), so the caller never waits for a task that has not started.

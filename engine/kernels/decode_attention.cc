@@ -21,6 +21,7 @@ namespace ffi = xla::ffi;
 using meshserve::kLanes;
 using meshserve::Load;
 using meshserve::Store;
+using meshserve::ExpNonPositive;
 using meshserve::Vec;
 
 namespace {
@@ -96,25 +97,6 @@ void ForBlocks(int64_t G, F&& f) {
       default: f(g, std::integral_constant<int, 4>()); break;
     }
   }
-}
-
-// exp(x) for x <= 0 (softmax inputs minus their max), ~1 ulp: x = k ln2 + r with |r| <= ln2 / 2, e^r by a
-// degree-6 polynomial, 2^k through the exponent bits. Inputs below -87 give ~0 instead of denormals.
-inline Vec ExpNonPositive(Vec x) {
-  typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-  x = x < -87.0f ? Vec{} - 87.0f : x;
-  const Vec k = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f - 0.5f, IVec), Vec);
-  const Vec r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 in two parts keeps r exact
-  Vec e = 1.0f / 120 + r * (1.0f / 720);
-  e = 1.0f / 24 + r * e;
-  e = 1.0f / 6 + r * e;
-  e = 0.5f + r * e;
-  e = 1.0f + r * e;
-  e = 1.0f + r * e;
-  const IVec bits = (__builtin_convertvector(k, IVec) + 127) << 23;
-  Vec scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return e * scale;
 }
 
 // In-place softmax over x[0, n).

@@ -1,9 +1,13 @@
 // y [N, M] = W [N, K] x [K, M] with W packed ahead of time, for XLA:CPU through the XLA FFI.
 //
 // The model's products are [out, in] weights times feature-major activations [in, tokens]. The weight arrives
-// packed in panels of kRows rows, wp [ceil(N / kRows), K, kRows]: panel p holds rows p * kRows ... interleaved per
-// input feature (the rows past N are zero), so one pass over a panel is one contiguous stream. Arguments: wp, x
-// [K, M]; result y [N, M]; all float32.
+// packed in panels of kRows rows, wp [panels, K, kRows]: a panel's rows interleaved per input feature, so one pass
+// over a panel is one contiguous stream (the rows past the weight's end are zero). Arguments: wp, x [K, M], and
+// optionally a residual [N, M]; result y [N, M]; all float32. Epilogues, applied as a tile is stored:
+// - residual: y = residual + W x (y may alias the residual: the model's residual stream, updated in place);
+// - gated (attribute): each panel holds 3 rows of a gate weight then the 3 matching rows of an up weight, and
+//   y = silu(gate x) * (up x), [N, M] with N the gate's rows (SwiGLU's first half, without the [2N, M] product
+//   ever reaching memory).
 //
 // Why a kernel: XLA:CPU's library GEMM repacks its operands on every call. At 64 tokens a [3072, 576] product is
 // ~0.2 GFLOP, and in a decode step, one after another, those products ran at ~240 GFLOP/s against the ~400 the
@@ -14,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -34,10 +39,23 @@ constexpr int64_t kTokenBlock = 256;  // tokens per work item: its activations s
 // product at 64 tokens went 348 -> 414 GFLOP/s and a [576, 1536] one 374 -> 410 (the small ones lose ~3%).
 constexpr int64_t kPrefetch = 512;
 
-// y[i][m0 + t] for rows i < rows (<= kRows) and TV * kLanes tokens from m0; x and y have row stride M.
+struct Epilogue {
+  const float* residual = nullptr;  // added to the product, [N, M] (row stride M)
+  bool gated = false;               // rows i < 3 of a tile: silu(acc[i]) * acc[i + 3]
+  int64_t Rows() const { return gated ? kRows / 2 : kRows; }  // output rows per panel
+};
+
+// silu(x) = x * sigmoid(x), with e = exp(-|x|) <= 1: sigmoid is 1 / (1 + e) for x >= 0 and e / (1 + e) below.
+inline Vec Silu(Vec x) {
+  const Vec e = meshserve::ExpNonPositive(x < 0.0f ? x : -x);
+  return x * ((x < 0.0f ? e : Vec{} + 1.0f) / (1.0f + e));
+}
+
+// The first `rows` output rows of one panel for TV * kLanes tokens: y (row stride M) from x (row stride xm);
+// `residual` (row stride M) is the residual at the same place, or null.
 template <int TV>
-void Tile(const float* __restrict panel, int64_t K, const float* __restrict x, int64_t M, float* __restrict y,
-          int64_t rows) {
+void Tile(const float* __restrict panel, int64_t K, const float* __restrict x, int64_t xm, float* y, int64_t M,
+          int64_t rows, const float* residual, bool gated) {
   Vec acc[kRows][TV] = {};
   for (int64_t k = 0; k < K; ++k) {
     if (k % 8 == 0) {  // the 3 cache lines of weights 8 features hold, kPrefetch floats ahead (see kPrefetch)
@@ -45,7 +63,7 @@ void Tile(const float* __restrict panel, int64_t K, const float* __restrict x, i
       for (int line = 0; line < 3; ++line) __builtin_prefetch(ahead + 64 * line, 0, 3);
     }
     Vec xv[TV];
-    for (int j = 0; j < TV; ++j) xv[j] = Load(x + k * M + j * kLanes);
+    for (int j = 0; j < TV; ++j) xv[j] = Load(x + k * xm + j * kLanes);
     const float* w = panel + k * kRows;
     for (int i = 0; i < kRows; ++i) {
       const float b = w[i];
@@ -53,15 +71,19 @@ void Tile(const float* __restrict panel, int64_t K, const float* __restrict x, i
     }
   }
   for (int64_t i = 0; i < rows; ++i)
-    for (int j = 0; j < TV; ++j) Store(y + i * M + j * kLanes, acc[i][j]);
+    for (int j = 0; j < TV; ++j) {
+      Vec v = gated ? Silu(acc[i][j]) * acc[i + kRows / 2][j] : acc[i][j];
+      if (residual != nullptr) v += Load(residual + i * M + j * kLanes);
+      Store(y + i * M + j * kLanes, v);
+    }
 }
 
-// One work item: panels [p0, p1) (rows past N dropped) x tokens [m0, m1). Tokens go through 64-token tiles, then
-// one tile of the 16-48 left; the last < 16 through a zero-padded copy (`pad`) made once for all of the item's
-// panels.
-void Run(const float* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, int64_t p0, int64_t p1,
-         int64_t m0, int64_t m1, std::vector<float>& pad) {
-  const int64_t whole = m0 + (m1 - m0) / kLanes * kLanes, tail = m1 - whole;
+// One work item: panels [p0, p1) x tokens [m0, m1) of y [N, M] (rows past N dropped). Tokens go through 64-token
+// tiles, then one tile of the 16-48 left; the last < 16 through a zero-padded copy of x (`pad`) made once for all
+// of the item's panels.
+void Run(const float* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, const Epilogue& ep,
+         int64_t p0, int64_t p1, int64_t m0, int64_t m1, std::vector<float>& pad) {
+  const int64_t whole = m0 + (m1 - m0) / kLanes * kLanes, tail = m1 - whole, out = ep.Rows();
   float *px = nullptr, *py = nullptr;
   if (tail > 0) {
     pad.assign(K * kLanes + kRows * kLanes, 0.0f);
@@ -71,29 +93,45 @@ void Run(const float* w, int64_t N, int64_t K, const float* x, int64_t M, float*
   }
   for (int64_t p = p0; p < p1; ++p) {
     const float* panel = w + p * K * kRows;
-    float* yp = y + p * kRows * M;
-    const int64_t rows = std::min(kRows, N - p * kRows);
+    float* yp = y + p * out * M;
+    const float* rp = ep.residual == nullptr ? nullptr : ep.residual + p * out * M;
+    const int64_t rows = std::min(out, N - p * out);
+    auto tile = [&](auto tv, int64_t m) {
+      Tile<decltype(tv)::value>(panel, K, x + m, M, yp + m, M, rows, rp == nullptr ? nullptr : rp + m, ep.gated);
+    };
     int64_t m = m0;
-    for (; m + kVecs * kLanes <= whole; m += kVecs * kLanes) Tile<kVecs>(panel, K, x + m, M, yp + m, rows);
+    for (; m + kVecs * kLanes <= whole; m += kVecs * kLanes) tile(std::integral_constant<int, kVecs>(), m);
     switch ((whole - m) / kLanes) {  // the 1-3 whole vectors left: one tile, one pass over the panel
-      case 3: Tile<3>(panel, K, x + m, M, yp + m, rows); break;
-      case 2: Tile<2>(panel, K, x + m, M, yp + m, rows); break;
-      case 1: Tile<1>(panel, K, x + m, M, yp + m, rows); break;
+      case 3: tile(std::integral_constant<int, 3>(), m); break;
+      case 2: tile(std::integral_constant<int, 2>(), m); break;
+      case 1: tile(std::integral_constant<int, 1>(), m); break;
     }
     if (tail > 0) {
-      Tile<1>(panel, K, px, kLanes, py, rows);
-      for (int64_t i = 0; i < rows; ++i) std::memcpy(yp + i * M + whole, py + i * kLanes, tail * sizeof(float));
+      Tile<1>(panel, K, px, kLanes, py, kLanes, rows, nullptr, ep.gated);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t t = 0; t < tail; ++t)
+          yp[i * M + whole + t] = py[i * kLanes + t] + (rp == nullptr ? 0.0f : rp[i * M + whole + t]);
     }
   }
 }
 
-ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ffi::F32> x,
-                  ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs rest,
+                  ffi::ResultBuffer<ffi::F32> y, bool gated) {
   const auto wd = wp.dimensions(), xd = x.dimensions(), yd = y->dimensions();
   if (wd.size() != 3 || wd[2] != kRows) return ffi::Error::InvalidArgument("the packed weight must be [P, K, 6]");
   if (xd.size() != 2 || xd[0] != wd[1]) return ffi::Error::InvalidArgument("x must be [K, M], K as the weight's");
-  if (yd.size() != 2 || yd[1] != xd[1] || (yd[0] + kRows - 1) / kRows != wd[0])
-    return ffi::Error::InvalidArgument("y must be [N, M] with ceil(N / 6) weight panels");
+  Epilogue ep;
+  ep.gated = gated;
+  if (yd.size() != 2 || yd[1] != xd[1] || (yd[0] + ep.Rows() - 1) / ep.Rows() != wd[0])
+    return ffi::Error::InvalidArgument("y must be [N, M] with ceil(N / rows per panel) weight panels");
+  if (rest.size() > 1) return ffi::Error::InvalidArgument("expected at most one residual");
+  if (rest.size() == 1) {
+    auto residual = rest.get<ffi::Buffer<ffi::F32>>(0);
+    if (residual.has_error()) return residual.error();
+    if (residual->element_count() != y->element_count())
+      return ffi::Error::InvalidArgument("the residual must be [N, M], as y");
+    ep.residual = residual->typed_data();
+  }
   const int64_t N = yd[0], K = xd[0], M = xd[1], panels = wd[0];
   if (N == 0 || M == 0) return ffi::Error::Success();
   const float *w = wp.typed_data(), *xs = x.typed_data();
@@ -106,7 +144,7 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ff
   meshserve::ParallelFor(pool, runs * blocks, [=, pad = std::vector<float>()](int64_t item) mutable {
     const int64_t m0 = (item % blocks) * kTokenBlock, m1 = std::min(M, m0 + kTokenBlock);
     const int64_t p0 = (item / blocks) * run, p1 = std::min(panels, p0 + run);
-    Run(w, N, K, xs, M, ys, p0, p1, m0, m1, pad);
+    Run(w, N, K, xs, M, ys, ep, p0, p1, m0, m1, pad);
   });
   return ffi::Error::Success();
 }
@@ -118,4 +156,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveLinear, Linear,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // wp [P, K, 6]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [K, M]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // y [N, M]
+                                  .RemainingArgs()               // the residual [N, M], or nothing
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [N, M]
+                                  .Attr<bool>("gated"));
