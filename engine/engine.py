@@ -714,20 +714,21 @@ class Engine:
         chunk = min(p, n)
         start, ctx_start, ctx_len = prefix.start[row], prefix.ctx_start[row], prefix.ctx_len[row]
 
-        def write(pages: tuple, cached: jax.Array, new: jax.Array, seq_axis: int) -> tuple:
-            # [cached | new] along seq_axis ([K, C + T, H]; keys [K, H, C + T]); slot position i reads cached
-            # position ctx_start + i while i < ctx_len, then new position start + i - ctx_len
-            kv = jnp.concatenate([cached, new], axis=seq_axis)
+        def write(pages: tuple, cached: jax.Array, new: jax.Array, transposed: bool) -> tuple:
+            # cached [K, C, H] and new [K, T, H]; slot position i reads cached position ctx_start + i while
+            # i < ctx_len, then new position start + i - ctx_len. Each page gathers its chunk from both, selects, and
+            # transposes it for key pages ([K, H, P]). Concatenating [cached | new] and transposing whole arrays
+            # first copied all C + T positions of every layer (W2's 256-token packs: 3.4 -> 1.9 ms per insert).
             pages = list(pages)
             for page in range(-(-n // p)):
                 i = page * chunk + jnp.arange(chunk)
-                idx = jnp.where(i < ctx_len, ctx_start + i, c + start + i - ctx_len)
-                piece = jnp.take(kv, jnp.minimum(idx, c + t - 1), axis=seq_axis)[None]
-                pages[page] = jax.lax.dynamic_update_slice(pages[page], piece, (slot, 0, 0, 0))
+                piece = jnp.take(new, jnp.clip(start + i - ctx_len, 0, t - 1), axis=1)
+                if c:  # the prefix cache's positions first
+                    old = jnp.take(cached, jnp.clip(ctx_start + i, 0, c - 1), axis=1)
+                    piece = jnp.where((i < ctx_len)[None, :, None], old, piece)
+                piece = jnp.swapaxes(piece, 1, 2) if transposed else piece
+                pages[page] = jax.lax.dynamic_update_slice(pages[page], piece[None], (slot, 0, 0, 0))
             return tuple(pages)
-
-        def keys(kv: jax.Array) -> jax.Array:
-            return jnp.swapaxes(kv, 1, 2)
 
         token = prefix.token[row]
         sampling_row = jax.tree.map(lambda a: a[row][None], prefix.sampling)
@@ -735,11 +736,8 @@ class Engine:
         sampling = jax.tree.map(lambda all_, one: all_.at[slot].set(one[0]), state.sampling, sampling_row)
         remaining = prefix.remaining[row]
         return DecodeState(
-            k=tuple(
-                write(pages, keys(ck), keys(nk), 2)
-                for pages, ck, nk in zip(state.k, prefix.ctx_k, prefix.k, strict=True)
-            ),
-            v=tuple(write(pages, cv, nv, 1) for pages, cv, nv in zip(state.v, prefix.ctx_v, prefix.v, strict=True)),
+            k=tuple(write(pages, ck, nk, True) for pages, ck, nk in zip(state.k, prefix.ctx_k, prefix.k, strict=True)),
+            v=tuple(write(pages, cv, nv, False) for pages, cv, nv in zip(state.v, prefix.ctx_v, prefix.v, strict=True)),
             lengths=state.lengths.at[slot].set(ctx_len + prefix.length[row]),
             tokens=state.tokens.at[slot].set(token),
             active=state.active.at[slot].set(~first_stops & (remaining > 0)),
