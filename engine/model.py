@@ -155,7 +155,7 @@ class Packed:
     only knows the layout. Used with q/k/v fused and no mesh axis splitting any weight."""
 
     rows: int
-    product: Callable[[jax.Array, jax.Array, int], jax.Array]
+    product: Callable[..., jax.Array]  # (w_packed, x, out, *, residual=None, gated=False) -> [out, M]
 
     def shape(self, out: int, inp: int) -> tuple[int, int, int]:
         return (-(-out // self.rows), inp, self.rows)
@@ -230,11 +230,10 @@ class Block(nn.Module):
         normal, ones, zeros = nn.initializers.normal(0.02), nn.initializers.ones, nn.initializers.zeros
         attn_norm = _param(self, "attn_norm", (d,), dt, ones)
         mlp_norm = _param(self, "mlp_norm", (d,), dt, ones)
-        shapes = packed_shapes(c)
         if self.packed is not None:
             if not self.fuse_qkv:
                 raise ValueError("packed weights need q, k and v fused (fuse_qkv=True)")
-            pk = self.packed
+            pk, shapes = self.packed, packed_shapes(c)
             packed = {name: _param(self, f"{name}_packed", pk.shape(*s), dt, normal) for name, s in shapes.items()}
 
             def product(name: str, y: jax.Array, residual: jax.Array | None = None) -> jax.Array:
