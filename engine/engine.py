@@ -335,10 +335,22 @@ class Engine:
         self.dtype = jnp.dtype(config.dtype)
         self.mesh = mesh or single_device_mesh()
         self.rules, self.sharding_notes = Engine.resolve_rules(c, self.dtype, self.mesh, rules, config)
-        self.attention = self._resolve_attention()
+        k_spec = logical_to_spec(K_CACHE_AXES, self.rules, self.mesh)
+        self.attention = self._resolve_kernel(
+            "attention",
+            "decode attention",
+            "the sharding rules split head_dim or cache_seq, which it needs whole on each device"
+            if k_spec[2] is not None or k_spec[3] is not None
+            else None,
+        )
         # q, k and v as one product wherever no mesh axis splits heads (see fuse_qkv_layer)
         self.fuse_qkv = all(logical_to_spec((a,), self.rules, self.mesh)[0] is None for a in ("q_heads", "kv_heads"))
-        self.linear = self._resolve_linear()
+        self.linear = self._resolve_kernel(
+            "linear",
+            "weight products",
+            f"it runs on one device, and this mesh has {self.mesh.size}" if self.mesh.size != 1 else None,
+            worth_it=self.config.num_slots >= MIN_KERNEL_LINEAR_SLOTS,
+        )
         packed = Packed(kernels.PANEL_ROWS, kernels.linear) if self.linear == "kernel" else None
         attend = self._kernel_attention if self.attention == "kernel" else None
         self.model = Transformer(c, self.dtype, attend, fuse_qkv=self.fuse_qkv, packed=packed)
@@ -488,60 +500,32 @@ class Engine:
                 "max_seq_len, or lower max_seq_len"
             )
 
-    def _resolve_attention(self) -> str:
-        """'kernel' or 'xla' for `config.attention`; 'kernel' where it cannot run is a ValueError saying why."""
-        choice = self.config.attention
+    def _resolve_kernel(self, option: str, what: str, why_not: str | None, worth_it: bool = True) -> str:
+        """'kernel' or 'xla' for `config.<option>` ('auto', 'kernel' or 'xla'). The kernels run on CPU in float32;
+        `why_not` says what else of this engine rules one out (None: nothing), and `worth_it` whether 'auto' should
+        pick it. 'kernel' where it cannot run is a ValueError saying why."""
+        choice = getattr(self.config, option)
         if choice == "xla":
             return "xla"
-        k_spec = logical_to_spec(K_CACHE_AXES, self.rules, self.mesh)
-        why_not = None
         if any(d.platform != "cpu" for d in self.mesh.devices.flat):
             why_not = "it runs on CPU only"
         elif self.dtype != jnp.float32:
             why_not = f"it takes float32, and this engine runs {self.dtype}"
-        elif k_spec[2] is not None or k_spec[3] is not None:
-            why_not = "the sharding rules split head_dim or cache_seq, which it needs whole on each device"
-        if why_not is None:
-            try:
-                library = kernels.load()
-            except kernels.KernelUnavailable as e:
-                if choice == "kernel" or kernels.compiler() is not None:
-                    raise  # a compiler that fails is a bug to report, not a reason to run slower
-                log.warning("decode attention runs as XLA ops: %s", e)
-                return "xla"
-            log.info("decode attention: the CPU kernel (%s)", library.name)
-            return "kernel"
-        if choice == "kernel":
-            raise ValueError(f"attention='kernel' cannot be used here: {why_not}; use attention='xla' or 'auto'")
-        return "xla"
-
-    def _resolve_linear(self) -> str:
-        """'kernel' or 'xla' for `config.linear`; 'kernel' where it cannot run is a ValueError saying why."""
-        choice = self.config.linear
-        if choice == "xla":
+        if why_not is not None:
+            if choice == "kernel":
+                raise ValueError(f"{option}='kernel' cannot be used here: {why_not}; use {option}='xla' or 'auto'")
             return "xla"
-        why_not = None
-        if any(d.platform != "cpu" for d in self.mesh.devices.flat):
-            why_not = "it runs on CPU only"
-        elif self.dtype != jnp.float32:
-            why_not = f"it takes float32, and this engine runs {self.dtype}"
-        elif self.mesh.size != 1:
-            why_not = f"it runs on one device, and this mesh has {self.mesh.size}"
-        elif choice == "auto" and self.config.num_slots < MIN_KERNEL_LINEAR_SLOTS:
-            return "xla"  # see MIN_KERNEL_LINEAR_SLOTS
-        if why_not is None:
-            try:
-                kernels.load()
-            except kernels.KernelUnavailable as e:
-                if choice == "kernel" or kernels.compiler() is not None:
-                    raise
-                log.warning("weight products run as XLA dots: %s", e)
-                return "xla"
-            log.info("weight products: the CPU kernel on packed weights")
-            return "kernel"
-        if choice == "kernel":
-            raise ValueError(f"linear='kernel' cannot be used here: {why_not}; use linear='xla' or 'auto'")
-        return "xla"
+        if choice == "auto" and not worth_it:
+            return "xla"
+        try:
+            library = kernels.load()
+        except kernels.KernelUnavailable as e:
+            if choice == "kernel" or kernels.compiler() is not None:
+                raise  # a compiler that fails is a bug to report, not a reason to run slower
+            log.warning("%s: XLA ops instead of the CPU kernel: %s", what, e)
+            return "xla"
+        log.info("%s: the CPU kernel (%s)", what, library.name)
+        return "kernel"
 
     def _kernel_attention(self, q, k_new, v_new, k_pages, v_pages, lengths):
         """The CPU kernel on each device's slots and kv heads (attention never mixes either, so no collective)."""

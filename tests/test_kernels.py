@@ -100,21 +100,28 @@ ENGINE_CONFIG = EngineConfig(
 )
 
 
-def run_engine(attention: str) -> tuple[str, list[list[int]], np.ndarray]:
-    cfg = tiny_config()
-    eng = Engine(cfg, init_params(cfg, jnp.float32), dataclasses.replace(ENGINE_CONFIG, attention=attention))
-    rng = np.random.default_rng(3)
+def decode_three(config: EngineConfig, max_tokens: int, seed: int, **model: object):
+    """(engine, greedy tokens, logprobs) of three requests of different lengths (windows of 1 to 4 pages as decoding
+    goes on) on a tiny random model."""
+    cfg = tiny_config(**model)
+    eng = Engine(cfg, init_params(cfg, jnp.float32), config)
+    rng = np.random.default_rng(seed)
     state = eng.init_state()
-    params = SamplingParams(max_tokens=70, ignore_eos=True, logprobs=True)
-    for slot, n in enumerate((5, 17, 30)):  # different lengths: windows of 1 to 4 pages as decoding goes on
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, logprobs=True)
+    for slot, n in enumerate((5, 17, 30)):
         state = eng.insert(eng.prefill([int(t) for t in rng.integers(2, 256, n)], params, seed=slot), state, slot)
     tokens, logprobs = [[] for _ in range(3)], []
     while any(eng.slot_active(s) for s in range(3)):
         state, out = eng.generate(state)
         for s in range(3):
             tokens[s] += [int(t) for t, ok in zip(out.tokens[:, s], out.valid[:, s], strict=True) if ok]
-        logprobs.append(np.where(out.valid, out.logprob, 0.0))
-    return eng.attention, tokens, np.concatenate(logprobs)
+        logprobs.append(np.where(out.valid, out.logprob, 0.0)[:, :3])
+    return eng, tokens, np.concatenate(logprobs)
+
+
+def run_engine(attention: str) -> tuple[str, list[list[int]], np.ndarray]:
+    eng, tokens, logprobs = decode_three(dataclasses.replace(ENGINE_CONFIG, attention=attention), 70, 3)
+    return eng.attention, tokens, logprobs
 
 
 def test_engine_decodes_the_same_with_the_kernel_and_with_xla():
@@ -229,22 +236,7 @@ def test_linear_kernel_rejects_mismatched_shapes():
 
 
 def run_packed(linear: str, num_slots: int, **model: object):
-    """Greedy tokens and logprobs of three requests of different lengths on a tiny random model."""
-    cfg = tiny_config(**model)
-    config = dataclasses.replace(ENGINE_CONFIG, num_slots=num_slots, linear=linear)
-    eng = Engine(cfg, init_params(cfg, jnp.float32), config)
-    rng = np.random.default_rng(5)
-    state = eng.init_state()
-    params = SamplingParams(max_tokens=40, ignore_eos=True, logprobs=True)
-    for slot, n in enumerate((5, 17, 30)):
-        state = eng.insert(eng.prefill([int(t) for t in rng.integers(2, 256, n)], params, seed=slot), state, slot)
-    tokens, logprobs = [[] for _ in range(3)], []
-    while any(eng.slot_active(s) for s in range(3)):
-        state, out = eng.generate(state)
-        for s in range(3):
-            tokens[s] += [int(t) for t, ok in zip(out.tokens[:, s], out.valid[:, s], strict=True) if ok]
-        logprobs.append(np.where(out.valid, out.logprob, 0.0)[:, :3])
-    return eng, tokens, np.concatenate(logprobs)
+    return decode_three(dataclasses.replace(ENGINE_CONFIG, num_slots=num_slots, linear=linear), 40, 5, **model)
 
 
 # decode through the padded tail and through one 16-token tile; an untied head with q/k/v biases (Qwen2) and a
