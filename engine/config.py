@@ -228,3 +228,24 @@ def tiny_config(**overrides: Any) -> ModelConfig:
     )
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def llama_1b_config(**overrides: Any) -> ModelConfig:
+    """A ~1.2B-parameter Llama (Llama-3.2-1B shapes, tied 128K vocabulary) for random-weight accelerator runs."""
+    base = dict(
+        vocab_size=128256,
+        dim=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        mlp_dim=8192,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        tie_embeddings=True,
+        bos_token_id=0,
+        eos_token_ids=(1,),
+        name="random-llama-1b",
+    )
+    base.update(overrides)
+    return ModelConfig(**base)

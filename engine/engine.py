@@ -1,20 +1,22 @@
-"""The engine: a preallocated paged KV cache with fixed slots and three jitted steps, prefill -> insert -> generate.
+"""The engine: the weights, a paged KV memory shared by fixed-shape slots, and three jitted steps.
 
-- `prefill_batch(prompts)` runs prompts packed side by side (a few per call, padded to a power-of-two bucket) and
-  samples each one's first token; `prefill` is the one-prompt case. A prompt that starts with tokens held in the
-  prefix cache (a fixed-size ring of earlier prompts' K/V) computes only the rest.
-- `insert(prefix, state, slot)` writes the prompt's K/V (cached, then computed) into a slot of the fixed-shape cache
-  and arms the slot.
+- `prefill_batch(prompts)` runs prompts packed side by side (a few per call, padded to a power-of-two bucket),
+  writes their K/V straight into pages of the pool and samples each one's first token. A prompt whose opening is
+  already cached (an earlier turn of the same chat, a shared system prompt) reuses those pages and computes only the
+  rest; a prompt longer than `max_prefill_len` is computed in chunks, and with a token budget the caller can spread
+  the chunks over several steps (`Prefix.done`).
+- `insert(prefix, state, slot)` arms a slot with a prefilled prompt: its page table row and its sampling knobs.
 - `generate(state, steps)` advances every slot up to `decode_steps` tokens in one dispatch (a loop on device whose
   trip count is an argument), empty and finished slots masked, and copies the tokens back to the host once.
+- `release(state, slot)` ends a slot: its pages are indexed by their tokens (prompt and completion) and stay cached
+  until the memory is needed.
 
-Cache layout: for each layer, k and v are split into S / P pages, each its own buffer: v pages [B, K, P, H] (slots,
-kv heads, positions in the page, head dim) and k pages transposed, [B, K, H, P], so both attention dots are plain
-matrix products. Decode attends over
-the first n pages, n a power of two covering the longest active sequence, so a step reads the cache in proportion to
-what is in use, not to max_seq_len; each page count is one compiled shape. Pages are separate buffers because on
-XLA:CPU a slice of a larger buffer is copied before every dot (measured: a window sliced out of one buffer costs as
-much as reading the whole buffer).
+KV memory (engine.attention, engine.kv): per layer one pool of `kv_pages` pages of `page_size` positions; a slot holds
+a row of a page table, which the host owns and passes to each dispatch. Admission reserves the pages a request can
+ever need (prompt + max_tokens, less the cached pages it shares), so decode never runs dry: a request that does not
+fit waits in the queue, and one that could never fit is refused with the limit named. Decode attends over the first
+`window` pages of each table row (window from 1, 2, 3, 4, 6, 8, ... covering the longest active sequence), one
+compiled shape per window.
 
 Every shape is compiled ahead of time by `warmup()`; afterwards nothing compiles, whatever requests come and go.
 """
@@ -36,11 +38,18 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from engine import kernels
+from engine import kernels, pallas_attention
+from engine.attention import (
+    K_POOL_AXES,
+    SINK_PAGE,
+    V_POOL_AXES,
+    PrefillPaging,
+    context_block_pages,
+    write_decode_kv,
+)
 from engine.config import ModelConfig
+from engine.kv import Match, PagePool
 from engine.model import (
-    K_CACHE_AXES,
-    V_CACHE_AXES,
     Packed,
     Transformer,
     abstract_params,
@@ -69,7 +78,7 @@ log = logging.getLogger(__name__)
 
 
 class CapacityError(ValueError):
-    """The requested slots x context do not fit the device, or a request does not fit the context."""
+    """The requested configuration does not fit the device, or a request does not fit the context or the KV memory."""
 
 
 def default_dtype() -> str:
@@ -92,19 +101,26 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return (*out, hi)
 
 
-ATTENTION_CHOICES = ("auto", "kernel", "xla")
+ATTENTION_CHOICES = ("auto", "kernel", "pallas", "xla")
 # A packed prefill of T tokens computes logits (and samples) for at most max(MIN_PREFILL_ROWS, T //
 # PREFILL_TOKENS_PER_ROW) prompts, and prefill_segments: each row costs a column of the output head and a row of
 # sampling, which a lone prompt pays for every empty row. Measured on the AVX-512 VM (SmolLM2, a 41-token prompt in
-# the 64 bucket): 32 rows 67-70 ms TTFT, 8 rows 59-62 ms. W2's prefill (~10 new tokens per prompt after the prefix
-# cache) packs ~25 prompts per 256-token call: 1.06 -> ~0.8 s against 8 prompts per call.
+# the 64 bucket): 32 rows 67-70 ms TTFT, 8 rows 59-62 ms.
 MIN_PREFILL_ROWS = 8
 PREFILL_TOKENS_PER_ROW = 8
+MAX_PREFILL_SEGMENTS = 32  # a context page names the rows that see it in one int32 bit mask
 LINEAR_CHOICES = ("auto", "kernel", "xla")
 # Slots from which `linear='auto'` packs the weights for the CPU kernel: a decode step's products then fill at least
 # one 16-float vector of tokens; below that XLA's matrix-vector products already stream the weights near the
 # machine's bandwidth, and the kernel would compute 16 lanes for each token.
 MIN_KERNEL_LINEAR_SLOTS = 16
+MIN_PALLAS_GPU_SLOTS = 8
+"""Slots from which `attention='auto'` picks the Pallas kernel on GPU. Measured on an H200 (random 1.1B Llama, bf16,
+1000-token prompts, decode step): 1 slot 1.51 ms Pallas vs 1.37 ms XLA (one program per kv head leaves most of the
+chip idle), 64 slots 2.33 vs 4.19 ms; the attention alone at 8 slots: 61.5 vs 60.7 us, at 64: 90 vs 263 us."""
+MIN_SHARED_TOKENS = 8
+"""A prompt waits for an earlier prompt of the same batch to be cached when they share at least this many more
+tokens than the cache already holds (see `Engine._ready`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,28 +130,35 @@ class EngineConfig:
     num_slots: int = 8
     """B: requests decoded together."""
     max_seq_len: int = 2048
-    """S: cache positions per slot; prompt + max_tokens must fit."""
+    """S: longest sequence (prompt + max_tokens) a slot may hold; a page table row has S / P entries."""
     max_prefill_len: int = 1024
-    """Longest prompt; prefill buckets are powers of two from `min_prefill_len` up to this."""
+    """Most tokens one prefill call computes (the largest bucket); longer prompts are computed in chunks."""
     min_prefill_len: int = 16
     """Smallest prefill bucket."""
     prefill_segments: int = 32
     """Most prompts packed into one prefill call (their total length within `max_prefill_len`); a call of T tokens
     packs at most max(MIN_PREFILL_ROWS, T // PREFILL_TOKENS_PER_ROW) of them (see `Engine.prefill_rows`)."""
-    prefix_cache_len: int = 256
-    """Positions of the prefix cache (0 disables it): prompts' K/V kept after prefill, so a later prompt that starts
-    with the same tokens (a system prompt, the chat template, an earlier turn) computes only the rest."""
     page_size: int = 64
-    """P: cache positions per page; decode reads a power-of-two number of pages covering the longest sequence."""
+    """P: positions per KV page."""
+    kv_pages: int | None = None
+    """Pages in the pool (each holds P positions of every layer); None: sized by `kv_memory_fraction` of the device's
+    memory left after the weights on TPU/GPU, and num_slots * max_seq_len positions on CPU (where the host's RAM is
+    shared with everything else)."""
+    kv_memory_fraction: float = 0.85
+    """Share of the device memory that weights + KV pages may take, when `kv_pages` is None on TPU/GPU."""
+    prefix_caching: bool = True
+    """Keep finished sequences' pages indexed by their tokens, so a prompt that starts the same way (the next turn
+    of a chat, a shared system prompt) computes only the rest."""
     decode_steps: int = 8
     """Decode steps per dispatch: more amortizes host overhead, fewer frees finished slots sooner."""
     dtype: str = dataclasses.field(default_factory=default_dtype)
     """Weights, activations and cache dtype."""
     memory_fraction: float = 0.9
-    """Share of device memory weights + cache may take before start-up refuses."""
+    """Share of device memory weights + KV pages may take before start-up refuses."""
     attention: str = "auto"
-    """Decode attention: 'kernel' (the hand-written CPU kernel, engine.kernels), 'xla' (the jnp formulation, any
-    backend) or 'auto' (the kernel on CPU in float32 where a C++ compiler exists, else xla)."""
+    """Decode attention: 'kernel' (the hand-written CPU kernel, engine.kernels), 'pallas' (engine.pallas_attention's
+    kernels for TPU and GPU), 'xla' (engine.attention's jnp formulation, any backend) or 'auto' (the CPU kernel on
+    CPU in float32 where a C++ compiler exists, Pallas on TPU/GPU where it takes the shapes, else xla)."""
     linear: str = "auto"
     """Weight products: 'kernel' (weights packed at load for the hand-written CPU kernel, engine.kernels), 'xla'
     (XLA's dot, any backend and sharding) or 'auto' (the kernel on a one-device CPU mesh in float32 with at least
@@ -158,12 +181,12 @@ class EngineConfig:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.linear not in LINEAR_CHOICES:
             raise ValueError(f"linear must be one of {', '.join(LINEAR_CHOICES)}, got {self.linear!r}")
-        if self.prefill_segments < 1:
-            raise CapacityError(f"prefill_segments must be >= 1, got {self.prefill_segments}")
-        if self.prefix_cache_len < 0 or 0 < self.prefix_cache_len <= MIN_PREFIX_HIT:
-            raise CapacityError(
-                f"prefix_cache_len must be 0 (off) or more than {MIN_PREFIX_HIT}, got {self.prefix_cache_len}"
-            )
+        if not 1 <= self.prefill_segments <= MAX_PREFILL_SEGMENTS:
+            raise CapacityError(f"prefill_segments must be in [1, {MAX_PREFILL_SEGMENTS}], got {self.prefill_segments}")
+        if self.kv_pages is not None and self.kv_pages < 2:
+            raise CapacityError(f"kv_pages must be >= 2 (one is the sink), got {self.kv_pages}")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise CapacityError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
@@ -171,6 +194,7 @@ class EngineConfig:
 
     @property
     def num_pages(self) -> int:
+        """Page table entries per slot (pages of the longest sequence)."""
         return self.max_seq_len // self.page_size
 
     @property
@@ -180,13 +204,19 @@ class EngineConfig:
         twos = _powers_of_two(1, self.num_pages)
         return tuple(sorted({*twos, *(3 * w // 2 for w in twos if w > 1 and 3 * w // 2 < self.num_pages)}))
 
+    @property
+    def context_pages(self) -> int:
+        """Cached pages one prefill call may read (a whole sequence's), rounded up to whole context blocks."""
+        cb = context_block_pages(self.page_size)
+        return -(-self.num_pages // cb) * cb
+
 
 @struct.dataclass
 class DecodeState:
-    """Everything the decode loop carries, one row per slot; a pytree living on device."""
+    """Everything the decode loop carries on device: the KV pools and one row per slot."""
 
-    k: tuple  # [L][S / P] pages of [B, K, H, P]
-    v: tuple  # [L][S / P] pages of [B, K, P, H]
+    k: tuple  # [L] of k_pool [Np, K, H, P]
+    v: tuple  # [L] of v_pool [Np, K, P, H]
     lengths: jax.Array  # [B] tokens in the cache = position of the next input token
     tokens: jax.Array  # [B] next input token (the last one sampled)
     active: jax.Array  # [B] bool: still generating
@@ -198,42 +228,17 @@ class DecodeState:
 
 @struct.dataclass
 class DevicePrefix:
-    """One packed prefill on device: up to R prompts side by side in T positions, ready for `insert` (one row each).
+    """One packed prefill's per-row results on device, ready for `insert` (row r: the r-th prompt of the pack)."""
 
-    Row r's prompt is its first ctx_len[r] tokens, cached earlier at [ctx_start[r], ctx_start[r] + ctx_len[r]) of
-    the prefix cache ctx_k/ctx_v (as it was when this pack ran), followed by the tokens computed here at positions
-    [start[r], start[r] + length[r]) of k/v. Unused rows have length 0.
-    """
-
-    k: tuple  # [L] of [K, T, H]
-    v: tuple  # [L] of [K, T, H]
-    start: jax.Array  # [R] first position of each prompt's computed tokens
-    length: jax.Array  # [R] tokens computed in this pack
-    ctx_k: tuple  # [L] of [K, C, H]: the prefix cache this pack read
-    ctx_v: tuple
-    ctx_start: jax.Array  # [R]
-    ctx_len: jax.Array  # [R] tokens taken from the prefix cache (0: none)
     token: jax.Array  # [R] first sampled token
     remaining: jax.Array  # [R] max_tokens - 1
     want_logprobs: jax.Array  # [R] bool
     sampling: SlotSampling  # [R]
 
 
-MIN_PREFIX_HIT = 8
-"""Fewest matching tokens worth reading from the prefix cache (a prefill with context attends over the whole cache)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _CachedPrompt:
-    """A prompt prefix whose K/V sits at positions [start, start + len(tokens)) of the prefix cache."""
-
-    tokens: np.ndarray
-    start: int
-
-
 @dataclasses.dataclass
 class PrefixCacheStats:
-    """Prefix cache counters since start-up (prompt tokens seen and those taken from the cache)."""
+    """Prompt tokens prefilled since start-up, and those whose K/V came from cached pages instead."""
 
     prompts: int = 0
     prompt_tokens: int = 0
@@ -249,18 +254,39 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Prefix:
-    """What `prefill` returns for one prompt: its row of a packed device prefix plus its first token, on the host."""
+    """One prompt on its way into a slot: the pages it holds and, once `done`, its first token.
 
-    device: DevicePrefix
-    bucket: int
-    row: int
-    length: int  # prompt tokens, cached ones included
-    cached: int  # prompt tokens taken from the prefix cache instead of computed
-    token: int
-    finished: bool  # the first token already ends the request (stop id, or max_tokens == 1)
-    logprobs: TokenLogprobs | None
+    A prompt is `done` when all its tokens' K/V are in its pages; until then (a long prompt under a token budget)
+    the caller passes it back to `prefill_batch` to compute the next chunk. Whoever holds a Prefix must hand it to
+    `insert` or `discard` (its pages and reservation are held until then); a prefix `finished` at its first token
+    gives its pages back by itself."""
+
+    tokens: np.ndarray
+    params: SamplingParams
+    seed: int
+    pages: list[int]
+    reserved: int  # pages still reserved for this sequence beyond `pages`
+    cached: int  # prompt tokens whose K/V came from cached pages
+    computed: int  # prompt tokens whose K/V are in the pages (cached included)
+    attached: bool = False  # its cached opening was looked up (see Engine._attach)
+    copy_from: int | None = None  # a cached page whose first positions this prompt starts from (copied, then freed)
+    device: DevicePrefix | None = None
+    bucket: int = 0
+    row: int = 0
+    token: int = -1
+    finished: bool = False  # the first token already ends the request (stop id, or max_tokens == 1)
+    logprobs: TokenLogprobs | None = None
+    released: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def done(self) -> bool:
+        return self.computed == len(self.tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,18 +307,27 @@ class MemoryBudget:
 
     weight_bytes: int
     kv_bytes_per_token: int
-    kv_bytes_per_slot: int
-    kv_bytes_total: int
+    kv_bytes_per_page: int
+    kv_pages: int
+    page_size: int
     device_bytes: int | None
-    prefix_cache_bytes: int = 0
+
+    @property
+    def kv_bytes_total(self) -> int:
+        return self.kv_bytes_per_page * self.kv_pages
+
+    @property
+    def kv_tokens(self) -> int:
+        """Positions the pool holds (the sink page excluded)."""
+        return (self.kv_pages - 1) * self.page_size
 
     def describe(self) -> str:
         gib = 2**30
         dev = "unknown" if self.device_bytes is None else f"{self.device_bytes / gib:.2f} GiB"
         return (
-            f"memory: weights {self.weight_bytes / gib:.3f} GiB; KV {self.kv_bytes_per_token / 1024:.1f} KiB/token, "
-            f"{self.kv_bytes_per_slot / 2**20:.1f} MiB/slot, {self.kv_bytes_total / gib:.3f} GiB total; "
-            f"prefix cache {self.prefix_cache_bytes / 2**20:.1f} MiB; device {dev}"
+            f"memory: weights {self.weight_bytes / gib:.3f} GiB; KV pool {self.kv_pages} pages x {self.page_size} "
+            f"positions = {self.kv_tokens} tokens, {self.kv_bytes_total / gib:.3f} GiB "
+            f"({self.kv_bytes_per_token / 1024:.1f} KiB/token); device {dev}"
         )
 
 
@@ -309,8 +344,19 @@ def device_memory_bytes(device: jax.Device) -> int | None:
     return None
 
 
+@dataclasses.dataclass
+class _Slot:
+    """The host's view of one slot: its pages, what it has reserved, and the tokens whose K/V its pages hold."""
+
+    pages: list[int]
+    reserved: int
+    tokens: list[int]
+    length: int  # tokens in the cache (the last sampled token is not yet)
+
+
 class Engine:
-    """Owns the compiled steps and the weights; the caller (the scheduler) owns the DecodeState."""
+    """Owns the compiled steps, the weights and the KV memory: the device state (pools, slot rows) and its host
+    bookkeeping (page tables, reservations, the prefix index) change together, only through this class."""
 
     def __init__(
         self,
@@ -335,12 +381,17 @@ class Engine:
         self.dtype = jnp.dtype(config.dtype)
         self.mesh = mesh or single_device_mesh()
         self.rules, self.sharding_notes = Engine.resolve_rules(c, self.dtype, self.mesh, rules, config)
-        k_spec = logical_to_spec(K_CACHE_AXES, self.rules, self.mesh)
-        self.attention = self._resolve_kernel(
+        k_spec = logical_to_spec(K_POOL_AXES, self.rules, self.mesh)
+        slot_spec = logical_to_spec(("slots",), self.rules, self.mesh)
+        platform = self.mesh.devices.flat[0].platform
+        self.attention = self._resolve_pallas(platform, k_spec) or self._resolve_kernel(
             "attention",
             "decode attention",
-            "the sharding rules split head_dim or cache_seq, which it needs whole on each device"
-            if k_spec[2] is not None or k_spec[3] is not None
+            "the sharding rules split head_dim, cache_seq or the pages, which it needs whole on each device"
+            if k_spec[0] is not None or k_spec[2] is not None or k_spec[3] is not None
+            else "the sharding rules split the slots, and every device would then write only its own slots' K/V "
+            "into its copy of the shared pool"
+            if slot_spec[0] is not None
             else None,
         )
         # q, k and v as one product wherever no mesh axis splits heads (see fuse_qkv_layer)
@@ -352,7 +403,7 @@ class Engine:
             worth_it=self.config.num_slots >= MIN_KERNEL_LINEAR_SLOTS,
         )
         packed = Packed(kernels.PANEL_ROWS, kernels.linear) if self.linear == "kernel" else None
-        attend = self._kernel_attention if self.attention == "kernel" else None
+        attend = {"kernel": self._kernel_attention, "pallas": self._pallas_attention}.get(self.attention)
         self.model = Transformer(c, self.dtype, attend, fuse_qkv=self.fuse_qkv, packed=packed)
         self.budget = self._memory_budget()
         log.info("%s", self.budget.describe())
@@ -370,18 +421,15 @@ class Engine:
         self.params = jax.device_put(params, self.param_shardings)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.state_shardings = self._state_shardings()
-        self.prefix_shardings = self._prefix_shardings()
-        pool_shardings = self.prefix_shardings.ctx_k
-        self._new_pool = jax.jit(self._empty_pool, out_shardings=(pool_shardings, pool_shardings))
-        self._pool = self._new_pool()
-        self._prefix_entries: list[_CachedPrompt] = []
-        self._pool_cursor = 0
         self.prefix_stats = PrefixCacheStats()
         log.info("%s", self.describe_sharding().describe())
         self._compiled: dict[tuple[str, int], Any] = {}
+        self._slots: list[_Slot | None] = [None] * config.num_slots
         self._host_lengths = np.zeros(config.num_slots, np.int64)
         self._host_active = np.zeros(config.num_slots, bool)
         self.last_window = 0
+        self._state: DecodeState | None = None
+        self.reset()
 
     # ----- construction helpers ---------------------------------------------------------------------------------
 
@@ -410,16 +458,15 @@ class Engine:
             for sub, sub_axes in axes.items() if isinstance(axes, dict) else [(name, axes)]:
                 arrays.append(ArrayLayout(sub, sub_axes, tuple(sizes[a] for a in sub_axes), itemsize))
         if config is not None:
-            sizes |= {"slots": config.num_slots, "cache_seq": config.page_size}
-            # both caches, every layer and page, as one array per logical layout
-            kv_shape = (c.num_layers, config.num_slots, c.num_kv_heads, c.head_dim, config.max_seq_len)
-            kv_axes = ("layers", "slots", "kv_heads", "head_dim", "cache_seq")
-            arrays.append(ArrayLayout("kv_cache", kv_axes, (kv_shape[0] * 2, *kv_shape[1:]), itemsize))
+            pages = config.kv_pages or 2  # the count does not change which rules apply, only the bytes
+            sizes |= {"slots": config.num_slots, "cache_seq": config.page_size, "kv_pages": pages}
+            kv_shape = (2 * c.num_layers * pages, c.num_kv_heads, c.head_dim, config.page_size)
+            arrays.append(ArrayLayout("kv_pool", K_POOL_AXES, kv_shape, itemsize))
         # the engine (config given) warns; the checkpoint target and unstacking resolve the same table quietly
         return resolve_rules(DEFAULT_RULES if rules is None else rules, mesh, sizes, arrays, warn=config is not None)
 
     def describe_sharding(self) -> ShardingReport:
-        """The mesh, the rule table in effect, and weight / KV cache bytes held by each device."""
+        """The mesh, the rule table in effect, and weight / KV pool bytes held by each device."""
         state = self._abstract(jax.eval_shape(self._empty_state), self.state_shardings)
         return ShardingReport(
             mesh={str(k): int(v) for k, v in self.mesh.shape.items()},
@@ -474,30 +521,39 @@ class Engine:
     def _memory_budget(self) -> MemoryBudget:
         c, e = self.model_config, self.config
         per_token = c.kv_bytes_per_token(self.dtype.itemsize)
-        return MemoryBudget(
-            weight_bytes=c.num_params * self.dtype.itemsize,
-            kv_bytes_per_token=per_token,
-            kv_bytes_per_slot=per_token * e.max_seq_len,
-            kv_bytes_total=per_token * e.max_seq_len * e.num_slots,
-            device_bytes=device_memory_bytes(self.mesh.local_devices[0]),
-            prefix_cache_bytes=per_token * e.prefix_cache_len,
-        )
+        per_page = per_token * e.page_size
+        weights = c.num_params * self.dtype.itemsize
+        device = device_memory_bytes(self.mesh.local_devices[0])
+        pages = e.kv_pages
+        if pages is None:
+            on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
+            if on_cpu or device is None:
+                pages = e.num_slots * e.num_pages + 1
+            else:
+                # the pool is split over the mesh axes that split kv heads; weights over all devices (roughly)
+                kv_split = _shards(logical_to_spec(K_POOL_AXES, self.rules, self.mesh), self.mesh)
+                free = device * e.kv_memory_fraction * self.mesh.size - weights
+                pages = int(free // per_page * kv_split // self.mesh.size)
+        return MemoryBudget(weights, per_token, per_page, max(pages, 0), e.page_size, device)
 
     def _check_fits(self) -> None:
         b, e = self.budget, self.config
+        if b.kv_pages < 2 or (b.kv_pages - 1) < e.num_pages:
+            raise CapacityError(
+                f"the KV pool holds {max(b.kv_pages - 1, 0)} pages of {e.page_size} positions, fewer than one "
+                f"full-context request needs ({e.num_pages} pages for max_seq_len={e.max_seq_len}); raise kv_pages "
+                "or kv_memory_fraction, or lower max_seq_len"
+            )
         if b.device_bytes is None:
             return
-        # weights and cache are spread over the mesh; the budget is per device
-        per_device = (b.weight_bytes + b.kv_bytes_total + b.prefix_cache_bytes) / self.mesh.size
+        kv_ways = _shards(logical_to_spec(K_POOL_AXES, self.rules, self.mesh), self.mesh)
+        per_device = b.weight_bytes / self.mesh.size + b.kv_bytes_total / kv_ways
         limit = b.device_bytes * e.memory_fraction
         if per_device > limit:
-            fit_slots = int(
-                (limit * self.mesh.size - b.weight_bytes - b.prefix_cache_bytes) // max(b.kv_bytes_per_slot, 1)
-            )
+            fit = int((limit - b.weight_bytes / self.mesh.size) * kv_ways // b.kv_bytes_per_page)
             raise CapacityError(
-                f"{e.num_slots} slots x {e.max_seq_len} tokens need {per_device / 2**30:.2f} GiB per device but "
-                f"only {limit / 2**30:.2f} GiB is available; use at most {max(fit_slots, 0)} slots at this "
-                "max_seq_len, or lower max_seq_len"
+                f"weights + a KV pool of {b.kv_pages} pages need {per_device / 2**30:.2f} GiB per device but only "
+                f"{limit / 2**30:.2f} GiB is available; use at most {max(fit, 0)} kv_pages"
             )
 
     def _resolve_kernel(self, option: str, what: str, why_not: str | None, worth_it: bool = True) -> str:
@@ -527,31 +583,71 @@ class Engine:
         log.info("%s: the CPU kernel (%s)", what, library.name)
         return "kernel"
 
-    def _kernel_attention(self, q, k_new, v_new, k_pages, v_pages, lengths):
-        """The CPU kernel on each device's slots and kv heads (attention never mixes either, so no collective)."""
+    def _resolve_pallas(self, platform: str, k_spec: PartitionSpec) -> str | None:
+        """'pallas' where the config asks for it (or 'auto' on TPU/GPU) and the kernel takes this engine's shapes;
+        None to let `_resolve_kernel` decide. 'pallas' where it cannot run is a ValueError saying why."""
+        choice = self.config.attention
+        if choice not in ("auto", "pallas") or (choice == "auto" and platform not in ("tpu", "gpu")):
+            return None
+        c, e = self.model_config, self.config
+        q = jax.ShapeDtypeStruct((e.num_slots, c.num_kv_heads, c.q_per_kv, c.head_dim), self.dtype)
+        pool_k = jax.ShapeDtypeStruct((2, c.num_kv_heads, c.head_dim, e.page_size), self.dtype)
+        pool_v = jax.ShapeDtypeStruct((2, c.num_kv_heads, e.page_size, c.head_dim), self.dtype)
+        table = jax.ShapeDtypeStruct((e.num_slots, 1), jnp.int32)
+        if platform not in ("tpu", "gpu"):
+            why = f"it runs on TPU or GPU, and this engine runs on {platform} (tests use interpret mode directly)"
+        elif choice == "auto" and platform == "gpu" and e.num_slots < MIN_PALLAS_GPU_SLOTS:
+            why = f"below {MIN_PALLAS_GPU_SLOTS} slots XLA's formulation was as fast or faster on GPU"
+        elif k_spec[0] is not None or k_spec[2] is not None or k_spec[3] is not None:
+            why = "the sharding rules split the pages, head_dim or cache_seq, which it needs whole on each device"
+        else:
+            why = pallas_attention.unsupported_reason(platform, q, pool_k, pool_v, table)
+        if why is None:
+            log.info("decode attention: the Pallas %s kernel", platform)
+            return "pallas"
+        if choice == "pallas":
+            raise ValueError(f"attention='pallas' cannot be used here: {why}; use attention='xla' or 'auto'")
+        log.warning("decode attention: XLA's formulation instead of the Pallas kernel: %s", why)
+        return "xla"
+
+    def _pallas_attention(self, q, k_new, v_new, k_pool, v_pool, table, lengths):
+        """The write through the page table in XLA (every device of a data axis sees every slot's write), then the
+        Pallas kernel on each device's slots and kv heads."""
+        k_pool, v_pool = write_decode_kv(k_pool, v_pool, k_new, v_new, table, lengths)
+        spec = functools.partial(logical_to_spec, rules=self.rules, mesh=self.mesh)
+        q_spec = spec(("slots", "kv_heads", None, None))
+        backend = self.mesh.devices.flat[0].platform
+        out = jax.shard_map(
+            functools.partial(pallas_attention.paged_attend_pallas, backend=backend),
+            mesh=self.mesh,
+            in_specs=(q_spec, spec(K_POOL_AXES), spec(V_POOL_AXES), spec(("slots", None)), spec(("slots",))),
+            out_specs=q_spec,
+            check_vma=False,
+        )(q, k_pool, v_pool, table, lengths)
+        return out, k_pool, v_pool
+
+    def _kernel_attention(self, q, k_new, v_new, k_pool, v_pool, table, lengths):
+        """The CPU kernel on each device's kv heads (attention never mixes heads, so no collective)."""
         spec = functools.partial(logical_to_spec, rules=self.rules, mesh=self.mesh)
         q_spec, new_spec = spec(("slots", "kv_heads", None, None)), spec(("slots", "kv_heads", None))
-        k_specs, v_specs = (spec(K_CACHE_AXES),) * len(k_pages), (spec(V_CACHE_AXES),) * len(v_pages)
         return jax.shard_map(
             kernels.decode_attention,
             mesh=self.mesh,
-            in_specs=(q_spec, new_spec, new_spec, k_specs, v_specs, spec(("slots",))),
-            out_specs=(q_spec, k_specs, v_specs),
+            in_specs=(q_spec, new_spec, new_spec, spec(K_POOL_AXES), spec(V_POOL_AXES), spec(("slots", None)),
+                      spec(("slots",))),
+            out_specs=(q_spec, spec(K_POOL_AXES), spec(V_POOL_AXES)),
             check_vma=False,
-        )(q, k_new, v_new, k_pages, v_pages, lengths)
+        )(q, k_new, v_new, k_pool, v_pool, table, lengths)  # fmt: skip
 
     def _spec(self, logical: Sequence[str | None]) -> NamedSharding:
         return NamedSharding(self.mesh, logical_to_spec(tuple(logical), self.rules, self.mesh))
 
-    def _cache_tree(self, leaf: Any) -> tuple:
-        """A per-layer, per-page tree with `leaf` everywhere."""
-        return tuple(tuple(leaf for _ in range(self.config.num_pages)) for _ in range(self.model_config.num_layers))
-
     def _state_shardings(self) -> DecodeState:
         per_slot = self._spec(("slots",))
+        layers = self.model_config.num_layers
         return DecodeState(
-            k=self._cache_tree(self._spec(K_CACHE_AXES)),
-            v=self._cache_tree(self._spec(V_CACHE_AXES)),
+            k=tuple(self._spec(K_POOL_AXES) for _ in range(layers)),
+            v=tuple(self._spec(V_POOL_AXES) for _ in range(layers)),
             lengths=per_slot,
             tokens=per_slot,
             active=per_slot,
@@ -568,36 +664,18 @@ class Engine:
             ),
         )
 
-    def _prefix_shardings(self, with_context: bool = True) -> DevicePrefix:
-        """Shardings of a DevicePrefix; without the context arrays, as the prefill step returns it."""
-        kv = tuple(self._spec(("kv_heads", None, "head_dim")) for _ in range(self.model_config.num_layers))
-        rep = self._replicated
-        return DevicePrefix(
-            k=kv,  # [K, T, H], transposed into the pages by insert
-            v=kv,
-            start=rep,
-            length=rep,
-            ctx_k=kv if with_context else (),
-            ctx_v=kv if with_context else (),
-            ctx_start=rep,
-            ctx_len=rep,
-            token=rep,
-            remaining=rep,
-            want_logprobs=rep,
-            sampling=jax.tree.map(lambda _: rep, SlotSampling.empty(1)),
-        )
-
     # ----- state ------------------------------------------------------------------------------------------------
 
     def _empty_state(self) -> DecodeState:
         c, e = self.model_config, self.config
-        k_page = (e.num_slots, c.num_kv_heads, c.head_dim, e.page_size)
-        v_page = (e.num_slots, c.num_kv_heads, e.page_size, c.head_dim)
+        n = self.budget.kv_pages
+        k_pool = (n, c.num_kv_heads, c.head_dim, e.page_size)
+        v_pool = (n, c.num_kv_heads, e.page_size, c.head_dim)
         b = e.num_slots
         i32 = functools.partial(jnp.zeros, dtype=jnp.int32)
         return DecodeState(
-            k=tuple(tuple(jnp.zeros(k_page, self.dtype) for _ in range(e.num_pages)) for _ in range(c.num_layers)),
-            v=tuple(tuple(jnp.zeros(v_page, self.dtype) for _ in range(e.num_pages)) for _ in range(c.num_layers)),
+            k=tuple(jnp.zeros(k_pool, self.dtype) for _ in range(c.num_layers)),
+            v=tuple(jnp.zeros(v_pool, self.dtype) for _ in range(c.num_layers)),
             lengths=i32((b,)),
             tokens=i32((b,)),
             active=jnp.zeros((b,), bool),
@@ -607,122 +685,58 @@ class Engine:
             sampling=SlotSampling.empty(b),
         )
 
-    def _empty_pool(self) -> tuple[tuple, tuple]:
-        c = self.model_config
-        shape = (c.num_kv_heads, self.config.prefix_cache_len, c.head_dim)
-        return tuple(tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)) for _ in range(2))
-
-    def init_state(self) -> DecodeState:
-        """An empty cache and all slots free, allocated directly in their shardings."""
+    def reset(self) -> None:
+        """An empty KV pool and all slots free, allocated directly in their shardings; the host bookkeeping (page
+        tables, reservations, the prefix index) starts over with it."""
         self._host_lengths[:] = 0
         self._host_active[:] = False
-        return self._compile("init", 0)()
+        self._slots = [None] * self.config.num_slots
+        stats = self.pool.stats if hasattr(self, "pool") else None
+        self.pool = PagePool(self.budget.kv_pages, self.config.page_size, index=self.config.prefix_caching)
+        if stats is not None:
+            self.pool.stats = stats  # counters are since start-up
+        self._state = None  # the old pools go before the new ones are allocated
+        self._state = self._compile("init", 0)()
 
     # ----- compiled steps ---------------------------------------------------------------------------------------
 
-    def _prefill_fn(
-        self,
-        params,
-        pool,
-        tokens,
-        positions,
-        segments,
-        start,
-        length,
-        ctx_start,
-        ctx_len,
-        remaining,
-        want_logprobs,
-        sampling,
-        *,
-        context: bool,
-    ):
-        """Packed prefill: tokens/positions/segments [1, T] hold up to R prompts (segment r), attending only inside
-        their own segment and, with `context`, to their first ctx_len[r] tokens cached in the prefix cache `pool`
-        at ctx_start[r] (positions then start at ctx_len[r]); the logits of each prompt's last token pick its first
-        token."""
-        last = jnp.maximum(start + length - 1, 0)  # unused rows (length 0) read position 0 and are ignored
-        ctx = None
-        if context:
-            seg = jnp.clip(segments[0], 0)
-            lo = ctx_start[seg]
-            hi = lo + jnp.where(segments[0] >= 0, ctx_len[seg], 0)
-            j = jnp.arange(self.config.prefix_cache_len)
-            visible = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])  # [T, C]
-            pool_kv = tuple(
-                (jnp.swapaxes(k, 0, 1)[None], jnp.swapaxes(v, 0, 1)[None]) for k, v in zip(*pool, strict=True)
-            )
-            ctx = (pool_kv, visible[None])
-        logits, kv = self.model.apply(
+    def _prefill_fn(self, params, state: DecodeState, tokens, positions, segments, paging: PrefillPaging, copy_src,
+                    copy_dst, last, remaining, want_logprobs, sampling):  # fmt: skip
+        """Packed prefill: tokens/positions/segments [1, T] hold up to R prompts (segment r). First the pages a row
+        starts from by copy (copy_src -> copy_dst, [R]; unused entries copy the sink onto itself) are copied; then
+        every layer writes its K/V where `paging` says and attends inside each segment and to the cached pages the
+        segment may see; the logits at each prompt's last token (`last` [R]) pick its first token."""
+        pools = tuple(
+            (k.at[copy_dst].set(k[copy_src]), v.at[copy_dst].set(v[copy_src]))
+            for k, v in zip(state.k, state.v, strict=True)
+        )
+        logits, pools = self.model.apply(
             {"params": params},
             tokens,
             positions,
+            pool=pools,
             segment_ids=segments,
+            paging=paging,
             logits_index=last[None],
-            context=ctx,
             vocab_major=True,
         )
         logits = logits[:, 0]  # [V, R]
         token = sample(logits, sampling, jnp.zeros(last.shape, jnp.int32), vocab_axis=0)
         logprob, top_ids, top_vals = self._logprobs(logits, token, want_logprobs)
-        prefix = DevicePrefix(
-            k=tuple(jnp.swapaxes(k[0], 0, 1) for k, _ in kv),  # [T, K, H] -> [K, T, H]
-            v=tuple(jnp.swapaxes(v[0], 0, 1) for _, v in kv),
-            start=start,
-            length=length,
-            ctx_k=(),  # the caller attaches the pool it passed in (returning it would copy it)
-            ctx_v=(),
-            ctx_start=ctx_start,
-            ctx_len=ctx_len,
-            token=token,
-            remaining=remaining,
-            want_logprobs=want_logprobs,
-            sampling=sampling,
-        )
-        return prefix, (logprob, top_ids, top_vals)
+        state = state.replace(k=tuple(k for k, _ in pools), v=tuple(v for _, v in pools))
+        prefix = DevicePrefix(token=token, remaining=remaining, want_logprobs=want_logprobs, sampling=sampling)
+        return state, prefix, (logprob, top_ids, top_vals)
 
-    def _store_fn(self, pool, prefix: DevicePrefix, source):
-        """The prefix cache with position j taken from position source[j] of [cache, this pack's new K/V]."""
-        return tuple(
-            tuple(jnp.take(jnp.concatenate([c, n], axis=1), source, axis=1) for c, n in zip(cache, new, strict=True))
-            for cache, new in zip(pool, (prefix.k, prefix.v), strict=True)
-        )
-
-    def _insert_fn(self, prefix: DevicePrefix, state: DecodeState, slot, row):
-        """Copies row `row` of a packed prefix into `slot`: its cached then computed K/V into the slot's first
-        pages, its knobs into the slot's rows. Positions past the prompt receive neighbouring K/V; decode never
-        reads them (it masks positions > length and overwrites position `length` before reading it)."""
-        p = self.config.page_size
-        c, t = self.config.prefix_cache_len, prefix.k[0].shape[1]
-        n = min(c + t, self.config.max_prefill_len)  # positions a prompt of this pack can reach
-        chunk = min(p, n)
-        start, ctx_start, ctx_len = prefix.start[row], prefix.ctx_start[row], prefix.ctx_len[row]
-
-        def write(pages: tuple, cached: jax.Array, new: jax.Array, transposed: bool) -> tuple:
-            # cached [K, C, H] and new [K, T, H]; slot position i reads cached position ctx_start + i while
-            # i < ctx_len, then new position start + i - ctx_len. Each page gathers its chunk from both, selects, and
-            # transposes it for key pages ([K, H, P]). Concatenating [cached | new] and transposing whole arrays
-            # first copied all C + T positions of every layer (W2's 256-token packs: 3.4 -> 1.9 ms per insert).
-            pages = list(pages)
-            for page in range(-(-n // p)):
-                i = page * chunk + jnp.arange(chunk)
-                piece = jnp.take(new, jnp.clip(start + i - ctx_len, 0, t - 1), axis=1)
-                if c:  # the prefix cache's positions first
-                    old = jnp.take(cached, jnp.clip(ctx_start + i, 0, c - 1), axis=1)
-                    piece = jnp.where((i < ctx_len)[None, :, None], old, piece)
-                piece = jnp.swapaxes(piece, 1, 2) if transposed else piece
-                pages[page] = jax.lax.dynamic_update_slice(pages[page], piece[None], (slot, 0, 0, 0))
-            return tuple(pages)
-
+    def _insert_fn(self, prefix: DevicePrefix, state: DecodeState, slot, row, length):
+        """Arms `slot` with row `row` of a packed prefix: its length, first token and knobs (its K/V are already in
+        its pages)."""
         token = prefix.token[row]
         sampling_row = jax.tree.map(lambda a: a[row][None], prefix.sampling)
         first_stops = hits_stop(token[None], sampling_row.stop_ids)[0]
         sampling = jax.tree.map(lambda all_, one: all_.at[slot].set(one[0]), state.sampling, sampling_row)
         remaining = prefix.remaining[row]
-        return DecodeState(
-            k=tuple(write(pages, ck, nk, True) for pages, ck, nk in zip(state.k, prefix.ctx_k, prefix.k, strict=True)),
-            v=tuple(write(pages, cv, nv, False) for pages, cv, nv in zip(state.v, prefix.ctx_v, prefix.v, strict=True)),
-            lengths=state.lengths.at[slot].set(ctx_len + prefix.length[row]),
+        return state.replace(
+            lengths=state.lengths.at[slot].set(length),
             tokens=state.tokens.at[slot].set(token),
             active=state.active.at[slot].set(~first_stops & (remaining > 0)),
             remaining=state.remaining.at[slot].set(remaining),
@@ -748,9 +762,9 @@ class Engine:
     def _release_fn(self, state: DecodeState, slot):
         return state.replace(active=state.active.at[slot].set(False))
 
-    def _generate_fn(self, params, state: DecodeState, steps, *, window: int):
-        """`steps` (<= decode_steps, a runtime value) decode steps over the first `window` pages (the rest pass
-        through untouched); outputs have decode_steps rows, the rows past `steps` marked invalid."""
+    def _generate_fn(self, params, state: DecodeState, table, steps, *, window: int):
+        """`steps` (<= decode_steps, a runtime value) decode steps through the page table [B, window]; outputs have
+        decode_steps rows, the rows past `steps` marked invalid."""
         b, n = self.config.num_slots, self.config.decode_steps
 
         # The rotary angles of every position the window holds, computed once outside the loop: each step gathers its
@@ -759,27 +773,27 @@ class Engine:
         cos, sin = rope_angles(jnp.arange(window * self.config.page_size), self.model_config)
 
         def step(i, carry):
-            st, k_win, v_win, outs = carry
-            cache = tuple(zip(k_win, v_win, strict=True))
+            st, outs = carry
             at = st.lengths[:, None]  # [B, 1]; past the window only for idle slots, whose output is dropped
-            logits, kv = self.model.apply(
+            logits, pools = self.model.apply(
                 {"params": params},
                 st.tokens[:, None],
                 at,
-                cache=cache,
+                pool=tuple(zip(st.k, st.v, strict=True)),
+                table=table,
                 lengths=st.lengths,
                 vocab_major=True,
                 rope=(jnp.take(cos, at, axis=0, mode="clip"), jnp.take(sin, at, axis=0, mode="clip")),
             )
             logits = logits[:, :, 0]  # [V, B]
-            k_win = tuple(k for k, _ in kv)  # the model wrote each slot's new K/V at its length
-            v_win = tuple(v for _, v in kv)
             token = sample(logits, st.sampling, st.generated, vocab_axis=0)
             lp = self._logprobs(logits, token, st.want_logprobs & st.active)
             live = st.active
             step_int = live.astype(jnp.int32)
             remaining = st.remaining - step_int
             st = st.replace(
+                k=tuple(k for k, _ in pools),  # the model wrote each slot's new K/V at its length
+                v=tuple(v for _, v in pools),
                 lengths=st.lengths + step_int,
                 tokens=jnp.where(live, token, st.tokens),
                 active=live & ~hits_stop(token, st.sampling.stop_ids) & (remaining > 0),
@@ -787,11 +801,8 @@ class Engine:
                 generated=st.generated + step_int,
             )
             outs = tuple(o.at[i].set(x) for o, x in zip(outs, (token, live, *lp), strict=True))
-            return st, k_win, v_win, outs
+            return st, outs
 
-        k_win = tuple(pages[:window] for pages in state.k)
-        v_win = tuple(pages[:window] for pages in state.v)
-        rest = state.replace(k=(), v=())
         outs = (
             jnp.zeros((n, b), jnp.int32),
             jnp.zeros((n, b), bool),
@@ -800,12 +811,8 @@ class Engine:
             jnp.zeros((n, b, MAX_LOGPROBS), jnp.float32),
         )
         # a while loop with a runtime trip count: one compiled program serves every dispatch length
-        rest, k_win, v_win, outs = jax.lax.fori_loop(0, jnp.clip(steps, 1, n), step, (rest, k_win, v_win, outs))
+        state, outs = jax.lax.fori_loop(0, jnp.clip(steps, 1, n), step, (state, outs))
         tokens, valid, logprob, top_ids, top_vals = outs
-        state = rest.replace(
-            k=tuple(kw + pages[window:] for kw, pages in zip(k_win, state.k, strict=True)),
-            v=tuple(vw + pages[window:] for vw, pages in zip(v_win, state.v, strict=True)),
-        )
         return state, (tokens, valid, state.active, logprob, top_ids, top_vals)
 
     def _abstract(self, tree: Any, shardings: Any) -> Any:
@@ -818,38 +825,36 @@ class Engine:
             self._compiled[key] = self._lower(kind, size).compile()
         return self._compiled[key]
 
+    def _prefill_rows_abstract(self, r: int) -> tuple:
+        rep = self._replicated
+        sampling_abs = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), SlotSampling.empty(r)
+        )
+        per_row = jax.ShapeDtypeStruct((r,), jnp.int32, sharding=rep)
+        return per_row, jax.ShapeDtypeStruct((r,), bool, sharding=rep), sampling_abs
+
     def _lower(self, kind: str, size: int):
         rep = self._replicated
         i32 = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
         state_abs = self._abstract(jax.eval_shape(self._empty_state), self.state_shardings)
         params_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.params)
-        pool_abs = self._abstract(self._pool, (self.prefix_shardings.ctx_k, self.prefix_shardings.ctx_v))
-        if kind in ("prefill", "prefill_context"):
-            fn = jax.jit(
-                functools.partial(self._prefill_fn, context=kind == "prefill_context"),
-                out_shardings=(self._prefix_shardings(with_context=False), rep),
-            )
+        if kind == "prefill":
             r = self.prefill_rows(size)
-            sampling_abs = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), SlotSampling.empty(r)
-            )
+            per_row, want_abs, sampling_abs = self._prefill_rows_abstract(r)
+            prefix_sh = DevicePrefix(rep, rep, rep, jax.tree.map(lambda _: rep, SlotSampling.empty(1)))
+            fn = jax.jit(self._prefill_fn, donate_argnums=(1,), out_shardings=(self.state_shardings, prefix_sh, rep))
             row_abs = jax.ShapeDtypeStruct((1, size), jnp.int32, sharding=rep)
-            per_prompt = jax.ShapeDtypeStruct((r,), jnp.int32, sharding=rep)
-            want_abs = jax.ShapeDtypeStruct((r,), bool, sharding=rep)
-            args = (params_abs, pool_abs, row_abs, row_abs, row_abs, *[per_prompt] * 5, want_abs, sampling_abs)
-        elif kind == "store":
-            fn = jax.jit(self._store_fn, out_shardings=(self.prefix_shardings.ctx_k, self.prefix_shardings.ctx_v))
-            prefix_abs = self._abstract(
-                jax.eval_shape(functools.partial(self._abstract_prefix, size)), self.prefix_shardings
-            )
-            source = jax.ShapeDtypeStruct((self.config.prefix_cache_len,), jnp.int32, sharding=rep)
-            args = (pool_abs, prefix_abs, source)
+            per_token = jax.ShapeDtypeStruct((size,), jnp.int32, sharding=rep)
+            per_ctx = jax.ShapeDtypeStruct((self.config.context_pages,), jnp.int32, sharding=rep)
+            paging = PrefillPaging(per_token, per_token, per_ctx, per_ctx, per_ctx, i32,
+                                   block_pages=context_block_pages(self.config.page_size))  # fmt: skip
+            args = (params_abs, state_abs, row_abs, row_abs, row_abs, paging, per_row, per_row, per_row, per_row,
+                    want_abs, sampling_abs)  # fmt: skip
         elif kind == "insert":
             fn = jax.jit(self._insert_fn, donate_argnums=(1,), out_shardings=self.state_shardings)
-            prefix_abs = self._abstract(
-                jax.eval_shape(functools.partial(self._abstract_prefix, size)), self.prefix_shardings
-            )
-            args = (prefix_abs, state_abs, i32, i32)
+            r = self.prefill_rows(size)
+            per_row, want_abs, sampling_abs = self._prefill_rows_abstract(r)
+            args = (DevicePrefix(per_row, per_row, want_abs, sampling_abs), state_abs, i32, i32, i32)
         elif kind == "init":
             fn = jax.jit(self._empty_state, out_shardings=self.state_shardings)
             args = ()
@@ -862,42 +867,18 @@ class Engine:
                 donate_argnums=(1,),
                 out_shardings=(self.state_shardings, rep),
             )
-            args = (params_abs, state_abs, i32)
+            table = jax.ShapeDtypeStruct((self.config.num_slots, size), jnp.int32, sharding=self._spec(("slots", None)))
+            args = (params_abs, state_abs, table, i32)
         else:
             raise KeyError(kind)
         return fn.lower(*args)
 
-    def _abstract_prefix(self, t: int) -> DevicePrefix:
-        c = self.model_config
-        shape = (c.num_kv_heads, t, c.head_dim)
-        r = self.prefill_rows(t)
-        z = jnp.zeros((r,), jnp.int32)
-        pool_k, pool_v = self._empty_pool()
-        return DevicePrefix(
-            k=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
-            v=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
-            start=z,
-            length=z,
-            ctx_k=pool_k,
-            ctx_v=pool_v,
-            ctx_start=z,
-            ctx_len=z,
-            token=z,
-            remaining=z,
-            want_logprobs=jnp.zeros((r,), bool),
-            sampling=SlotSampling.empty(r),
-        )
-
     def warmup(self, max_workers: int | None = None) -> float:
-        """Compiles every prefill bucket, insert bucket, decode window and the release step; returns seconds taken.
-
-        Shapes compile in parallel threads (XLA compiles outside the GIL), one per core by default.
-        """
+        """Compiles every prefill bucket, the insert of each bucket's rows, every decode window and the release
+        step; returns seconds taken. Shapes compile in parallel threads (XLA compiles outside the GIL), one per core
+        by default."""
         start = time.perf_counter()
-        shapes = [(kind, t) for kind in self.prefill_kinds for t in self.config.prefill_buckets]
-        shapes += [("generate", w) for w in self.config.windows]
-        shapes += [("insert", t) for t in self.config.prefill_buckets] + [("release", 0), ("init", 0)]
-        todo = [s for s in shapes if s not in self._compiled]
+        todo = [s for s in self.shapes if s not in self._compiled]
         with concurrent.futures.ThreadPoolExecutor(max_workers or os.cpu_count() or 1) as pool:
             compiled = list(pool.map(lambda shape: self._lower(*shape).compile(), todo))
         self._compiled.update(zip(todo, compiled, strict=True))
@@ -906,28 +887,42 @@ class Engine:
         return elapsed
 
     @property
-    def prefill_kinds(self) -> tuple[str, ...]:
-        """The compiled steps one prefill bucket needs: with the prefix cache, a variant reading it and its store."""
-        return ("prefill", "prefill_context", "store") if self.config.prefix_cache_len else ("prefill",)
+    def shapes(self) -> list[tuple[str, int]]:
+        """Every (step, size) the engine runs: warm-up compiles exactly these."""
+        rows = sorted({self.prefill_rows(t) for t in self.config.prefill_buckets})
+        inserts = {r: t for t in reversed(self.config.prefill_buckets) for r in [self.prefill_rows(t)]}
+        return (
+            [("prefill", t) for t in self.config.prefill_buckets]
+            + [("generate", w) for w in self.config.windows]
+            + [("insert", inserts[r]) for r in rows]
+            + [("release", 0), ("init", 0)]
+        )
 
     # ----- the engine API ---------------------------------------------------------------------------------------
 
     def bucket_for(self, length: int) -> int:
-        """The prefill bucket a prompt of `length` tokens runs in."""
+        """The prefill bucket a call of `length` tokens runs in."""
         for t in self.config.prefill_buckets:
             if length <= t:
                 return t
         raise CapacityError(
-            f"prompt has {length} tokens but the longest prefill is {self.config.max_prefill_len}; "
-            "shorten the prompt or raise max_prefill_len"
-        )
+            f"a prefill call of {length} tokens exceeds max_prefill_len={self.config.max_prefill_len}"
+        )  # prompts longer than that are chunked before they get here
+
+    def pages_needed(self, prompt_len: int, max_tokens: int) -> int:
+        """Pages a request reserves at admission: every position it can ever write (shared pages only lower it)."""
+        return self.pool.pages_for(prompt_len + max_tokens)
 
     def check_request(self, prompt_len: int, params: SamplingParams) -> None:
         """Raises ValueError / CapacityError saying what to change when the request cannot run."""
         if prompt_len < 1:
             raise ValueError("prompt is empty; send at least one token")
         params.validate(self.model_config.vocab_size)
-        self.bucket_for(prompt_len)
+        if prompt_len >= self.config.max_seq_len:
+            raise CapacityError(
+                f"prompt has {prompt_len} tokens but the context holds {self.config.max_seq_len} (prompt + at least "
+                "one generated token); shorten the prompt"
+            )
         if prompt_len + params.max_tokens > self.config.max_seq_len:
             raise CapacityError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
@@ -946,8 +941,8 @@ class Engine:
         return min(self.config.prefill_segments, max(MIN_PREFILL_ROWS, bucket // PREFILL_TOKENS_PER_ROW))
 
     def packs(self, lengths: Sequence[int]) -> list[list[int]]:
-        """How `prefill_batch` groups prompts of these lengths, in order: as many per call as fit, their total within
-        `max_prefill_len` and their count within `prefill_rows` of the bucket that total runs in."""
+        """How prompts computing these many tokens are grouped into prefill calls, in order: as many per call as fit,
+        their total within `max_prefill_len` and their count within `prefill_rows` of the bucket that total runs in."""
         out: list[list[int]] = []
         total = 0
         for i, n in enumerate(lengths):
@@ -963,183 +958,288 @@ class Engine:
         """Runs one prompt and samples its first token (copied to the host: the caller streams it at once)."""
         return self.prefill_batch([(tokens, params, seed)])[0]
 
-    def prefill_batch(self, requests: Sequence[tuple[Sequence[int], SamplingParams, int]]) -> list[Prefix]:
+    def can_admit(self, pages: int) -> bool:
+        """Whether a request reserving `pages` fits the KV memory now (free + evictable pages, less reservations)."""
+        return pages <= self.pool.available()
+
+    def prefill_batch(
+        self, requests: Sequence[tuple[Sequence[int], SamplingParams, int] | Prefix], token_budget: int | None = None
+    ) -> list[Prefix]:
         """Runs prompts (tokens, params, seed) packed side by side, a few per call (see `packs`), and samples each
-        one's first token. Measured on XLA:CPU: a dot over 256 packed positions runs at ~1.3-1.4x the FLOP/s of one
-        over 64, and packing skips the padding of one-prompt buckets.
+        one's first token; a Prefix that is not `done` yet (a long prompt) continues where it stopped.
 
-        A prompt whose first tokens are in the prefix cache computes only the rest; prompts of this batch are cached
-        as their pack runs, so later packs already find them."""
-        for tokens, params, _ in requests:
-            self.check_prompt(tokens, params)
+        Each new prompt first takes what the prefix index holds of it (whole pages shared, a partly matching page
+        copied) and reserves the pages it can ever need; prompts of this batch are indexed as their pack is
+        dispatched, so later packs already find them. Prompts longer than `max_prefill_len` run in chunks of that
+        size. With `token_budget`, at most that many tokens are computed (whole prompts first come first): what is
+        left is returned with `done` False, for a later call. Raises CapacityError, having taken nothing, when the
+        new prompts' reservations do not fit the KV memory."""
+        prefixes = [r if isinstance(r, Prefix) else self.open_prompt(*r) for r in requests]
         try:
-            return self._prefill_packs(requests)
+            self._compute(prefixes, token_budget)
         except Exception:
-            # a failed pack may have poisoned the cache it stored into: start the cache over, then let the caller
-            # fail these requests
-            self._pool = self._new_pool()
-            self.clear_prefix_cache()
+            # a failed call may have written some of these pages: forget everything cached and give the pages back
+            for p in prefixes:
+                self.discard(p)
+            self.pool.clear_index()
             raise
+        return prefixes
 
-    def _prefill_packs(self, requests: Sequence[tuple[Sequence[int], SamplingParams, int]]) -> list[Prefix]:
+    def open_prompt(self, tokens: Sequence[int], params: SamplingParams, seed: int) -> Prefix:
+        """A new prompt's Prefix, ready for `prefill_batch`, with the pages it can ever need reserved. Raises
+        ValueError / CapacityError (having taken nothing) when the request is invalid or its pages do not fit now.
+
+        What the prefix index holds of it is looked up when it is about to run (`_attach`), not here: a prompt that
+        waits for an earlier prompt of its batch then finds that one's pages."""
+        self.check_prompt(tokens, params)
+        ids = np.asarray(tokens, np.int32)
+        total = self.pages_needed(len(ids), params.max_tokens)
+        if total > self.pool.available():
+            raise CapacityError(
+                f"the KV memory has {self.pool.available()} pages available and this request needs {total}; retry "
+                "when running requests finish"
+            )
+        self.pool.reserve(total)
+        return Prefix(ids, params, seed, [], total, 0, 0)
+
+    def _peek(self, p: Prefix) -> Match:
+        """What the prefix index holds of a prompt (the last token is always computed: its logits pick the first)."""
+        return self.pool.match(p.tokens.tolist(), limit=p.length - 1)
+
+    def _attach(self, p: Prefix, sharers: dict[int, int]) -> None:
+        """Takes a prompt's cached opening: matching full pages shared as they are (each one less to allocate), then
+        a partly matching page taken over when nobody holds it and no other prompt of this call wants it, else
+        copied into a page of the prompt's own (copy-on-write). `sharers`: prompts of this call per partial page."""
+        p.attached = True
+        match = self._peek(p)
+        for page in match.pages:
+            self.pool.retain(page)
+            self.pool.unreserve(1)
+            p.reserved -= 1
+        p.pages = list(match.pages)
+        copy, cached = match.copy_from, match.tokens
+        if copy is not None and self.pool.refs[copy] == 0 and sharers.get(copy, 0) <= 1:
+            self.pool.adopt(copy)  # an evictable page becomes this prompt's: one page less to allocate
+            self.pool.unreserve(1)
+            p.reserved -= 1
+            p.pages.append(copy)
+        elif copy is not None and (self.pool.refs[copy] > 0 or self.pool.available() >= 1):
+            self.pool.retain(copy)  # until the copy is dispatched
+            p.copy_from = copy
+            p.pages.append(self.pool.allocate(reserved=True))
+            p.reserved -= 1
+        elif copy is not None:
+            cached -= match.copy_tokens  # holding the page to copy from would eat into reservations: compute it
+        p.cached = p.computed = cached
+        self.prefix_stats.prompts += 1
+        self.prefix_stats.prompt_tokens += p.length
+        self.prefix_stats.hit_prompts += cached > 0
+        self.prefix_stats.hit_tokens += cached
+
+    def discard(self, prefix: Prefix) -> None:
+        """Gives back what a Prefix holds that was never inserted (its computed pages stay cached)."""
+        if prefix.released:
+            return
+        prefix.released = True
+        src = prefix.copy_from
+        if src is not None:
+            self.pool.release(src)
+            prefix.copy_from = None
+        self._index(prefix.tokens[: prefix.computed], prefix.pages)
+        for page in prefix.pages:
+            self.pool.release(page)
+        self.pool.unreserve(prefix.reserved)
+
+    def _index(self, tokens: np.ndarray, pages: Sequence[int]) -> None:
+        n = -(-len(tokens) // self.config.page_size)
+        if n:
+            self.pool.insert(tokens.tolist(), pages[:n])
+
+    def _compute(self, prefixes: list[Prefix], token_budget: int | None) -> None:
+        """Runs prefill calls until every prefix is done or the budget is spent; samples the first token of each
+        prompt that completes."""
+        budget = token_budget
         launched = []
-        todo = list(range(len(requests)))
-        while todo:
-            hits = [self._match(requests[i][0]) for i in todo]
-            ready = self._ready(todo, hits, requests)
-            pack = [ready[j] for j in self.packs([len(requests[todo[j]][0]) - hits[j][1] for j in ready])[0]]
-            launched.append(self._launch([(todo[j], *hits[j]) for j in pack], requests))
-            packed = set(pack)
-            todo = [i for j, i in enumerate(todo) if j not in packed]
-        out: list[Prefix | None] = [None] * len(requests)
+        todo = [i for i, p in enumerate(prefixes) if not p.done]
+        while todo and (budget is None or budget > 0):
+            ready, peeks = self._ready(todo, prefixes)
+            sharers: dict[int, int] = {}
+            for m in peeks.values():
+                if m.copy_from is not None:
+                    sharers[m.copy_from] = sharers.get(m.copy_from, 0) + 1
+            rows: list[tuple[int, int]] = []  # (prefix index, tokens computed in this call)
+            total = 0
+            for i in ready:
+                p = prefixes[i]
+                if not p.attached:
+                    self._attach(p, sharers)
+                n = min(p.length - p.computed, self.config.max_prefill_len)
+                if budget is not None:
+                    n = min(n, budget - total)
+                if n <= 0:
+                    break
+                rows.append((i, n))
+                total += n
+            packs = self.packs([n for _, n in rows])
+            pack = [rows[j] for j in packs[0]]
+            pack = self._fit_context(pack, prefixes)
+            launched.append(self._launch(pack, prefixes))
+            if budget is not None:
+                budget -= sum(n for _, n in pack)
+            todo = [i for i in todo if not prefixes[i].done]
         eos = self.model_config.eos_token_ids
-        for pack, bucket, device, (logprob, top_ids, top_vals) in launched:
-            token, logprob, top_ids, top_vals = jax.device_get((device.token, logprob, top_ids, top_vals))
-            for row, (i, _, cached) in enumerate(pack):
-                tokens, params, _ = requests[i]
-                first = int(token[row])
-                stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos))
-                lps = None
-                if params.logprobs is not None:
-                    n_top = params.logprobs
-                    lps = TokenLogprobs(
-                        float(logprob[row]),
-                        tuple(
-                            (int(a), float(b)) for a, b in zip(top_ids[row, :n_top], top_vals[row, :n_top], strict=True)
-                        ),
-                    )
-                out[i] = Prefix(
-                    device=device,
-                    bucket=bucket,
-                    row=row,
-                    length=len(tokens),
-                    cached=cached,
-                    token=first,
-                    finished=first in stops or params.max_tokens == 1,
-                    logprobs=lps,
-                )
-        return out  # type: ignore[return-value]
-
-    def _ready(self, todo: list[int], hits: list[tuple[int, int]], requests: Sequence) -> list[int]:
-        """Positions in `todo` that should run now: a prompt that shares at least MIN_PREFIX_HIT more tokens with
-        an earlier prompt of the batch than it found in the cache waits until that prompt is cached (a later pack
-        finds it), so a burst of prompts with a common system prompt or template computes it once, not once per
-        pack row (W2: 1964 -> 2079 of 2678 prompt tokens read from the cache)."""
-        if not self.config.prefix_cache_len:
-            return list(range(len(todo)))
-        c = self.config.prefix_cache_len
-        ready, leaders = [], []
-        for j, (i, (_, cached)) in enumerate(zip(todo, hits, strict=True)):
-            ids = np.asarray(requests[i][0])
-            shared = max((_common_prefix(ids[: len(ids) - 1], lead) for lead in leaders), default=0)
-            if shared - cached >= MIN_PREFIX_HIT:
+        for pack, bucket, device, lps in launched:
+            finishing = [(row, i) for row, (i, _) in enumerate(pack) if prefixes[i].done]
+            if not finishing:
                 continue
-            ready.append(j)
-            if self._worth_caching(len(ids), cached):
-                leaders.append(ids[:c])
-        return ready
+            token, logprob, top_ids, top_vals = jax.device_get((device.token, *lps))
+            for row, i in finishing:
+                p = prefixes[i]
+                first = int(token[row])
+                stops = set(p.params.stop_token_ids) | (set() if p.params.ignore_eos else set(eos))
+                if p.params.logprobs is not None:
+                    n_top = p.params.logprobs
+                    top = zip(top_ids[row, :n_top], top_vals[row, :n_top], strict=True)
+                    p.logprobs = TokenLogprobs(float(logprob[row]), tuple((int(a), float(b)) for a, b in top))
+                p.device, p.bucket, p.row, p.token = device, bucket, row, first
+                p.finished = first in stops or p.params.max_tokens == 1
+                if p.finished:
+                    self.discard(p)
 
-    def _worth_caching(self, length: int, cached: int) -> bool:
-        """Whether `_cache_prompts` stores a prompt of `length` tokens that read `cached` of them from the cache:
-        one that is at least half new and leaves more than MIN_PREFIX_HIT tokens to match."""
-        return min(length, self.config.prefix_cache_len) > MIN_PREFIX_HIT and 2 * cached <= length
+    def _ready(self, todo: list[int], prefixes: list[Prefix]) -> tuple[list[int], dict[int, Match]]:
+        """Prefixes in `todo` that should run now, and what the index holds of those not started: a prompt that
+        shares at least MIN_SHARED_TOKENS more tokens with an earlier prompt of the batch than the index holds of it
+        waits until that prompt is indexed (a later pack finds it), so a burst of prompts with a common system
+        prompt or template computes it once, not once per pack row."""
+        ready, leaders, peeks = [], [], {}
+        for i in todo:
+            p = prefixes[i]
+            if not p.attached:
+                peeks[i] = self._peek(p)
+                if self.config.prefix_caching:
+                    shared = max((_common_prefix(p.tokens[: p.length - 1], lead) for lead in leaders), default=0)
+                    if shared - peeks[i].tokens >= MIN_SHARED_TOKENS:
+                        del peeks[i]
+                        continue
+            ready.append(i)
+            leaders.append(p.tokens)
+        return ready, peeks
 
-    def _launch(self, pack: list[tuple[int, int, int]], requests: Sequence) -> tuple:
-        """Dispatches one packed prefill of (request index, cache start, cached tokens) rows, then caches its
-        prompts; returns (pack, bucket, device prefix, logprob arrays) without waiting for the device."""
-        eos = self.model_config.eos_token_ids
-        bucket = self.bucket_for(sum(len(requests[i][0]) - cached for i, _, cached in pack))
+    def _fit_context(self, pack: list[tuple[int, int]], prefixes: list[Prefix]) -> list[tuple[int, int]]:
+        """The longest head of `pack` whose rows' cached pages, together, fit one call's context list."""
+        seen: set[int] = set()
+        for j, (i, _) in enumerate(pack):
+            p = prefixes[i]
+            ctx = set(p.pages[: -(-p.computed // self.config.page_size)])
+            if j and len(seen | ctx) > self.config.context_pages:
+                return pack[:j]
+            seen |= ctx
+        return pack
+
+    def _launch(self, pack: list[tuple[int, int]], prefixes: list[Prefix]) -> tuple:
+        """Dispatches one packed prefill of (prefix index, tokens to compute) rows and indexes what it computes;
+        returns (pack, bucket, device prefix, logprob arrays) without waiting for the device."""
+        e, eos = self.config, self.model_config.eos_token_ids
+        p_size = e.page_size
+        bucket = self.bucket_for(sum(n for _, n in pack))
         r = self.prefill_rows(bucket)
         tokens_row = np.zeros((1, bucket), np.int32)
         positions = np.zeros((1, bucket), np.int32)
         segments = np.full((1, bucket), -1, np.int32)
-        start, length, ctx_start, ctx_len, remaining = (np.zeros((r,), np.int32) for _ in range(5))
+        dest_page = np.full((bucket,), SINK_PAGE, np.int32)
+        dest_offset = np.zeros((bucket,), np.int32)
+        last, remaining, copy_src, copy_dst = (np.zeros((r,), np.int32) for _ in range(4))
         want = np.zeros((r,), bool)
         rows = [SlotSampling.from_params(SamplingParams(), 0, eos)] * r
+        ctx: dict[int, list[int]] = {}  # page -> [row bit mask, valid positions]
         at = 0
-        for row, (i, cache_start, cached) in enumerate(pack):
-            tokens, params, seed = requests[i]
-            n = len(tokens) - cached
-            tokens_row[0, at : at + n] = tokens[cached:]
-            positions[0, at : at + n] = np.arange(cached, len(tokens))
+        for row, (i, n) in enumerate(pack):
+            p = prefixes[i]
+            start = p.computed
+            end = start + n
+            self._grow(p, end)
+            pos = np.arange(start, end)
+            tokens_row[0, at : at + n] = p.tokens[start:end]
+            positions[0, at : at + n] = pos
             segments[0, at : at + n] = row
-            start[row], length[row], remaining[row] = at, n, params.max_tokens - 1
-            ctx_start[row], ctx_len[row] = cache_start, cached
-            want[row] = params.logprobs is not None
-            rows[row] = SlotSampling.from_params(params, seed, eos)
+            dest_page[at : at + n] = np.asarray(p.pages, np.int32)[pos // p_size]
+            dest_offset[at : at + n] = pos % p_size
+            last[row], remaining[row] = at + n - 1, p.params.max_tokens - 1
+            want[row] = p.params.logprobs is not None
+            rows[row] = SlotSampling.from_params(p.params, p.seed, eos)
+            src = p.copy_from
+            if src is not None:
+                copy_src[row], copy_dst[row] = src, p.pages[start // p_size]
+            for k in range(-(-start // p_size)):
+                entry = ctx.setdefault(p.pages[k], [0, 0])
+                entry[0] |= 1 << row
+                entry[1] = max(entry[1], min(p_size, start - k * p_size))
             at += n
-            self.prefix_stats.prompts += 1
-            self.prefix_stats.prompt_tokens += len(tokens)
-            self.prefix_stats.hit_prompts += cached > 0
-            self.prefix_stats.hit_tokens += cached
+        if len(ctx) > e.context_pages:
+            raise AssertionError(f"{len(ctx)} context pages exceed the call's {e.context_pages}")  # _fit_context
+        ctx_pages, ctx_rows, ctx_valid = (np.zeros((e.context_pages,), np.int32) for _ in range(3))
+        for j, (page, (mask, valid)) in enumerate(ctx.items()):
+            ctx_pages[j], ctx_rows[j], ctx_valid[j] = page, np.int32(np.uint32(mask).view(np.int32)), valid
+        cb = context_block_pages(p_size)
+        paging = PrefillPaging(dest_page, dest_offset, ctx_pages, ctx_rows, ctx_valid, np.int32(-(-len(ctx) // cb)),
+                               block_pages=cb)  # fmt: skip
         sampling = jax.tree.map(lambda *a: np.concatenate(a), *rows)
-        kind = "prefill_context" if ctx_len.any() else "prefill"
-        pool = self._pool
-        device, lps = self._compile(kind, bucket)(
-            self.params, pool, tokens_row, positions, segments, start, length, ctx_start, ctx_len, remaining, want,
-            sampling,
+        self._state, device, lps = self._compile("prefill", bucket)(
+            self.params, self._state, tokens_row, positions, segments, paging, copy_src, copy_dst, last, remaining,
+            want, sampling,
         )  # fmt: skip
-        device = device.replace(ctx_k=pool[0], ctx_v=pool[1])
-        self._cache_prompts(pack, requests, device, bucket, start)
+        for i, n in pack:
+            p = prefixes[i]
+            if p.copy_from is not None:  # the copy is dispatched: its source may go
+                self.pool.release(p.copy_from)
+                p.copy_from = None
+            p.computed += n
+            self._index(p.tokens[: p.computed], p.pages)
         return pack, bucket, device, lps
 
-    def _match(self, tokens: Sequence[int]) -> tuple[int, int]:
-        """(cache position, tokens) of the longest cached prefix of `tokens` that leaves at least one token to
-        compute; (0, 0) when it is shorter than MIN_PREFIX_HIT or the cache is off."""
-        best = (0, 0)
-        ids = np.asarray(tokens)
-        for entry in self._prefix_entries:
-            if min(len(entry.tokens), len(ids) - 1) <= best[1]:
-                continue
-            same = _common_prefix(entry.tokens, ids[: len(ids) - 1])
-            if same > best[1]:
-                best = (entry.start, same)
-        return best if best[1] >= MIN_PREFIX_HIT else (0, 0)
+    def _grow(self, p: Prefix, end: int) -> None:
+        """Allocates (from its reservation) the pages a prefix needs to hold `end` positions."""
+        while len(p.pages) * self.config.page_size < end:
+            p.pages.append(self.pool.allocate(reserved=True))
+            p.reserved -= 1
 
-    def _cache_prompts(self, pack: list, requests: Sequence, device: DevicePrefix, bucket: int, start) -> None:
-        """Copies into the prefix cache the prompts of a just-dispatched pack that are at least half new (the first
-        `prefix_cache_len` tokens of each): a ring, the oldest entries overwritten first. The host index changes
-        only once the copy is dispatched."""
-        c = self.config.prefix_cache_len
-        source = np.arange(c, dtype=np.int32)  # positions not written keep their contents
-        entries, cursor = list(self._prefix_entries), self._pool_cursor
-        taken: list[tuple[int, int]] = []  # ranges written by this call: a later copy must not wrap onto them
-        for row, (i, cache_start, cached) in enumerate(pack):
-            tokens = np.asarray(requests[i][0], np.int32)
-            n = min(len(tokens), c)
-            if not self._worth_caching(len(tokens), cached):
-                continue
-            at = 0 if cursor + n > c else cursor
-            if any(at < end and lo < at + n for lo, end in taken):
-                break
-            taken.append((at, at + n))
-            cursor = at + n
-            entries = [e for e in entries if e.start + len(e.tokens) <= at or e.start >= at + n]
-            entries.append(_CachedPrompt(tokens[:n], at))
-            i_pos = np.arange(n)
-            source[at : at + n] = np.where(i_pos < cached, cache_start + i_pos, c + start[row] + i_pos - cached)
-        if taken:
-            self._pool = self._compile("store", bucket)(self._pool, device, source)
-            self._prefix_entries, self._pool_cursor = entries, cursor
-
-    def clear_prefix_cache(self) -> None:
-        """Forgets every cached prompt (the next prompts are computed in full)."""
-        self._prefix_entries = []
-        self._pool_cursor = 0
-
-    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
-        """Places a prefilled prompt into `slot` (its previous contents are overwritten)."""
+    def insert(self, prefix: Prefix, slot: int) -> None:
+        """Places a prefilled prompt (done, not finished) into a free `slot`: the slot takes over its pages and the
+        rest of its reservation."""
         if not 0 <= slot < self.config.num_slots:
             raise IndexError(f"slot {slot} outside [0, {self.config.num_slots})")
-        state = self._compile("insert", prefix.bucket)(prefix.device, state, np.int32(slot), np.int32(prefix.row))
+        if self._slots[slot] is not None:
+            raise ValueError(f"slot {slot} is in use; release it first")
+        if not prefix.done or prefix.finished or prefix.released:
+            raise ValueError("only a prefix that is done, not finished and not discarded can be inserted")
+        key = ("insert", self._insert_bucket(prefix.bucket))
+        self._state = self._compile(*key)(prefix.device, self._state, np.int32(slot), np.int32(prefix.row),
+                                          np.int32(prefix.length))  # fmt: skip
+        prefix.released = True  # the slot holds the pages now
+        self._slots[slot] = _Slot(prefix.pages, prefix.reserved, [*prefix.tokens.tolist(), prefix.token], prefix.length)
         self._host_lengths[slot] = prefix.length
-        self._host_active[slot] = not prefix.finished
-        return state
+        self._host_active[slot] = True
 
-    def release(self, state: DecodeState, slot: int) -> DecodeState:
-        """Stops a slot (cancelled, or finished on the host by a stop string); its cache is reused as is."""
+    def _insert_bucket(self, bucket: int) -> int:
+        """The smallest bucket with as many rows as `bucket` (inserts compile once per row count)."""
+        r = self.prefill_rows(bucket)
+        return min(t for t in self.config.prefill_buckets if self.prefill_rows(t) == r)
+
+    def release(self, slot: int) -> None:
+        """Ends a slot (finished, cancelled, or stopped on the host by a stop string): its pages are indexed by the
+        tokens they hold and given back (they stay cached until the memory is needed), its reservation returned."""
+        s = self._slots[slot]
+        if s is None:
+            return
+        if self._host_active[slot]:
+            self._state = self._compile("release", 0)(self._state, np.int32(slot))
+        self._slots[slot] = None
         self._host_active[slot] = False
-        return self._compile("release", 0)(state, np.int32(slot))
+        self._host_lengths[slot] = 0
+        self._index(np.asarray(s.tokens[: s.length], np.int32), s.pages)
+        for page in s.pages:
+            self.pool.release(page)
+        self.pool.unreserve(s.reserved)
 
     def window_for(self, longest: int, steps: int | None = None) -> int:
         """Pages the decode attention must cover for sequences up to `longest` tokens through one dispatch."""
@@ -1149,19 +1249,37 @@ class Engine:
                 return w
         return self.config.num_pages
 
-    def generate(self, state: DecodeState, steps: int | None = None) -> tuple[DecodeState, StepOutput]:
+    def generate(self, steps: int | None = None) -> StepOutput:
         """Advances every active slot `steps` tokens (default and most: `decode_steps`); one dispatch and one copy
         back to the host. Any `steps` runs the same compiled program (the loop's trip count is an argument)."""
         steps = self.config.decode_steps if steps is None else steps
         if not 1 <= steps <= self.config.decode_steps:
             raise ValueError(f"steps must be in [1, {self.config.decode_steps}] (decode_steps), got {steps}")
         longest = int(self._host_lengths[self._host_active].max(initial=0))
-        self.last_window = self.window_for(longest, steps)
-        state, out = self._compile("generate", self.last_window)(self.params, state, np.int32(steps))
+        window = self.last_window = self.window_for(longest, steps)
+        p = self.config.page_size
+        table = np.zeros((self.config.num_slots, window), np.int32)
+        for b, s in enumerate(self._slots):
+            if s is None:
+                continue
+            # pages for every position this dispatch may write, within what the request reserved
+            need = min(-(-(s.length + steps) // p), len(s.pages) + s.reserved)
+            while len(s.pages) < need:
+                s.pages.append(self.pool.allocate(reserved=True))
+                s.reserved -= 1
+            if self._host_active[b]:
+                row = s.pages[:window]
+                table[b, : len(row)] = row
+        self._state, out = self._compile("generate", window)(self.params, self._state, table, np.int32(steps))
         tokens, valid, active, logprob, top_ids, top_vals = jax.device_get(out)
+        for b, s in enumerate(self._slots):
+            if s is not None and self._host_active[b]:
+                new = tokens[valid[:, b], b].tolist()
+                s.tokens.extend(new)
+                s.length += len(new)
         self._host_lengths += valid.sum(axis=0)
-        self._host_active = np.array(active)
-        return state, StepOutput(tokens, valid, active, logprob, top_ids, top_vals)
+        self._host_active = np.array(active) & np.array([s is not None for s in self._slots])
+        return StepOutput(tokens, valid, active, logprob, top_ids, top_vals)
 
     def kv_positions_read(self, lengths: np.ndarray, valid: np.ndarray, steps: int, window: int) -> int:
         """Cache positions (per layer, per kv head) one `generate` dispatch's attention read: every page of the window
@@ -1174,6 +1292,22 @@ class Engine:
         return int(np.minimum(np.asarray(lengths)[None, :] + taken + 1, span).sum())
 
     @property
+    def state(self) -> DecodeState:
+        """The device state (KV pools and per-slot rows); read-only for callers (tests, metrics)."""
+        return self._state
+
+    def pages_released_by(self, slot: int) -> int:
+        """Pages that releasing `slot` would make available to new reservations (its unused reservation and the
+        pages no other sequence shares)."""
+        s = self._slots[slot]
+        return 0 if s is None else s.reserved + sum(self.pool.refs[p] == 1 for p in s.pages)
+
+    def slot_pages(self, slot: int) -> list[int]:
+        """The pages slot `slot` holds, in position order (empty when free)."""
+        s = self._slots[slot]
+        return [] if s is None else list(s.pages)
+
+    @property
     def host_lengths(self) -> np.ndarray:
         """Tokens cached per slot, as the host last saw them."""
         return self._host_lengths
@@ -1182,6 +1316,19 @@ class Engine:
         """Whether the device is still generating for `slot` (as of the last dispatch the host saw)."""
         return bool(self._host_active[slot])
 
+    def clear_prefix_cache(self) -> None:
+        """Forgets every cached prefix (the next prompts are computed in full)."""
+        self.pool.clear_index()
+
     @property
     def compiled_shapes(self) -> list[tuple[str, int]]:
         return sorted(self._compiled)
+
+
+def _shards(spec: PartitionSpec, mesh: Mesh) -> int:
+    """Into how many pieces a sharding with `spec` splits an array over `mesh`."""
+    n = 1
+    for axes in spec:
+        for a in (axes,) if isinstance(axes, str) else axes or ():
+            n *= mesh.shape[a]
+    return n

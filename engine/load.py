@@ -9,9 +9,10 @@ import time
 import jax
 from jax.sharding import Mesh
 
-from checkpoints.bundled import cache_root, resolve_checkpoint
+from checkpoints.bundled import resolve_checkpoint
 from checkpoints.orbax_io import load_config, load_tokenizer, restore_params
 from engine.engine import Engine, EngineConfig
+from engine.paths import cache_root
 from engine.tokenizer import Tokenizer
 from sharding.rules import MeshAxes, single_device_mesh
 

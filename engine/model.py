@@ -4,21 +4,21 @@ Dimension letters (README glossary): B batch/slots, T query length, S cache (key
 D model dim, N query heads, K kv heads, G query heads per kv head (N = K * G), H head dim, F MLP dim, V vocab,
 L layers.
 
-Two entry shapes share one parameter tree:
-- prefill: tokens [B, T] with no cache; causal attention inside the T tokens (and inside each segment, when
-  several prompts are packed in one row), optionally also over cached K/V of earlier tokens (`context`, masked per
-  query); returns each layer's K/V ([B, T, K, H] each) for the engine to insert.
-- decode: tokens [B, 1] with each layer's cache pages (k: tuples of [B, K, H, P], v: tuples of [B, K, P, H]) and
-  per-slot lengths [B]; each layer first writes its new K/V at position `length` of every slot, then the query
-  attends to positions <= length; returns each layer's updated pages. Writing before reading keeps the update in
-  place: read-then-write made XLA copy every page twice per step to keep the old value alive for the read
-  (measured at 64 slots: ~48 ms of copies in a ~264 ms step, which fell to ~188 ms).
+Two entry shapes share one parameter tree, and the KV memory is a pool of pages per layer shared by every slot
+(engine.attention):
+- prefill: tokens [B, T]; causal attention inside the T tokens (and inside each segment, when several prompts are
+  packed in one row). Without a pool it returns each layer's K/V ([B, T, K, H]); with one (the engine's packed
+  prefill, B = 1) it writes them into the pool's pages and also attends to cached pages (a shared prefix, an
+  earlier chunk of the same prompt), returning the updated pool.
+- decode: tokens [B, 1] with each layer's pool, a page table [B, W] and per-slot lengths [B]; each layer first
+  writes its new K/V at position `length` of every slot, then the query attends to positions <= length. Writing
+  before reading keeps the update in place: read-then-write made XLA copy the cache to keep the old value alive for
+  the read (measured at 64 slots with per-slot pages: ~48 ms of copies in a ~264 ms step).
 
-Layers are unrolled over per-layer weight buffers, and the cache is a separate buffer per (layer, page). Measured on
-XLA:CPU (SmolLM2, one decode step): a `scan` over stacked layers copies every layer's weight and cache slice out of
-the stacked buffer before each dot (the profile shows `dynamic-slice` copies taking ~25% of the step), and a static
-window slice of one long cache buffer costs as much as reading it all. Separate buffers let every dot read its
-operand in place; the price is compile time growing with depth (see README, "Design decisions").
+Layers are unrolled over per-layer weight buffers. Measured on XLA:CPU (SmolLM2, one decode step): a `scan` over
+stacked layers copies every layer's weight and cache slice out of the stacked buffer before each dot (the profile
+shows `dynamic-slice` copies taking ~25% of the step). Separate buffers let every dot read its operand in place;
+the price is compile time growing with depth (see README, "Design decisions").
 Every parameter declares its logical axes with `nn.with_logical_partitioning`; `sharding/` maps them onto a mesh.
 """
 
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine.attention import NEG_INF, paged_decode_attention_xla, prefill_attention_xla, write_prefill_kv
 from engine.config import ModelConfig
 
 # Logical axes of every parameter in a checkpoint ([in, out] linear weights; layer params stacked on a leading
@@ -92,11 +93,6 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "embed_packed": (None, "embed", None),
     "lm_head_packed": (None, "embed", None),
 }
-# Logical axes of one KV cache page, per layer and page: keys are stored transposed (see _decode_attention).
-K_CACHE_AXES = ("slots", "kv_heads", "head_dim", "cache_seq")
-V_CACHE_AXES = ("slots", "kv_heads", "cache_seq", "head_dim")
-
-_NEG_INF = -1e30  # large finite: keeps fully-masked rows NaN-free
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -217,13 +213,18 @@ class Block(nn.Module):
 
     config: ModelConfig
     dtype: Any
-    attend: Callable | None = None  # decode attention with `decode_attention_xla`'s contract; None: that function
+    attend: Callable | None = None  # decode attention, `paged_decode_attention_xla`'s contract; None: that function
     fuse_qkv: bool = False  # q, k and v as one product (`wqkv`, see fuse_qkv_layer)
     packed: Packed | None = None  # linear weights packed for a hand-written product (needs fuse_qkv)
 
     @nn.compact
-    def __call__(self, x, rope, cache=None, lengths=None, segment_ids=None, context=None):
-        """x [D, M] (feature-major); rope: the (cos, sin) [B, T, H/2] of the tokens' positions (see rope_angles)."""
+    def __call__(self, x, rope, pool=None, table=None, lengths=None, segment_ids=None, paging=None):
+        """x [D, M] (feature-major); rope: the (cos, sin) [B, T, H/2] of the tokens' positions (see rope_angles).
+
+        Three uses: no `pool`: a plain prefill, returning the new K/V [B, T, K, H]; `pool` (k_pool, v_pool) with
+        `table` [B, W] and `lengths` [B]: one decode step (T = 1) through the page table; `pool` with `paging` (B =
+        1): a packed prefill that writes its K/V into the pool and also attends to cached pages. With a pool, the
+        updated pool is returned."""
         c, dt = self.config, self.dtype
         d, n, k, h, f, g = c.dim, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim, c.q_per_kv
         b, t = rope[0].shape[:2]
@@ -280,14 +281,18 @@ class Block(nn.Module):
             q, k_new, v_new = token_major(q), token_major(kv[0]), token_major(kv[1])
             q, k_new = apply_rope(q, rope), apply_rope(k_new, rope)
             q = q.reshape(b, t, k, g, h) * (1.0 / math.sqrt(h))
-            if cache is None:
-                out = _causal_attention(q, k_new, v_new, segment_ids, context)
+            if pool is None:
+                out = _causal_attention(q, k_new, v_new, segment_ids)
                 kv_out = (k_new, v_new)  # [B, T, K, H] each
-            else:
-                attend = self.attend or decode_attention_xla
-                out, k_pages, v_pages = attend(q[:, 0], k_new[:, 0], v_new[:, 0], cache[0], cache[1], lengths)
+            elif paging is None:
+                attend = self.attend or paged_decode_attention_xla
+                out, k_pool, v_pool = attend(q[:, 0], k_new[:, 0], v_new[:, 0], pool[0], pool[1], table, lengths)
                 out = out[:, None]
-                kv_out = (k_pages, v_pages)
+                kv_out = (k_pool, v_pool)
+            else:
+                k_pool, v_pool = write_prefill_kv(pool[0], pool[1], k_new[0], v_new[0], paging)
+                out = prefill_attention_xla(q[0], k_new[0], v_new[0], segment_ids[0], k_pool, v_pool, paging)[None]
+                kv_out = (k_pool, v_pool)
             x = product("wo", out.reshape(b * t, n, h).transpose(1, 2, 0).reshape(n * h, b * t), residual=x)
 
         with jax.named_scope("mlp"):
@@ -296,83 +301,18 @@ class Block(nn.Module):
         return x, kv_out
 
 
-def _causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, context: tuple | None = None
-) -> jax.Array:
+def _causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     """q [B, T, K, G, H] (pre-scaled), k/v [B, T, K, H] -> [B, T, K, G, H]; query t sees keys <= t of its own
-    segment (segment_ids [B, T], or one segment per row when None).
-
-    context (k [B, C, K, H], v [B, C, K, H], visible [B, T, C]): K/V cached from an earlier prefill that the queries
-    may also attend to, where `visible` allows (a prompt whose first tokens were already computed).
-    """
+    segment (segment_ids [B, T], or one segment per row when None). The prefill of a model without a KV pool (the
+    full forward the tests compare against)."""
     t = q.shape[1]
     mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None]  # [1, T, S]
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    if context is not None:
-        ctx_k, ctx_v, visible = context
-        k = jnp.concatenate([ctx_k, k], axis=1)
-        v = jnp.concatenate([ctx_v, v], axis=1)
-        mask = jnp.concatenate([visible, jnp.broadcast_to(mask, (visible.shape[0], t, t))], axis=-1)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-
-
-def write_pages(pages: tuple, new: jax.Array, positions: jax.Array, *, transposed: bool) -> tuple:
-    """Writes new [B, K, H] at each slot's position into the page holding it (the other pages drop the write).
-
-    pages: keys [B, K, H, P] (transposed) or values [B, K, P, H]; positions [B]. A position outside the pages is
-    dropped everywhere, so an idle slot at its length limit writes nothing.
-    """
-    p = pages[0].shape[3] if transposed else pages[0].shape[2]
-    # One extra update aimed past the last slot (always dropped) keeps this a scatter at any batch size: with a single
-    # update XLA rewrites it into a dynamic-update-slice that emulates the drop by reading the old value, and that read
-    # made XLA copy every page on every step (profile at one slot: 120 page copies, ~3 ms of CPU time per step; they
-    # ran beside the weight dots, so the step's wall time moved within noise).
-    b = new.shape[0]
-    slots = jnp.arange(b + 1)
-    new = jnp.concatenate([new, jnp.zeros_like(new[:1])])
-    out = []
-    for c, page in enumerate(pages):
-        offset = positions - c * p
-        offset = jnp.where((offset >= 0) & (offset < p), offset, p)
-        offset = jnp.concatenate([offset, jnp.full((1,), p, offset.dtype)])
-        if transposed:
-            out.append(page.at[slots, :, :, offset].set(new, mode="drop"))
-        else:
-            out.append(page.at[slots, :, offset, :].set(new, mode="drop"))
-    return tuple(out)
-
-
-def decode_attention_xla(q, k_new, v_new, k_pages, v_pages, lengths):
-    """One decode step of attention: writes k_new / v_new [B, K, H] at each slot's length (see `write_pages`), then
-    attends (see `_decode_attention`). Returns (out [B, K, G, H], k_pages, v_pages)."""
-    k_pages = write_pages(k_pages, k_new, lengths, transposed=True)
-    v_pages = write_pages(v_pages, v_new, lengths, transposed=False)
-    return _decode_attention(q, k_pages, v_pages, lengths), k_pages, v_pages
-
-
-def _decode_attention(q, k_pages, v_pages, lengths):
-    """One query per slot against its cache positions <= length (its own K/V already written at `length`).
-
-    q [B, K, G, H] (pre-scaled); k_pages [B, K, H, P], v_pages [B, K, P, H] covering positions [0, len(pages) * P);
-    lengths [B]. Each page is its own buffer, so each dot reads it in place; keys are stored transposed so both dots
-    are plain [G, H] x [H, P] and [G, P] x [P, H] products (measured on XLA:CPU: contracting over the minor dimension
-    of both operands made the score dot 6x slower than the value dot).
-    """
-    p = k_pages[0].shape[3]
-    scores = jnp.concatenate([jnp.einsum("BKGH,BKHP->BKGP", q, kp) for kp in k_pages], axis=-1)
-    scores = scores.astype(jnp.float32)  # [B, K, G, S]
-    valid = jnp.arange(scores.shape[-1])[None, :] <= lengths[:, None]  # [B, S]
-    scores = jnp.where(valid[:, None, None, :], scores, _NEG_INF)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v_pages[0].dtype)
-    out = None
-    for i, vp in enumerate(v_pages):
-        part = jnp.einsum("BKGP,BKPH->BKGH", weights[..., i * p : (i + 1) * p], vp)
-        out = part if out is None else out + part
-    return out
 
 
 def layer_name(i: int) -> str:
@@ -386,8 +326,9 @@ class Transformer(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32
     attend: Callable | None = None
-    """Decode attention with `decode_attention_xla`'s contract (write the new K/V into the pages, attend); None runs
-    that function. The engine passes a hand-written kernel here where it has one (see engine.kernels)."""
+    """Decode attention with `paged_decode_attention_xla`'s contract (write the new K/V through the page table,
+    attend); None runs that function. The engine passes a hand-written kernel here where it has one (see
+    engine.kernels)."""
     fuse_qkv: bool = False
     """q, k and v as one product (`wqkv`, see `fuse_qkv_layer`); the engine sets it where no mesh axis splits heads."""
     packed: Packed | None = None
@@ -398,17 +339,19 @@ class Transformer(nn.Module):
         self,
         tokens,
         positions,
-        cache=None,
+        pool=None,
+        table=None,
         lengths=None,
         logits_index=None,
         segment_ids=None,
-        context=None,
+        paging=None,
         vocab_major=False,
         rope=None,
     ):
-        """tokens/positions [B, T]; cache: per layer (k_pages, v_pages) or None; lengths [B] (decode only);
-        segment_ids [B, T] (prefill only): packed prompts attend only inside their own segment; context (prefill
-        only): per layer cached (k, v) [B, C, K, H] and one visibility mask [B, T, C] (see `_causal_attention`).
+        """tokens/positions [B, T]; pool: per layer (k_pool, v_pool) of the paged KV memory (engine.attention), or
+        None; decode: table [B, W] and lengths [B]; segment_ids [B, T] (prefill only): packed prompts attend only
+        inside their own segment; paging (prefill with a pool, B = 1): where the new K/V go and the cached pages
+        the queries also see (see Block).
 
         logits_index [B, R]: compute logits only at those positions of each row (the last token of each packed
         prompt) -> [B, R, V]; None -> logits for every position [B, T, V]. vocab_major: logits [V, B, R | T]
@@ -416,8 +359,8 @@ class Transformer(nn.Module):
         at 16-64 tokens than the [tokens, D] x [D, V] one, and ~10x faster at 4 tokens (measured with the argmax:
         64 tokens 21.7 vs 30.6 ms, 16 tokens 8.6 vs 16.6 ms, 4 tokens 6.3 vs 69 ms), and transposing 64 x 49152
         logits back costs another ~15 ms. rope: the (cos, sin) [B, T, H/2] of `positions` (see rope_angles) when the
-        caller has them; else computed here. Returns (logits, per-layer (k, v)): the new K/V in prefill, the updated
-        cache pages in decode.
+        caller has them; else computed here. Returns (logits, per-layer (k, v)): the new K/V in a prefill without a
+        pool, else the updated pools.
         """
         c = self.config
         normal, pk, v = nn.initializers.normal(0.02), self.packed, c.vocab_size
@@ -432,10 +375,8 @@ class Transformer(nn.Module):
             rope = rope_angles(positions, c)
         kv = []
         for i in range(c.num_layers):
-            layer_cache = None if cache is None else cache[i]
-            layer_ctx = None if context is None else (*context[0][i], context[1])
             x, layer_kv = Block(c, self.dtype, self.attend, self.fuse_qkv, self.packed, name=layer_name(i))(
-                x, rope, layer_cache, lengths, segment_ids, layer_ctx
+                x, rope, None if pool is None else pool[i], table, lengths, segment_ids, paging
             )
             kv.append(layer_kv)
         x = x.reshape(c.dim, b, t)

@@ -31,8 +31,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from engine.engine import CapacityError, DecodeState, Engine
-from engine.scheduler import StepPlan
+from engine.engine import Engine
+from engine.scheduler import Executor, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -138,36 +138,6 @@ class PlanBroadcaster:
         self.stopped = True
 
 
-def replay(engine: Engine, state: DecodeState, plan: StepPlan) -> DecodeState:
-    """Runs `plan`'s engine calls exactly as `Scheduler.execute` does on the leader, and returns the new state.
-
-    Request-level errors the leader reports to the client (a prompt that does not fit) are raised by the same checks
-    here and skipped the same way, so both sides keep making the same calls.
-    """
-    for slot in plan.release:
-        state = engine.release(state, slot)
-    runnable = []
-    for adm in plan.admit:
-        try:
-            engine.check_prompt(adm.prompt_tokens, adm.params)
-        except (ValueError, CapacityError):
-            continue
-        runnable.append(adm)
-    if runnable:
-        prefixes = engine.prefill_batch([(a.prompt_tokens, a.params, a.seed) for a in runnable])
-        for adm, prefix in zip(runnable, prefixes, strict=True):
-            if not prefix.finished:
-                state = engine.insert(prefix, state, adm.slot)
-    if plan.decode:
-        try:
-            state, _ = engine.generate(state, plan.decode_steps)
-        except Exception:
-            # the leader's scheduler resets the cache after a failed dispatch; mirror it
-            log.exception("decode dispatch failed; resetting the cache as the leader does")
-            state = engine.init_state()
-    return state
-
-
 def run_follower(engine: Engine) -> int:
     """Replays process 0's plans on this process until the stop message; returns the number of steps replayed.
 
@@ -175,10 +145,11 @@ def run_follower(engine: Engine) -> int:
     """
     if is_leader():
         raise RuntimeError("process 0 leads (Scheduler with a PlanBroadcaster); run_follower is for the others")
-    state = engine.init_state()
+    engine.reset()
+    executor = Executor(engine)  # the same calls the leader's scheduler makes, through the same code
     steps = 0
     while (plan := receive_plan()) is not None:
-        state = replay(engine, state, plan)
+        executor.run(plan)
         steps += 1
     log.info("follower %d stopped after %d steps", jax.process_index(), steps)
     return steps

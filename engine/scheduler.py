@@ -1,20 +1,24 @@
 """Continuous batching: a bounded priority queue of requests admitted into free slots as others finish.
 
-The scheduler talks to the engine only through `prefill_batch` / `insert` / `generate` / `release`, and to the outside
-only through `submit`, `cancel`, `step` and each request's output sink, so the offline batch job and the gRPC
-service drive it the same way. It knows nothing of the network.
+The scheduler talks to the engine only through `open_prompt` / `prefill_batch` / `insert` / `generate` / `release`
+(all in `Executor`), and to the outside only through `submit`, `cancel`, `step` and each request's output sink, so
+the offline batch job and the gRPC service drive it the same way. It knows nothing of the network.
 
 One `step()`:
-1. decides (`plan`): which cancelled or host-stopped slots to release, which waiting requests to admit into free
-   slots - at most `prefills_per_step` of them;
-2. executes the plan: release, then prefill the admitted requests (packed a few prompts per call, see
-   `Engine.prefill_batch`) and insert each into its slot (its first token is streamed at once);
+1. decides (`plan`): which finished or cancelled slots to release, which waiting requests to admit into free slots -
+   at most `prefills_per_step` of them, and only while the KV memory can reserve the pages each can ever need
+   (prompt + max_tokens; the head of the queue waits rather than being overtaken);
+2. executes the plan (`Executor.run`): release, then prefill - first the chunks of long prompts still being read,
+   then the admitted prompts, packed a few per call - within the step's prefill token budget; a prompt whose
+   tokens are all computed is inserted into its slot and its first token streamed at once;
 3. runs one `generate` dispatch (`decode_steps` tokens for every active slot) and streams what it produced.
 
-Policy and its trade-off: prefills are interleaved with decode dispatches, `prefills_per_step` at most between two
-dispatches. Raising it admits a burst sooner (lower TTFT, slots fill faster) at the cost of a longer pause for the
-requests already decoding (higher inter-token latency); lowering it protects TPOT. Neither starves: every step that
-has a waiting request and a free slot admits at least one, and every step with an active slot decodes.
+Policy and its trade-off: prefill is interleaved with decode dispatches, at most `prefill_token_budget` prompt tokens
+between two of them while some slot decodes (a long prompt is read in chunks over several steps); raising it
+admits a burst sooner (lower TTFT) at the cost of a longer pause for the requests already decoding (higher
+inter-token latency); lowering it protects the running streams. With no slot decoding there is nothing to protect
+and every admitted prompt is read at once. Neither starves: every step that has a waiting request that fits and a
+free slot admits at least one, and every step with an active slot decodes.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from engine.engine import CapacityError, Engine, TokenLogprobs
+from engine.engine import Engine, Prefix, StepOutput, TokenLogprobs
 from engine.sampling import SamplingParams
 from engine.text import IncrementalDetokenizer, StopStringMatcher
 from engine.tokenizer import Tokenizer
@@ -59,6 +63,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    """Prompt tokens whose K/V came from cached pages (device memory) instead of being computed."""
     queue_time: float | None = None
     """Seconds from arrival to the start of prefill."""
     ttft: float | None = None
@@ -81,6 +86,7 @@ class Request:
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     seed: int = 0
     slot: int | None = None
+    cached_tokens: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
     detok: IncrementalDetokenizer | None = None
     stops: StopStringMatcher | None = None
@@ -109,6 +115,64 @@ class StepPlan:
     admit: tuple[Admission, ...]
     decode: bool
     decode_steps: int | None = None  # tokens per slot in this dispatch (None: the engine's decode_steps)
+    prefill_budget: int | None = None  # most prompt tokens computed in this step (None: every admitted prompt whole)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one plan's engine calls produced, by request id."""
+
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)  # admissions the engine refused, and why
+    first: dict[str, Prefix] = dataclasses.field(default_factory=dict)  # prompts completed: their first token
+    prefill_failed: tuple[tuple[str, ...], str] | None = None  # the requests a failed prefill took down, and why
+    decoded: StepOutput | None = None
+    decode_failed: str | None = None  # the dispatch failed: the engine was reset, every request in it is lost
+
+
+class Executor:
+    """Runs plans' engine calls, in order; the one place that does, for the leader's scheduler and for multi-host
+    followers (which replay the leader's plans), so both sides make the same calls and keep the same pages.
+
+    Holds the prompts still being read in chunks (admitted, slot taken, not yet inserted)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.reading: list[tuple[Admission, Prefix]] = []
+
+    def run(self, plan: StepPlan) -> StepResult:
+        engine, result = self.engine, StepResult()
+        released = set(plan.release)
+        for _, prefix in [r for r in self.reading if r[0].slot in released]:
+            engine.discard(prefix)
+        self.reading = [r for r in self.reading if r[0].slot not in released]
+        for slot in plan.release:
+            engine.release(slot)
+        for adm in plan.admit:
+            try:
+                self.reading.append((adm, engine.open_prompt(adm.prompt_tokens, adm.params, adm.seed)))
+            except ValueError as exc:  # CapacityError included
+                result.refused[adm.request_id] = str(exc)
+        if self.reading:
+            try:
+                engine.prefill_batch([p for _, p in self.reading], plan.prefill_budget)
+            except Exception as exc:  # an engine failure fails these requests only (their pages were given back)
+                log.exception("prefill failed for %s", ", ".join(a.request_id for a, _ in self.reading))
+                result.prefill_failed = (tuple(a.request_id for a, _ in self.reading), str(exc))
+                self.reading = []
+            for adm, prefix in [r for r in self.reading if r[1].done]:
+                if not prefix.finished:
+                    engine.insert(prefix, adm.slot)
+                result.first[adm.request_id] = prefix
+            self.reading = [r for r in self.reading if not r[1].done]
+        if plan.decode and any(engine.slot_active(s) for s in range(engine.config.num_slots)):
+            try:
+                result.decoded = engine.generate(plan.decode_steps)
+            except Exception as exc:
+                log.exception("decode dispatch failed; resetting the engine (every request in it fails)")
+                result.decode_failed = str(exc)
+                self.reading = []
+                engine.reset()
+        return result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +191,25 @@ class SchedulerStats:
     prefix_cache_queried_tokens: int = 0
     """Prompt tokens prefilled since start-up (cumulative)."""
     prefix_cache_hit_tokens: int = 0
-    """Of those, tokens read from the prefix cache instead of computed (cumulative)."""
+    """Of those, tokens whose K/V came from cached pages instead of being computed (cumulative)."""
+    kv_pages_total: int = 0
+    """Pages a sequence can use (the sink excluded)."""
+    kv_pages_used: int = 0
+    """Pages running requests hold."""
+    kv_pages_cached: int = 0
+    """Pages only the prefix index holds (evictable)."""
+    kv_pages_free: int = 0
+    kv_pages_reserved: int = 0
+    """Pages admitted requests may still take."""
+    kv_evictions: int = 0
+    """Cached pages reclaimed for new sequences (cumulative)."""
+    prefilling: int = 0
+    """Admitted prompts still being read in chunks."""
 
 
 class Scheduler:
-    """Owns the DecodeState and the slot table; `step()` must be called from one thread only."""
+    """Owns the slot table and the queue (the engine owns the device state); `step()` must be called from one thread
+    only."""
 
     def __init__(
         self,
@@ -139,15 +217,19 @@ class Scheduler:
         tokenizer: Tokenizer,
         *,
         max_waiting: int | None = None,
-        prefills_per_step: int = 4,
+        prefills_per_step: int = 64,
         free_slot_decode_steps: int | None = None,
+        prefill_token_budget: int | None = None,
         plan_hook: Callable[[StepPlan], StepPlan] | None = None,
     ) -> None:
         """`plan_hook` sees every plan before it runs (multi-host: the leader broadcasts it to the followers).
 
         `free_slot_decode_steps`: dispatch length while some slot is free, so that a request arriving during a
         dispatch waits at most that many decode steps for its prefill (a server's TTFT); None keeps every dispatch
-        at the engine's `decode_steps` (an offline job, whose requests are all queued from the start)."""
+        at the engine's `decode_steps` (an offline job, whose requests are all queued from the start).
+
+        `prefill_token_budget`: most prompt tokens read between two decode dispatches while some slot decodes (a
+        server's inter-token latency); None reads every admitted prompt at once (an offline job: throughput first)."""
         if prefills_per_step < 1:
             raise ValueError(f"prefills_per_step must be >= 1, got {prefills_per_step}")
         if free_slot_decode_steps is not None and not 1 <= free_slot_decode_steps <= engine.config.decode_steps:
@@ -155,13 +237,17 @@ class Scheduler:
                 f"free_slot_decode_steps must be in [1, {engine.config.decode_steps}] (decode_steps), "
                 f"got {free_slot_decode_steps}"
             )
+        if prefill_token_budget is not None and prefill_token_budget < 1:
+            raise ValueError(f"prefill_token_budget must be >= 1, got {prefill_token_budget}")
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
         self.prefills_per_step = prefills_per_step
         self.free_slot_decode_steps = free_slot_decode_steps
+        self.prefill_token_budget = prefill_token_budget
         self.plan_hook = plan_hook
-        self.state = engine.init_state()
+        engine.reset()
+        self.executor = Executor(engine)
         self._lock = threading.Lock()
         self._waiting: list[tuple[int, int, Request]] = []
         self._counter = itertools.count()
@@ -176,11 +262,7 @@ class Scheduler:
 
     def validate(self, prompt_tokens: Sequence[int], params: SamplingParams) -> None:
         """Raises ValueError (CapacityError included) with a message naming the field and the limit."""
-        self.engine.check_request(len(prompt_tokens), params)
-        vocab = self.engine.model_config.vocab_size
-        for t in prompt_tokens:
-            if not 0 <= t < vocab:
-                raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab})")
+        self.engine.check_prompt(prompt_tokens, params)
 
     def submit(self, request: Request) -> None:
         """Queues a validated request; raises QueueFullError at the bound, ValueError for bad input."""
@@ -209,28 +291,36 @@ class Scheduler:
             return True
 
     def has_work(self) -> bool:
+        """Whether a request waits or runs, or a finished one's slot is still to be released (its pages cached)."""
         with self._lock:
-            return bool(self._waiting) or any(r is not None for r in self._slots)
+            return bool(self._waiting) or any(r is not None for r in self._slots) or bool(self._pending_release)
 
     def stats(self) -> SchedulerStats:
         with self._lock:
             waiting = len(self._waiting)
         used = [i for i, r in enumerate(self._slots) if r is not None]
         lengths = self.engine.host_lengths
-        e = self.engine.config
+        e, pool = self.engine.config, self.engine.pool
         secs, toks, window = self._last_dispatch
         return SchedulerStats(
             slots_total=e.num_slots,
             slots_used=len(used),
             waiting=waiting,
             kv_tokens_used=int(sum(lengths[i] for i in used)),
-            kv_tokens_capacity=e.num_slots * e.max_seq_len,
+            kv_tokens_capacity=pool.usable * e.page_size,
             steps=self._steps,
             last_dispatch_seconds=secs,
             last_dispatch_tokens=toks,
             last_window=window,
             prefix_cache_queried_tokens=self.engine.prefix_stats.prompt_tokens,
             prefix_cache_hit_tokens=self.engine.prefix_stats.hit_tokens,
+            kv_pages_total=pool.usable,
+            kv_pages_used=pool.used,
+            kv_pages_cached=pool.cached,
+            kv_pages_free=pool.free,
+            kv_pages_reserved=pool.reserved,
+            kv_evictions=pool.stats.evictions,
+            prefilling=len(self.executor.reading),
         )
 
     # ----- the loop (one thread) --------------------------------------------------------------------------------
@@ -240,24 +330,44 @@ class Scheduler:
         release = sorted(self._pending_release)
         self._pending_release.clear()
         for slot, req in enumerate(self._slots):
-            if req is not None and req.cancelled:
+            if req is not None and req.cancelled and slot not in release:
                 release.append(slot)
         free = [s for s, r in enumerate(self._slots) if r is None or s in release]
         admit: list[Admission] = []
+        pages = self.engine.pool.available() + self._released_pages(release)
         with self._lock:
             cancelled_waiting = [r for _, _, r in self._waiting if r.cancelled]
             if cancelled_waiting:
                 self._waiting = [e for e in self._waiting if not e[2].cancelled]
                 heapq.heapify(self._waiting)
             while self._waiting and free and len(admit) < self.prefills_per_step:
-                _, _, req = heapq.heappop(self._waiting)
+                req = self._waiting[0][2]
+                need = self.engine.pages_needed(len(req.prompt_tokens), req.params.max_tokens)
+                if need > pages:
+                    break  # the head waits for memory; nothing overtakes it
+                heapq.heappop(self._waiting)
+                pages -= need
                 req.slot = free.pop(0)
                 admit.append(Admission(req.request_id, tuple(req.prompt_tokens), req.params, req.seed, req.slot))
         for req in cancelled_waiting:
             self._finish(req, FINISH_CANCELLED)
-        busy = any(r is not None and not r.cancelled for r in self._slots)
+        decoding = any(
+            r is not None and not r.cancelled and s not in release and self.engine.slot_active(s)
+            for s, r in enumerate(self._slots)
+        )
         steps = self.free_slot_decode_steps if free else None  # `free` still holds the slots nobody took
-        return StepPlan(release=tuple(release), admit=tuple(admit), decode=busy or bool(admit), decode_steps=steps)
+        budget = self.prefill_token_budget if decoding else None
+        return StepPlan(
+            release=tuple(release),
+            admit=tuple(admit),
+            decode=decoding or bool(admit) or bool(self.executor.reading),
+            decode_steps=steps,
+            prefill_budget=budget,
+        )
+
+    def _released_pages(self, slots: Sequence[int]) -> int:
+        """Pages the releases of this plan give back to what admission may reserve."""
+        return sum(self.engine.pages_released_by(s) for s in slots)
 
     def step(self) -> StepPlan:
         """One iteration: release, admit (prefill + insert), one decode dispatch. Returns the plan it ran."""
@@ -268,66 +378,56 @@ class Scheduler:
         return plan
 
     def execute(self, plan: StepPlan) -> None:
-        """Runs a plan's engine calls. Every engine call of a step happens here, in this order, so a follower
-        process that replays the same plans runs the same compiled programs on the same inputs."""
+        """Runs a plan's engine calls (through the Executor, as followers do) and streams what they produced."""
         for slot in plan.release:
             req = self._slots[slot]
             self._slots[slot] = None
-            self.state = self.engine.release(self.state, slot)
             if req is not None and not req.finished:
                 self._finish(req, FINISH_CANCELLED)
-        self._admit(plan.admit)
-        if plan.decode:
-            self._decode(plan.decode_steps)
-        self._steps += 1
-
-    def _admit(self, admissions: Sequence[Admission]) -> None:
-        runnable: list[tuple[Admission, Request]] = []
-        for adm in admissions:
+        for adm in plan.admit:
             with self._lock:
                 req = self._by_id[adm.request_id]
             req.admitted_at = time.monotonic()
-            try:
-                self.engine.check_prompt(adm.prompt_tokens, adm.params)
-            except (ValueError, CapacityError) as exc:
-                self._finish(req, FINISH_ERROR, error=str(exc))
-                continue
-            runnable.append((adm, req))
-        if not runnable:
-            return
-        try:
-            prefixes = self.engine.prefill_batch([(a.prompt_tokens, a.params, a.seed) for a, _ in runnable])
-        except Exception as exc:  # an engine failure fails these requests only
-            log.exception("prefill failed for %s", ", ".join(r.request_id for _, r in runnable))
-            for _, req in runnable:
-                self._finish(req, FINISH_ERROR, error=f"engine failure during prefill: {exc}")
-            return
-        for (adm, req), prefix in zip(runnable, prefixes, strict=True):
-            req.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=adm.prompt_tokens, skip_special_tokens=True)
-            req.stops = StopStringMatcher(adm.params.stop) if adm.params.stop else None
-            first = [prefix.logprobs] if prefix.logprobs else None
-            if prefix.finished:
-                self._emit(req, [prefix.token], first, device_done=True)
-                continue
-            self.state = self.engine.insert(prefix, self.state, adm.slot)
             self._slots[adm.slot] = req
-            self._emit(req, [prefix.token], first, device_done=False)
-
-    def _decode(self, steps: int | None) -> None:
         start = time.perf_counter()
-        try:
-            self.state, out = self.engine.generate(self.state, steps)
-        except Exception as exc:
-            log.exception("decode dispatch failed; failing the requests in flight and resetting the cache")
+        result = self.executor.run(plan)
+        self._stream_prefills(plan, result)
+        if result.decoded is not None:
+            self._last_dispatch = (
+                time.perf_counter() - start,
+                int(result.decoded.valid.sum()),
+                self.engine.last_window,
+            )
+            self._stream_decode(result.decoded)
+        if result.decode_failed is not None:
             for slot, req in enumerate(self._slots):
                 self._slots[slot] = None
                 if req is not None and not req.finished:
-                    self._finish(req, FINISH_ERROR, error=f"engine failure during decode: {exc}")
-            self.state = self.engine.init_state()
-            return
-        self._last_dispatch = (time.perf_counter() - start, int(out.valid.sum()), self.engine.last_window)
+                    self._finish(req, FINISH_ERROR, error=f"engine failure during decode: {result.decode_failed}")
+        self._steps += 1
+
+    def _stream_prefills(self, plan: StepPlan, result: StepResult) -> None:
+        for adm in plan.admit:
+            if adm.request_id in result.refused:
+                self._finish(self._slots[adm.slot], FINISH_ERROR, error=result.refused[adm.request_id])
+        if result.prefill_failed is not None:
+            ids, error = result.prefill_failed
+            for req in self._slots:
+                if req is not None and req.request_id in ids:
+                    self._finish(req, FINISH_ERROR, error=f"engine failure during prefill: {error}")
+        for req in self._slots:
+            if req is None or req.request_id not in result.first:
+                continue
+            prefix = result.first[req.request_id]
+            req.cached_tokens = prefix.cached
+            req.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=req.prompt_tokens, skip_special_tokens=True)
+            req.stops = StopStringMatcher(req.params.stop) if req.params.stop else None
+            first = [prefix.logprobs] if prefix.logprobs else None
+            self._emit(req, [prefix.token], first, device_done=prefix.finished)
+
+    def _stream_decode(self, out: StepOutput) -> None:
         for slot, req in enumerate(self._slots):
-            if req is None or req.finished:
+            if req is None or req.finished or req.detok is None:
                 continue
             mask = out.valid[:, slot]
             tokens = [int(t) for t in out.tokens[mask, slot]]
@@ -375,7 +475,11 @@ class Scheduler:
             reason = FINISH_STOP if last in stop_ids or hit else FINISH_LENGTH
             self._finish(req, reason, tokens=tokens, text=text + tail, lps=lps)
             return
-        req.sink(RequestOutput(req.request_id, tokens, text, lps, prompt_tokens=len(req.prompt_tokens)))
+        req.sink(
+            RequestOutput(
+                req.request_id, tokens, text, lps, prompt_tokens=len(req.prompt_tokens), cached_tokens=req.cached_tokens
+            )
+        )
 
     def _finish(
         self,
@@ -391,10 +495,10 @@ class Scheduler:
             return
         req.finished = True
         if req.slot is not None and self._slots[req.slot] is req:
-            # the slot is free for the next admission; the device only needs telling when it still decodes (a stop
-            # string, seen on the host), and is told by the next plan so that every engine call is in a plan
-            if self.engine.slot_active(req.slot):
-                self._pending_release.add(req.slot)
+            # the slot is free for the next admission; the engine releases it (caching its pages, stopping the
+            # device if it still decodes: a stop string seen on the host) in the next plan, so that every engine
+            # call is in a plan
+            self._pending_release.add(req.slot)
             self._slots[req.slot] = None
         with self._lock:
             self._by_id.pop(req.request_id, None)
@@ -410,6 +514,7 @@ class Scheduler:
                 error=error,
                 prompt_tokens=len(req.prompt_tokens),
                 completion_tokens=len(req.generated),
+                cached_tokens=req.cached_tokens,
                 queue_time=None if req.admitted_at is None else req.admitted_at - arrival,
                 ttft=None if req.first_token_at is None else req.first_token_at - arrival,
             )

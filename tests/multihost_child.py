@@ -24,12 +24,11 @@ from engine.multihost import (
     initialize_distributed,
     is_leader,
     receive_plan,
-    replay,
     run_follower,
 )
 from engine.offline import OfflineItem, run_offline
 from engine.sampling import SamplingParams
-from engine.scheduler import Request, Scheduler
+from engine.scheduler import Executor, Request, Scheduler
 from sharding.mesh import make_mesh
 
 PROMPTS = [[5, 17, 99, 3, 42], [7] * 11, [200, 3, 9, 60, 61, 62, 63, 2], [33, 34]]
@@ -52,9 +51,10 @@ def serve(engine, tokenizer, kill_after: int | None) -> list[list[int]] | None:
         if kill_after is None:
             run_follower(engine)
             return None
-        state = engine.init_state()
+        engine.reset()
+        executor = Executor(engine)
         for _ in range(kill_after):
-            state = replay(engine, state, receive_plan())
+            executor.run(receive_plan())
         os.kill(os.getpid(), signal.SIGKILL)
     outs: dict[str, list[int]] = {}
     broadcaster = PlanBroadcaster()

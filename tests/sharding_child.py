@@ -129,7 +129,7 @@ def main() -> None:
         )
         logits_diff = None if ref_logits is None else np.max(np.abs(forward_logits(engine) - ref_logits))
         report = engine.describe_sharding()
-        state = engine.init_state()
+        state = engine.state
         hlo = engine._compile("generate", 1).as_text()
         result[spec] = {
             "tokens": tokens,
@@ -137,7 +137,7 @@ def main() -> None:
             "logprob_max_diff": float(logprob_diff),
             "logits_max_diff": None if logits_diff is None else float(logits_diff),
             "params": layout(engine.params),
-            "cache": layout({"k": state.k[0][0], "v": state.v[0][0], "lengths": state.lengths}),
+            "cache": layout({"k": state.k[0], "v": state.v[0], "lengths": state.lengths}),
             "weight_bytes_per_device": report.weight_bytes_per_device,
             "kv_bytes_per_device": report.kv_bytes_per_device,
             "rules": {k: v if not isinstance(v, tuple) else list(v) for k, v in report.rules.items()},

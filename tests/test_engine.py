@@ -1,9 +1,11 @@
-"""Engine tests on a tiny random model: prefill + paged decode against a full forward, slot isolation, seeds,
-continuous batching, compile-free serving after warm-up, the sampler on hand-made logits, stops, logprobs and
-input validation.
+"""Engine tests on a tiny random model: prefill + paged decode against a full forward, slot isolation in the shared
+page pool, seeds, continuous batching, chunked prefill, prefix reuse through the page pool (hits, follow-up turns,
+copies of a partly matching page, evictions, failures), compile-free serving after warm-up, bfloat16, the sampler on
+hand-made logits, stops, logprobs and input validation.
 
-One warmed engine is shared by the module (float32, 4 slots of 128 positions in 4 pages of 32, prefill buckets 16
-and 32, 4 decode steps per dispatch); every test starts from its own `init_state()`.
+One warmed engine is shared by the module (float32, 4 slots of 128 positions, pages of 32 positions in a pool of
+4 * 4 + 1 pages, prefill calls of 16 and 32 tokens, 4 decode steps per dispatch); every test that uses it starts from
+`reset()` (an empty pool, every slot free) and must leave the pool's bookkeeping consistent.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 from jax._src import monitoring
 
 from engine.config import tiny_config
-from engine.engine import CapacityError, DecodeState, Engine, EngineConfig
+from engine.engine import CapacityError, Engine, EngineConfig, Prefix
 from engine.model import init_params
 from engine.sampling import SamplingParams, SlotSampling, _filter_logits, argmax, sample
 from engine.scheduler import FINISH_LENGTH, FINISH_STOP, Request, RequestOutput, Scheduler
@@ -30,15 +32,40 @@ ENGINE_CONFIG = EngineConfig(
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # Seeded random prompts (ids 2..255: never BOS 0 or EOS 1), reused across tests so they read the same model paths.
 _RNG = np.random.default_rng(1234)
-PROMPTS = {n: [int(t) for t in _RNG.integers(2, 256, n)] for n in (1, 3, 5, 8, 12, 16, 17, 20, 25, 30, 32)}
+PROMPTS = {n: [int(t) for t in _RNG.integers(2, 256, n)] for n in (1, 3, 5, 8, 12, 16, 17, 20, 25, 30, 32, 100)}
+LOGPROB_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    cfg = tiny_config()
-    eng = Engine(cfg, init_params(cfg, jnp.float32), ENGINE_CONFIG)
+def raw_params():
+    """The tiny model's weights in the checkpoint's per-layer layout (every engine of the module builds from them)."""
+    return init_params(tiny_config(), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def engine(raw_params) -> Engine:
+    eng = Engine(tiny_config(), raw_params, ENGINE_CONFIG)
     eng.warmup()
     return eng
+
+
+@pytest.fixture(autouse=True)
+def fresh_engine(request):
+    """A test using the module's engine starts from an empty pool with every slot free, and leaves the pool's
+    bookkeeping consistent."""
+    if "engine" not in request.fixturenames:
+        yield
+        return
+    eng = request.getfixturevalue("engine")
+    eng.reset()
+    yield
+    eng.pool.check()
+
+
+@pytest.fixture(scope="module")
+def off_engine(raw_params) -> Engine:
+    """The module's engine shapes with the prefix cache off."""
+    return Engine(tiny_config(), raw_params, dataclasses.replace(ENGINE_CONFIG, prefix_caching=False))
 
 
 @pytest.fixture(scope="module")
@@ -57,26 +84,30 @@ def full_logits(engine):
 
 @dataclasses.dataclass
 class SlotRun:
-    """What the engine produced for one slot: tokens, and per token (logprob, top ids, top logprobs) if asked."""
+    """What the engine produced for one slot: tokens, and per token (logprob, top ids, top logprobs) if asked; and
+    how many prompt tokens came from cached pages."""
 
     tokens: list[int]
     logprobs: list[tuple[float, list[int], list[float]]]
+    cached: int = 0
 
 
-def admit(engine: Engine, state: DecodeState, slot: int, prompt, params: SamplingParams, seed: int, runs: dict):
+def admit(engine: Engine, slot: int, prompt, params: SamplingParams, seed: int, runs: dict) -> Prefix:
+    """Prefills `prompt` and arms the (free) `slot` with it, unless its first token already ends it."""
     prefix = engine.prefill(prompt, params, seed)
     lp = prefix.logprobs
-    runs[slot] = SlotRun(
-        [prefix.token], [] if lp is None else [(lp.logprob, [i for i, _ in lp.top], [x for _, x in lp.top])]
-    )
-    return engine.insert(prefix, state, slot)
+    first = [] if lp is None else [(lp.logprob, [i for i, _ in lp.top], [x for _, x in lp.top])]
+    runs[slot] = SlotRun([prefix.token], first, prefix.cached)
+    if not prefix.finished:
+        engine.insert(prefix, slot)
+    return prefix
 
 
-def decode(engine: Engine, state: DecodeState, runs: dict[int, SlotRun], dispatches: int | None = None):
+def decode(engine: Engine, runs: dict[int, SlotRun], dispatches: int | None = None) -> None:
     """Runs `generate` until no slot is active (or `dispatches` times), appending each slot's tokens to `runs`."""
     n = 0
     while any(engine.slot_active(s) for s in range(engine.config.num_slots)) and (dispatches is None or n < dispatches):
-        state, out = engine.generate(state)
+        out = engine.generate()
         n += 1
         for slot, run in runs.items():
             for t in np.flatnonzero(out.valid[:, slot]):
@@ -84,14 +115,40 @@ def decode(engine: Engine, state: DecodeState, runs: dict[int, SlotRun], dispatc
                 run.logprobs.append(
                     (float(out.logprob[t, slot]), out.top_ids[t, slot].tolist(), out.top_logprobs[t, slot].tolist())
                 )
-    return state
+
+
+def release_all(engine: Engine) -> None:
+    for slot in range(engine.config.num_slots):
+        engine.release(slot)
 
 
 def run_alone(engine: Engine, prompt, params: SamplingParams, seed: int = 0, slot: int = 0) -> SlotRun:
+    """The request alone on the engine: every slot released first (their pages stay cached), its own after."""
+    release_all(engine)
     runs: dict[int, SlotRun] = {}
-    state = admit(engine, engine.init_state(), slot, prompt, params, seed, runs)
-    decode(engine, state, runs)
+    admit(engine, slot, prompt, params, seed, runs)
+    decode(engine, runs)
+    engine.release(slot)
     return runs[slot]
+
+
+def cold(engine: Engine, prompt, params: SamplingParams, seed: int = 0) -> SlotRun:
+    """The request alone, computed in full (the prefix cache emptied first)."""
+    release_all(engine)
+    engine.clear_prefix_cache()
+    run = run_alone(engine, prompt, params, seed)
+    assert run.cached == 0
+    return run
+
+
+def assert_same_run(got: SlotRun, want: SlotRun) -> None:
+    """The same tokens, and the same logprobs (the token's, the top ids and their values) within LOGPROB_TOL."""
+    assert got.tokens == want.tokens
+    assert len(got.logprobs) == len(want.logprobs) == len(want.tokens)
+    for (lp, ids, top), (lp_w, ids_w, top_w) in zip(got.logprobs, want.logprobs, strict=True):
+        np.testing.assert_allclose(lp, lp_w, atol=LOGPROB_TOL)
+        assert ids == ids_w
+        np.testing.assert_allclose(top, top_w, atol=LOGPROB_TOL)
 
 
 def greedy_reference(full_logits, prompt: list[int], n: int) -> list[int]:
@@ -102,70 +159,90 @@ def greedy_reference(full_logits, prompt: list[int], n: int) -> list[int]:
     return seq[len(prompt) :]
 
 
-def page_arrays(state: DecodeState) -> list[np.ndarray]:
-    return [np.asarray(p) for layer in (*state.k, *state.v) for p in layer]
+def assert_matches_full_forward(run: SlotRun, prompt: list[int], full_logits, n_top: int = 5) -> None:
+    """A greedy run's tokens are the full forward's, and its top-n logprobs match the full forward's logits at every
+    position (the first token's from prefill, the rest from decode)."""
+    expected = greedy_reference(full_logits, prompt, len(run.tokens))
+    if run.tokens != expected:
+        i = next(i for i, (a, b) in enumerate(zip(run.tokens, expected, strict=True)) if a != b)
+        top2 = np.sort(full_logits(prompt + expected[:i])[-1])[-2:]
+        pytest.fail(f"first divergence at generated token {i}: {run.tokens[i]} vs {expected[i]}, top-2 gap {top2}")
+    logits = full_logits(prompt + run.tokens[:-1])[len(prompt) - 1 :]
+    ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    top_ids = np.array([ids[:n_top] for _, ids, _ in run.logprobs])  # decode rows carry all MAX_LOGPROBS
+    top_lps = np.array([lps[:n_top] for _, _, lps in run.logprobs])
+    np.testing.assert_array_equal(top_ids[:, 0], run.tokens)
+    np.testing.assert_allclose(top_lps, np.take_along_axis(ref, top_ids, axis=-1), atol=LOGPROB_TOL)
+    np.testing.assert_allclose([lp for lp, _, _ in run.logprobs], ref[np.arange(len(run.tokens)), run.tokens],
+                               atol=LOGPROB_TOL)  # fmt: skip
+
+
+def pool_pages(engine: Engine, pages: list[int]) -> list[np.ndarray]:
+    """The contents of `pages` in every layer's key and value pool."""
+    return [np.asarray(pool)[np.asarray(pages, np.int32)] for pool in (*engine.state.k, *engine.state.v)]
 
 
 # ----- prefill + decode == full forward ---------------------------------------------------------------------------
 
 
 def test_greedy_decode_matches_full_forward(engine, full_logits):
-    # 20 prompt + 90 generated tokens: crosses pages 1 -> 2 -> 3 -> 4, so every decode window (1, 2, 4 pages) runs
+    # 20 prompt + 90 generated tokens: crosses pages 1 -> 2 -> 3 -> 4, so every decode window (1 to 4 pages) runs
     prompt = PROMPTS[20]
     run = run_alone(engine, prompt, SamplingParams(max_tokens=90, ignore_eos=True, logprobs=5))
-    expected = greedy_reference(full_logits, prompt, 90)
-    if run.tokens != expected:
-        i = next(i for i, (a, b) in enumerate(zip(run.tokens, expected, strict=True)) if a != b)
-        top2 = np.sort(full_logits(prompt + expected[:i])[-1])[-2:]
-        pytest.fail(f"first divergence at generated token {i}: {run.tokens[i]} vs {expected[i]}, top-2 gap {top2}")
-    # the engine's logits, seen through its top-5 logprobs, match the full forward's at every position
-    logits = full_logits(prompt + run.tokens[:-1])[len(prompt) - 1 :]
-    ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
-    top_ids = np.array([ids[:5] for _, ids, _ in run.logprobs])  # decode rows carry all MAX_LOGPROBS
-    top_lps = np.array([lps[:5] for _, _, lps in run.logprobs])
-    np.testing.assert_array_equal(top_ids[:, 0], run.tokens)
-    np.testing.assert_allclose(top_lps, np.take_along_axis(ref, top_ids, axis=-1), atol=1e-4)
+    assert len(run.tokens) == 90
+    assert_matches_full_forward(run, prompt, full_logits)
 
 
-def test_model_decode_step_matches_full_forward(engine, full_logits):
-    """The model's decode path (paged cache, per-slot lengths) writes each slot's new K/V at its length, then
-    attends to positions <= length: it gives the full forward's logits at that position."""
+@pytest.mark.parametrize("attention", ["kernel", "xla"])
+def test_model_decode_step_matches_full_forward(engine, full_logits, attention):
+    """The model's decode path (one pool per layer, a page table per slot, per-slot lengths) writes each slot's new K/V
+    at its length through its table, then attends to positions <= length: it gives the full forward's logits at that
+    position, and changes nothing else in the pools."""
     c, p = engine.model_config, engine.config.page_size
+    assert engine.attention == "kernel"
+    model = engine.model if attention == "kernel" else engine.model.clone(attend=None)  # the XLA formulation
     seqs = [PROMPTS[30] + PROMPTS[32], PROMPTS[12] + PROMPTS[25] + PROMPTS[25]]  # 62 tokens each
-    lengths = np.array([9, 40], np.int32)  # slot 1 attends across the page boundary
+    lengths = np.array([9, 40], np.int32)  # slot 1 attends across a page boundary
+    # shuffled page ids; entries past a slot's pages name other pages (a sink, a stranger), which must not be read
+    table = np.array([[5, 2, 0], [3, 6, 1]], np.int32)
     tokens = np.array(seqs, np.int32)
-    # the cache holds the full forward's K/V of *all* 62 positions: positions > length must be masked out ...
+    # the pools hold the full forward's K/V of *all* 62 positions: positions > length must be masked out ...
     _, kv = engine.model.apply({"params": engine.params}, tokens, np.arange(62)[None].repeat(2, 0))
-    # ... and garbage at position `length` itself: the model must overwrite it before attending
-    at_length = np.zeros((2, 2 * p), bool)
-    at_length[np.arange(2), lengths] = True
-    cache = []
+    rng = np.random.default_rng(5)
+    pools = []
     for k, v in kv:  # [B, T, K, H]
-        k = jnp.pad(k, ((0, 0), (0, 2 * p - 62), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, 2 * p - 62), (0, 0), (0, 0)))
-        k = jnp.where(at_length[:, :, None, None], 1e3, k)
-        v = jnp.where(at_length[:, :, None, None], -1e3, v)
-        k_pages = tuple(jnp.transpose(k[:, i * p : (i + 1) * p], (0, 2, 3, 1)) for i in range(2))  # [B, K, H, P]
-        v_pages = tuple(jnp.transpose(v[:, i * p : (i + 1) * p], (0, 2, 1, 3)) for i in range(2))  # [B, K, P, H]
-        cache.append((k_pages, v_pages))
+        k_pool = rng.standard_normal((7, c.num_kv_heads, c.head_dim, p)).astype(np.float32)
+        v_pool = rng.standard_normal((7, c.num_kv_heads, p, c.head_dim)).astype(np.float32)
+        for b in range(2):
+            for pos in range(62):
+                k_pool[table[b, pos // p], :, :, pos % p] = k[b, pos]
+                v_pool[table[b, pos // p], :, pos % p, :] = v[b, pos]
+            # ... and garbage at position `length` itself: the model must overwrite it before attending
+            k_pool[table[b, lengths[b] // p], :, :, lengths[b] % p] = 1e3
+            v_pool[table[b, lengths[b] // p], :, lengths[b] % p, :] = -1e3
+        pools.append((k_pool, v_pool))
     step_tokens = tokens[np.arange(2), lengths][:, None]
-    logits, new_cache = engine.model.apply(
-        {"params": engine.params}, step_tokens, lengths[:, None], cache=tuple(cache), lengths=jnp.asarray(lengths)
+    step = jax.jit(
+        lambda params, t, pos, pools, table, lengths: model.apply(
+            {"params": params}, t, pos, pool=pools, table=table, lengths=lengths
+        )
     )
+    logits, new_pools = step(engine.params, step_tokens, lengths[:, None], tuple(pools), table, lengths)
     assert logits.shape == (2, 1, c.vocab_size)
     for b in range(2):
         expected = full_logits(seqs[b][: lengths[b] + 1])[-1]
         np.testing.assert_allclose(np.asarray(logits[b, 0]), expected, atol=1e-4)
-    # the updated pages hold the full forward's K/V at each slot's length, and nothing else changed
-    for layer in (0, c.num_layers - 1):
-        (k_old, v_old), (k_new, v_new) = cache[layer], new_cache[layer]
+    # the updated pools hold the full forward's K/V at each slot's length, and nothing else changed
+    at_length = np.zeros((7, p), bool)
+    at_length[table[np.arange(2), lengths // p], lengths % p] = True
+    for layer in range(c.num_layers):
+        (k_old, v_old), (k_new, v_new) = pools[layer], (np.asarray(x) for x in new_pools[layer])
         for b, n in enumerate(lengths):
-            page, off = divmod(int(n), p)
-            np.testing.assert_allclose(np.asarray(k_new[page][b, :, :, off]), np.asarray(kv[layer][0][b, n]), atol=1e-5)
-            np.testing.assert_allclose(np.asarray(v_new[page][b, :, off]), np.asarray(kv[layer][1][b, n]), atol=1e-5)
-        for old, new, seq_axis, other in ((k_old, k_new, 3, (1, 2)), (v_old, v_new, 2, (1, 3))):
-            changed = np.concatenate([np.asarray(a) != np.asarray(o) for o, a in zip(old, new, strict=True)], seq_axis)
-            assert np.array_equal(changed.any(axis=other), at_length)
+            page, off = table[b, n // p], n % p
+            np.testing.assert_allclose(k_new[page, :, :, off], np.asarray(kv[layer][0][b, n]), atol=1e-5)
+            np.testing.assert_allclose(v_new[page, :, off, :], np.asarray(kv[layer][1][b, n]), atol=1e-5)
+        np.testing.assert_array_equal((k_new != k_old).any(axis=(1, 2)), at_length)
+        np.testing.assert_array_equal((v_new != v_old).any(axis=(1, 3)), at_length)
 
 
 # ----- slot isolation ---------------------------------------------------------------------------------------------
@@ -173,37 +250,82 @@ def test_model_decode_step_matches_full_forward(engine, full_logits):
 
 def test_insert_leaves_other_slots_untouched(engine):
     runs: dict[int, SlotRun] = {}
-    state = engine.init_state()
     for slot, n in enumerate((30, 5, 17, 25)):
-        state = admit(engine, state, slot, PROMPTS[n], SamplingParams(max_tokens=40, ignore_eos=True), slot, runs)
-    state = decode(engine, state, runs, dispatches=3)  # the other slots' caches now hold decoded tokens too
-    before = page_arrays(state)
-    lengths_before = np.asarray(state.lengths)
-    state = admit(engine, state, 2, PROMPTS[32], SamplingParams(max_tokens=8), 9, runs)
-    after = page_arrays(state)
-    for b, a in zip(before, after, strict=True):
-        others = [0, 1, 3]
-        np.testing.assert_array_equal(a[others], b[others])
-    assert not all(
-        np.array_equal(a[2], b[2]) for b, a in zip(before, after, strict=True)
-    )  # slot 2 itself was rewritten
-    np.testing.assert_array_equal(np.asarray(state.lengths)[[0, 1, 3]], lengths_before[[0, 1, 3]])
-    assert int(state.lengths[2]) == 32
+        admit(engine, slot, PROMPTS[n], SamplingParams(max_tokens=40, ignore_eos=True), slot, runs)
+    decode(engine, runs, dispatches=3)  # the other slots' pages now hold decoded tokens too
+    others = [0, 1, 3]
+    pages = {b: engine.slot_pages(b) for b in others}
+    before = {b: pool_pages(engine, pages[b]) for b in others}
+    lengths_before = np.asarray(engine.state.lengths)
+    free_before = list(engine.pool._free)
+    contents_before = pool_pages(engine, list(range(engine.pool.num_pages)))
+    engine.release(2)
+    admit(engine, 2, PROMPTS[32], SamplingParams(max_tokens=8), 9, runs)
+    mine = engine.slot_pages(2)
+    assert mine and set(mine).isdisjoint(pg for b in others for pg in pages[b])
+    for b in others:
+        assert engine.slot_pages(b) == pages[b]
+        for x, y in zip(before[b], pool_pages(engine, pages[b]), strict=True):
+            np.testing.assert_array_equal(y, x)  # bitwise: the prefill wrote only slot 2's pages
+    after = pool_pages(engine, list(range(engine.pool.num_pages)))
+    changed = set()
+    for x, y in zip(contents_before, after, strict=True):
+        changed |= set(np.flatnonzero((x != y).reshape(len(x), -1).any(axis=1)).tolist())
+    assert mine[0] in changed and changed <= {*mine, 0}  # slot 2's own pages were written, and the sink (padding)
+    assert set(mine) <= set(free_before)  # fresh pages: the released ones stay cached
+    np.testing.assert_array_equal(np.asarray(engine.state.lengths)[others], lengths_before[others])
+    assert int(engine.state.lengths[2]) == 32
+    release_all(engine)
+    assert engine.pool.used == 0 and engine.pool.reserved == 0
 
 
-def test_freed_slot_leaks_nothing_into_the_next_request(engine):
-    short, params = PROMPTS[5], SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3)
-    fresh = run_alone(engine, short, params, seed=3)
+@pytest.mark.parametrize("next_request", ["unrelated", "follow-up"])
+def test_freed_slot_leaks_nothing_into_the_next_request(engine, next_request):
+    """A released slot's pages go back to the pool (cached, or free) and are handed out again. Whatever such a page
+    holds where the next request must not look (here NaN: every free page, every cached page it does not match, the
+    sink, and the positions of a partly matching page past the match) changes nothing: its tokens and logprobs are
+    bit-identical to those of a clean run."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3)
 
-    runs: dict[int, SlotRun] = {}
-    state = admit(engine, engine.init_state(), 0, PROMPTS[30], SamplingParams(max_tokens=90, ignore_eos=True), 1, runs)
-    state = decode(engine, state, runs)
-    assert len(runs[0].tokens) == 90  # slot 0's cache is now full of another request's K/V
-    state = engine.release(state, 0)
-    state = admit(engine, state, 0, short, params, 3, runs)
-    decode(engine, state, runs)
-    assert runs[0].tokens == fresh.tokens
-    assert runs[0].logprobs == fresh.logprobs  # bit-identical: stale positions are masked, not just down-weighted
+    def scenario(poison: bool) -> SlotRun:
+        engine.reset()
+        runs: dict[int, SlotRun] = {}
+        admit(engine, 0, PROMPTS[30], SamplingParams(max_tokens=90, ignore_eos=True), 1, runs)
+        decode(engine, runs)
+        assert len(runs[0].tokens) == 90  # slot 0's pages are now full of another request's K/V
+        history = PROMPTS[30] + runs[0].tokens
+        engine.release(0)
+        prompt = PROMPTS[5] if next_request == "unrelated" else [*history[:50], 7, 8, 9]
+        if poison:
+            match = engine.pool.match(prompt, limit=len(prompt) - 1)
+            keep = {*match.pages, match.copy_from}
+            assert all(engine.pool.refs[pg] == 0 for pg in range(engine.pool.num_pages))  # no page is held
+            bad = jnp.asarray([pg for pg in range(engine.pool.num_pages) if pg not in keep], jnp.int32)
+            assert len(bad) == engine.pool.num_pages - len(keep - {None})
+            k, v = engine.state.k, engine.state.v
+            k, v = tuple(x.at[bad].set(jnp.nan) for x in k), tuple(x.at[bad].set(jnp.nan) for x in v)
+            if match.copy_from is not None:  # and the positions of the partly matching page past the match
+                n = match.copy_tokens
+                k = tuple(x.at[match.copy_from, :, :, n:].set(jnp.nan) for x in k)
+                v = tuple(x.at[match.copy_from, :, n:, :].set(jnp.nan) for x in v)
+            engine._state = engine.state.replace(k=k, v=v)  # a test-only reach into the engine's device state
+        runs = {}
+        admit(engine, 0, prompt, params, 3, runs)
+        decode(engine, runs)
+        engine.release(0)
+        return runs[0]
+
+    got = scenario(poison=True)
+    if next_request == "unrelated":
+        engine.reset()
+        want = run_alone(engine, PROMPTS[5], params, seed=3)
+        assert got.cached == want.cached == 0
+    else:
+        want = scenario(poison=False)
+        assert got.cached == want.cached == 50  # one page shared, 18 positions copied from the freed slot's pages
+    assert got.tokens == want.tokens
+    assert got.logprobs == want.logprobs  # bit-identical: stale positions are never read, not just down-weighted
+    assert all(np.isfinite(lp) for lp, _, _ in got.logprobs)
 
 
 # ----- seeds ------------------------------------------------------------------------------------------------------
@@ -222,17 +344,16 @@ def test_seed_reproducible_across_slots_and_companions(engine, params):
     alone = run_alone(engine, prompt, params, seed=params.seed, slot=0)
 
     runs: dict[int, SlotRun] = {}
-    state = engine.init_state()
     companions = [
         (PROMPTS[30], SamplingParams(max_tokens=50, ignore_eos=True)),
         (PROMPTS[3], SamplingParams(temperature=0.7, top_k=5, max_tokens=9, ignore_eos=True)),
         (PROMPTS[12], SamplingParams(temperature=1.3, seed=78, max_tokens=60, ignore_eos=True)),
     ]
     for slot, (p, sp) in enumerate(companions):
-        state = admit(engine, state, slot, p, sp, 100 + slot, runs)
-    state = decode(engine, state, runs, dispatches=2)  # join mid-batch, at a different decode window
-    state = admit(engine, state, 3, prompt, params, params.seed, runs)
-    decode(engine, state, runs)
+        admit(engine, slot, p, sp, 100 + slot, runs)
+    decode(engine, runs, dispatches=2)  # join mid-batch, at a different decode window
+    admit(engine, 3, prompt, params, params.seed, runs)
+    decode(engine, runs)
     assert runs[3].tokens == alone.tokens
     # the seed matters: the same prompt with another seed (slot 2) goes elsewhere
     other = run_alone(engine, prompt, dataclasses.replace(params, seed=params.seed + 1))
@@ -271,17 +392,18 @@ def test_continuous_batching_matches_one_at_a_time(engine):
         tokens, text, reason = summary(batched[f"r{i}"])
         assert (tokens, text, reason) == summary(one[f"alone{i}-0"])
         assert len(tokens) == req[1].max_tokens and reason == FINISH_LENGTH
+    assert engine.pool.used == 0 and engine.pool.reserved == 0
 
 
 def test_dispatch_length_is_a_runtime_argument(engine):
-    """generate(state, steps) runs `steps` tokens per slot with the same program; mixed lengths give the same tokens."""
+    """generate(steps) runs `steps` tokens per slot with the same program; mixed lengths give the same tokens."""
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     full = run_alone(engine, PROMPTS[12], params)
     runs: dict[int, SlotRun] = {}
-    state = admit(engine, engine.init_state(), 1, PROMPTS[12], params, 0, runs)
+    admit(engine, 1, PROMPTS[12], params, 0, runs)
     lengths = []
     for steps in (1, 3, 1, 4, 2, 4, 4, 4, 4, 4):
-        state, out = engine.generate(state, steps)
+        out = engine.generate(steps)
         assert not out.valid[steps:].any()  # rows past `steps` carry nothing
         lengths.append(int(out.valid[:, 1].sum()))
         runs[1].tokens += [int(t) for t in out.tokens[out.valid[:, 1], 1]]
@@ -289,7 +411,8 @@ def test_dispatch_length_is_a_runtime_argument(engine):
     assert lengths[:6] == [1, 3, 1, 4, 2, 4]
     for bad in (0, engine.config.decode_steps + 1):
         with pytest.raises(ValueError, match="steps must be in"):
-            engine.generate(state, bad)
+            engine.generate(bad)
+    engine.release(1)
 
 
 def test_short_dispatches_while_a_slot_is_free(engine):
@@ -314,33 +437,33 @@ def test_short_dispatches_while_a_slot_is_free(engine):
         Scheduler(engine, tok, free_slot_decode_steps=engine.config.decode_steps + 1)
 
 
-# ----- packed prefill ---------------------------------------------------------------------------------------------
+# ----- packed and chunked prefill ---------------------------------------------------------------------------------
 
 
-def test_packs_respect_length_and_row_limits(engine):
+def test_packs_respect_length_and_row_limits(engine, raw_params):
     # max_prefill_len 32: 8 prompts per call at most; a pack closes when the next prompt would overflow either
     assert engine.packs([30, 3, 32, 1, 1, 1, 1, 1, 1, 1, 1, 1, 20, 13]) == [
         [0], [1], [2], [3, 4, 5, 6, 7, 8, 9, 10], [11, 12], [13],
     ]  # fmt: skip
     # a call of T >= 64 tokens takes up to T // 8 prompts (16 at 128), within prefill_segments
-    cfg = engine.model_config
-    wide = Engine(cfg, engine.params, dataclasses.replace(ENGINE_CONFIG, max_prefill_len=128, prefill_segments=12))
+    config = dataclasses.replace(ENGINE_CONFIG, max_prefill_len=128, prefill_segments=12)
+    wide = Engine(engine.model_config, raw_params, config)
     assert [wide.prefill_rows(t) for t in (16, 64, 128)] == [8, 8, 12]
     assert wide.packs([1] * 10 + [70] + [1] * 12) == [list(range(8)), [8, 9, 10, *range(11, 20)], [20, 21, 22]]
 
 
 @pytest.fixture(scope="module")
-def small_pages_engine() -> Engine:
+def small_pages_engine(raw_params) -> Engine:
     """Pages of 8 positions: one packed prompt spans several pages, starting mid-pack."""
-    cfg = tiny_config()
     config = dataclasses.replace(ENGINE_CONFIG, page_size=8, max_seq_len=64, prefill_segments=4)
-    return Engine(cfg, init_params(cfg, jnp.float32), config)
+    return Engine(tiny_config(), raw_params, config)
 
 
 @pytest.mark.parametrize("which", ["engine", "small_pages_engine"])
 def test_packed_prefill_matches_one_at_a_time(which, request):
     """Prompts packed into shared prefill calls give each its own first token, logprobs and continuation."""
     engine = request.getfixturevalue(which)
+    engine.reset()
     lengths = (5, 12, 1, 8, 3, 17, 30)
     settings = [
         SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3),
@@ -350,159 +473,325 @@ def test_packed_prefill_matches_one_at_a_time(which, request):
     requests = [(PROMPTS[n], settings[i % 3], 100 + i) for i, n in enumerate(lengths)]
     assert any(len(p) > 1 for p in engine.packs(lengths))  # several prompts do share a call
     prefixes = engine.prefill_batch(requests)
+    assert [p.cached for p in prefixes] == [0] * 7
     for (prompt, params, seed), packed in zip(requests, prefixes, strict=True):
+        engine.clear_prefix_cache()  # alone: computed in full, not read from the packed prompts' pages
         alone = engine.prefill(prompt, params, seed)
+        assert alone.cached == 0
         assert packed.token == alone.token and packed.length == len(prompt)
         if params.logprobs is not None:
             assert [i for i, _ in packed.logprobs.top] == [i for i, _ in alone.logprobs.top]
             np.testing.assert_allclose(packed.logprobs.logprob, alone.logprobs.logprob, atol=1e-5)
+        engine.discard(alone)
     # each packed row, inserted into its own slot and decoded alongside the others, continues as it does alone
     for group in (range(0, 4), range(4, 7)):
         runs: dict[int, SlotRun] = {}
-        state = engine.init_state()
+        release_all(engine)
         for slot, i in enumerate(group):
             runs[slot] = SlotRun([prefixes[i].token], [])
-            state = engine.insert(prefixes[i], state, slot)
-        decode(engine, state, runs)
+            engine.insert(prefixes[i], slot)
+        decode(engine, runs)
         for slot, i in enumerate(group):
             prompt, params, seed = requests[i]
-            assert runs[slot].tokens == run_alone(engine, prompt, params, seed).tokens, f"prompt {i}"
+            assert runs[slot].tokens == cold(engine, prompt, params, seed).tokens, f"prompt {i}"
+    release_all(engine)
+    assert engine.pool.used == 0 and engine.pool.reserved == 0
+    engine.pool.check()
 
 
-# ----- prefix cache -----------------------------------------------------------------------------------------------
+def prefill_calls(engine: Engine, monkeypatch) -> list[int]:
+    """Records the bucket of every prefill call the engine dispatches from now on."""
+    calls: list[int] = []
+    real = engine._compile
+
+    def recording(kind: str, size: int):
+        if kind == "prefill":
+            calls.append(size)
+        return real(kind, size)
+
+    monkeypatch.setattr(engine, "_compile", recording)
+    return calls
 
 
-def _cold(engine: Engine, prompt, params: SamplingParams, seed: int) -> SlotRun:
-    """The prompt computed in full (the prefix cache emptied first)."""
+def test_long_prompt_is_prefilled_in_chunks(engine, full_logits, monkeypatch):
+    """A prompt of 100 tokens (max_prefill_len 32) is computed in four calls, each chunk attending to the pages the
+    earlier ones wrote; it continues exactly as the full forward."""
+    prompt = PROMPTS[100]
+    calls = prefill_calls(engine, monkeypatch)
+    run = run_alone(engine, prompt, SamplingParams(max_tokens=28, ignore_eos=True, logprobs=5))
+    assert calls == [32, 32, 32, 16] and run.cached == 0 and len(run.tokens) == 28
+    assert_matches_full_forward(run, prompt, full_logits)
+
+
+def test_token_budget_spreads_a_prompt_over_calls(engine, full_logits, monkeypatch):
+    """With a token budget of 16 the 100-token prompt comes back unfinished after each call, and is continued where
+    it stopped until done; the result is the full forward's."""
+    prompt = PROMPTS[100]
+    params = SamplingParams(max_tokens=28, ignore_eos=True, logprobs=5)
+    calls = prefill_calls(engine, monkeypatch)
+    (prefix,) = engine.prefill_batch([(prompt, params, 0)], token_budget=16)
+    computed = [prefix.computed]
+    while not prefix.done:
+        assert prefix.token == -1 and prefix.logprobs is None
+        (again,) = engine.prefill_batch([prefix], token_budget=16)
+        assert again is prefix
+        computed.append(prefix.computed)
+    assert computed == [16, 32, 48, 64, 80, 96, 100] and calls == [16] * 7
+    runs: dict[int, SlotRun] = {}
+    lp = prefix.logprobs
+    runs[2] = SlotRun([prefix.token], [(lp.logprob, [i for i, _ in lp.top], [x for _, x in lp.top])])
+    engine.insert(prefix, 2)
+    decode(engine, runs)
+    engine.release(2)
+    assert_matches_full_forward(runs[2], prompt, full_logits)
+    # a budget shared by two prompts: whole prompts first come first, the long one continues in later calls
+    calls.clear()
     engine.clear_prefix_cache()
-    return run_alone(engine, prompt, params, seed)
+    short, long_ = engine.prefill_batch([(PROMPTS[12], params, 0), (prompt, params, 0)], token_budget=40)
+    assert short.done and short.token >= 0 and (long_.computed, long_.done) == (28, False)
+    while not long_.done:
+        engine.prefill_batch([long_], token_budget=40)
+    assert long_.token == prefix.token
+    np.testing.assert_allclose(long_.logprobs.logprob, prefix.logprobs.logprob, atol=LOGPROB_TOL)
+    engine.discard(short)
+    engine.discard(long_)
+    assert engine.pool.used == 0 and engine.pool.reserved == 0
 
 
-def test_prefix_cache_hits_give_what_a_cold_prefill_gives(engine):
-    """Prompts sharing a cached prefix compute only their rest (packed together, in a later pack of the same batch)
-    and continue exactly as when computed in full."""
+# ----- prefix reuse through the page pool -------------------------------------------------------------------------
+
+
+def test_identical_prompt_reuses_cached_pages(engine):
+    prompt = PROMPTS[20] + PROMPTS[25]  # 45 tokens: prefilled in two chunks
+    params = SamplingParams(max_tokens=20, ignore_eos=True, logprobs=5)
+    ref = cold(engine, prompt, params)
+    before = dataclasses.replace(engine.prefix_stats)
+    warm = run_alone(engine, prompt, params)
+    # one page shared, 12 positions copied from the next; the last prompt token is always computed (its logits)
+    assert warm.cached == len(prompt) - 1 == 44
+    assert engine.prefix_stats.hit_tokens - before.hit_tokens == 44
+    assert engine.prefix_stats.hit_prompts - before.hit_prompts == 1
+    assert_same_run(warm, ref)
+
+
+def test_follow_up_turn_computes_only_the_new_tail(engine):
+    """The next turn of a chat (prompt + completion + new tokens) reads the first turn's pages, prompt and
+    completion, and computes only the new tail."""
+    prompt, params = PROMPTS[20], SamplingParams(max_tokens=30, ignore_eos=True, logprobs=5)
+    first = run_alone(engine, prompt, params)
+    follow = prompt + first.tokens[:-1] + PROMPTS[8]  # the last completion token was never fed back: not cached
+    params = SamplingParams(max_tokens=20, ignore_eos=True, logprobs=5)
+    warm = run_alone(engine, follow, params)
+    assert warm.cached == len(prompt) + len(first.tokens) - 1 == 49
+    assert_same_run(warm, cold(engine, follow, params))
+
+
+def test_prompt_diverging_mid_page_reuses_the_matching_part(engine):
+    """A prompt that diverges from a cached one inside a page reuses the full pages before it and the matching head
+    of that page (token-granular reuse: here the page nobody holds is taken over; a page a running sequence holds is
+    copied, see test_prompts_copy_what_a_running_sequence_holds)."""
+    p = engine.config.page_size
+    base = PROMPTS[20] + PROMPTS[25]
+    params = SamplingParams(max_tokens=16, ignore_eos=True, logprobs=5)
+    run_alone(engine, base, params)
+    branch = [*base[:40], 7, 8, 9]  # diverges 8 positions into the second page
+    warm = run_alone(engine, branch, params)
+    assert warm.cached == 40 and warm.cached % p
+    # a prompt that was partly copied is cached in full, its copied positions included
+    again = [*branch[:42], 5, 6]
+    warm_again = run_alone(engine, again, params)
+    assert warm_again.cached == 42
+    assert_same_run(warm, cold(engine, branch, params))
+    assert_same_run(warm_again, cold(engine, again, params))
+
+
+def opening_batch(opening: int) -> list[tuple[list[int], SamplingParams, int]]:
+    """Three prompts: two sharing an `opening`-token start, and an unrelated one."""
+    start = (PROMPTS[12] + PROMPTS[30])[:opening]
+    params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2)
+    return [(p, params, i) for i, p in enumerate([[*start, 3, 4, 5], [*start, 7, 8, 9], PROMPTS[5]])]
+
+
+@pytest.mark.parametrize("opening", [9, 40])
+def test_prompts_sharing_an_opening_wait_for_the_first(engine, off_engine, opening):
+    """A batch whose prompts would share calls, two of them sharing an opening: the second waits for the first to be
+    cached (a later call), while the unrelated prompt still shares the first one's (last) call. Each continues exactly
+    as a cold prefill."""
+    requests = opening_batch(opening)
+    if opening == 9:
+        assert engine.packs([len(p) for p, _, _ in requests]) == [[0, 1, 2]]  # without waiting: one call
+    prefixes = engine.prefill_batch(requests)
+    assert prefixes[0].device is prefixes[2].device and prefixes[1].device is not prefixes[0].device
+    for i, (prompt, params, seed) in enumerate(requests):
+        ref = cold(engine, prompt, params, seed)
+        assert prefixes[i].token == ref.tokens[0]
+        np.testing.assert_allclose(prefixes[i].logprobs.logprob, ref.logprobs[0][0], atol=LOGPROB_TOL)
+        runs = {i: SlotRun([prefixes[i].token], [])}
+        engine.insert(prefixes[i], i)
+        decode(engine, runs)
+        engine.release(i)
+        assert runs[i].tokens == ref.tokens, f"prompt {i}"
+    # with the cache off nothing waits: all three share one call when they fit one
+    off_engine.reset()
+    off = off_engine.prefill_batch(requests)
+    assert [p.cached for p in off] == [0, 0, 0]
+    if opening == 9:
+        assert len({id(p.device) for p in off}) == 1
+    assert [p.token for p in off] == [p.token for p in prefixes]
+    for p in off:
+        off_engine.discard(p)
+    assert off_engine.pool.used == 0 and off_engine.pool.cached == 0
+
+
+@pytest.mark.parametrize("opening", [9, 40, "cached"])
+def test_a_prompt_that_waited_reads_the_opening_from_the_cache(engine, opening):
+    """The point of waiting: the later prompts read the shared opening from the first one's pages. "cached": four
+    prompts whose 20-token opening an earlier prompt left in a partly filled page nobody holds: the first takes that
+    page over (un-indexing it), the other three wait for the first and read it from there."""
+    if opening == "cached":
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        engine.discard(engine.prefill([*PROMPTS[20], 11], params, 0))
+        requests = [([*PROMPTS[20], *tail], params, i) for i, tail in enumerate([[3, 4, 5], [9, 8], [40, 41], [77]])]
+        expected = [20, 20, 20, 20]
+    else:
+        requests = opening_batch(opening)
+        expected = [0, opening, 0]
+    prefixes = engine.prefill_batch(requests)
+    try:
+        assert [p.cached for p in prefixes] == expected
+    finally:
+        for p in prefixes:
+            engine.discard(p)
+
+
+def test_prompts_copy_what_a_running_sequence_holds(engine):
+    """Prompts sharing the opening of a sequence that is still decoding copy the head of its partly filled page into
+    pages of their own (it keeps writing into it), compute only their rest, packed together in one call, and
+    continue exactly as when computed in full; the running sequence is not disturbed. Logprobs of a hit match the
+    cold ones."""
     base = PROMPTS[20]
     tails = [[3, 4, 5, 6, 7], [9, 8], [40, 41, 42], [77]]
-    prompts = [base + t for t in tails]
     settings = [
         SamplingParams(max_tokens=10, ignore_eos=True, logprobs=3),
         SamplingParams(temperature=0.9, top_k=20, seed=7, max_tokens=10, ignore_eos=True),
     ]
-    requests = [(p, settings[i % 2], 50 + i) for i, p in enumerate(prompts)]
-    engine.clear_prefix_cache()
+    requests = [(base + t, settings[i % 2], 50 + i) for i, t in enumerate(tails)]
+    runs: dict[int, SlotRun] = {}
+    running = SamplingParams(max_tokens=60, ignore_eos=True)
+    admit(engine, 3, [*base, 11], running, 1, runs)  # its first page holds base + 11, then its decoded tokens
+    decode(engine, runs, dispatches=1)
+    source = engine.slot_pages(3)[0]
     before = dataclasses.replace(engine.prefix_stats)
     prefixes = engine.prefill_batch(requests)
-    # max_prefill_len 32: the first prompt runs alone and is cached; the other three share the next call
-    assert [p.cached for p in prefixes] == [0, 20, 20, 20]
-    assert prefixes[1].device is prefixes[3].device and prefixes[0].device is not prefixes[1].device
-    assert engine.prefix_stats.hit_tokens - before.hit_tokens == 60
-    runs: dict[int, SlotRun] = {}
-    state = engine.init_state()
-    for slot, prefix in enumerate(prefixes):
+    assert [p.cached for p in prefixes] == [20, 20, 20, 20]
+    assert all(source not in p.pages for p in prefixes)  # copied, not shared: the running sequence writes there
+    assert len({id(p.device) for p in prefixes}) == 1  # their rests share one call
+    assert engine.prefix_stats.hit_tokens - before.hit_tokens == 80
+    for slot, prefix in enumerate(prefixes[:3]):
         runs[slot] = SlotRun([prefix.token], [])
-        state = engine.insert(prefix, state, slot)
-    decode(engine, state, runs)
-    for slot, (prompt, params, seed) in enumerate(requests):
-        assert runs[slot].tokens == _cold(engine, prompt, params, seed).tokens, f"prompt {slot}"
-    # logprobs of a hit match the cold ones
+        engine.insert(prefix, slot)
+    decode(engine, runs)
+    release_all(engine)
+    last = {0: SlotRun([prefixes[3].token], [])}
+    engine.insert(prefixes[3], 0)
+    decode(engine, last)
+    engine.release(0)
+    got = [runs[0], runs[1], runs[2], last[0]]
+    for i, (prompt, params, seed) in enumerate(requests):
+        assert got[i].tokens == cold(engine, prompt, params, seed).tokens, f"prompt {i}"
+    assert runs[3].tokens == cold(engine, [*base, 11], running, 1).tokens
+    # logprobs of a hit match the cold ones (each hit copies from a page an earlier prefix still holds)
     engine.clear_prefix_cache()
-    cold = engine.prefill(prompts[0], settings[0], 0)
-    warm = engine.prefill([*prompts[0][:-1], 11], settings[0], 0)
-    again = engine.prefill(prompts[0], settings[0], 0)
-    assert (cold.cached, warm.cached, again.cached) == (0, 24, 24)
-    assert again.token == cold.token and [i for i, _ in again.logprobs.top] == [i for i, _ in cold.logprobs.top]
-    np.testing.assert_allclose(again.logprobs.logprob, cold.logprobs.logprob, atol=1e-5)
+    prompt = requests[0][0]
+    first = engine.prefill(prompt, settings[0], 0)
+    warm = engine.prefill([*prompt[:-1], 11], settings[0], 0)
+    again = engine.prefill(prompt, settings[0], 0)
+    assert (first.cached, warm.cached, again.cached) == (0, 24, 24)
+    assert again.token == first.token and [i for i, _ in again.logprobs.top] == [i for i, _ in first.logprobs.top]
+    np.testing.assert_allclose(again.logprobs.logprob, first.logprobs.logprob, atol=1e-5)
+    for p in (first, warm, again):
+        engine.discard(p)
 
 
-def test_prompts_sharing_an_opening_wait_for_the_first_to_be_cached(engine):
-    """A batch whose prompts would fit one pack, two of them sharing a 9-token opening: the second waits for the
-    first to be cached and computes only its tail, while an unrelated prompt still shares the first one's call;
-    with the cache off all three share one call. Either way each continues exactly as a cold prefill."""
-    opening = PROMPTS[12][:9]
-    prompts = [[*opening, 3, 4, 5], [*opening, 7, 8, 9], PROMPTS[5]]
-    params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2)
-    requests = [(p, params, i) for i, p in enumerate(prompts)]
-    assert engine.packs([len(p) for p in prompts]) == [[0, 1, 2]]  # without waiting: one call, nothing cached
-    engine.clear_prefix_cache()
-    prefixes = engine.prefill_batch(requests)
-    assert [p.cached for p in prefixes] == [0, 9, 0]
-    assert prefixes[0].device is prefixes[2].device and prefixes[1].device is not prefixes[0].device
-    off = Engine(engine.model_config, engine.params, dataclasses.replace(ENGINE_CONFIG, prefix_cache_len=0))
-    off_prefixes = off.prefill_batch(requests)
-    assert len({id(p.device) for p in off_prefixes}) == 1 and [p.cached for p in off_prefixes] == [0, 0, 0]
-    for i, (prompt, params_i, seed) in enumerate(requests):
-        cold = _cold(engine, prompt, params_i, seed)
-        np.testing.assert_allclose(prefixes[i].logprobs.logprob, cold.logprobs[0][0], atol=1e-5)
-        state = engine.insert(prefixes[i], engine.init_state(), i)
-        runs = {i: SlotRun([prefixes[i].token], [])}
-        decode(engine, state, runs)
-        assert runs[i].tokens == cold.tokens, f"prompt {i}"
-
-
-def test_prefix_cache_stores_prompts_that_were_partly_cached(engine):
-    """A prompt that read a third of itself from the cache is cached in full (its cached part copied from the cache,
-    at a non-zero offset), and a prompt hitting it continues exactly as a cold prefill."""
-    params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2)
-    engine.clear_prefix_cache()
-    b = PROMPTS[12]
-    x = b[:10] + PROMPTS[17][:14]
-    y = [*x[:22], 5, 6]
-    assert [engine.prefill(p, params, 0).cached for p in (PROMPTS[16], b, x)] == [0, 0, 10]
-    warm = engine.prefill(y, params, 0)
-    assert warm.cached == 22
+def test_a_cached_page_nobody_holds_is_taken_over(engine):
+    """A partly matching cached page that no sequence holds becomes the new prompt's own page as it is (no copy,
+    no new page); the prompt continues exactly as a cold one."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=5)
+    run_alone(engine, [*PROMPTS[20], 11], params)
+    prompt = [*PROMPTS[20], 3, 4]
+    match = engine.pool.match(prompt, limit=len(prompt) - 1)
+    assert match.pages == () and match.copy_tokens == 20 and engine.pool.refs[match.copy_from] == 0
+    free = engine.pool.free
     runs: dict[int, SlotRun] = {}
-    state = engine.insert(warm, engine.init_state(), 1)
-    runs[1] = SlotRun([warm.token], [])
-    decode(engine, state, runs)
-    engine.clear_prefix_cache()
-    cold = engine.prefill(y, params, 0)
-    np.testing.assert_allclose(warm.logprobs.logprob, cold.logprobs.logprob, atol=1e-5)
-    assert runs[1].tokens == run_alone(engine, y, params).tokens
+    prefix = admit(engine, 1, prompt, params, 0, runs)
+    assert prefix.cached == 20 and prefix.pages == [match.copy_from] and prefix.copy_from is None
+    assert engine.pool.free == free  # 22 + 8 positions: the one page it took over
+    decode(engine, runs)
+    engine.release(1)
+    assert_same_run(runs[1], cold(engine, prompt, params))
 
 
-def test_prefix_cache_starts_over_after_a_failed_prefill(engine, monkeypatch):
+def test_evictions_keep_runs_exact(raw_params):
+    """A pool of 5 pages (a full-context request takes 4): each finished request's pages stay cached until a later
+    request needs them, least recently used first; a hit after evictions, and a miss where the pages went, still
+    continue exactly as cold runs."""
+    engine = Engine(tiny_config(), raw_params, dataclasses.replace(ENGINE_CONFIG, kv_pages=6))
+    assert engine.pool.usable == 5
+    params = SamplingParams(max_tokens=20, ignore_eos=True, logprobs=5)
+    a, b, c = PROMPTS[30] + PROMPTS[12], PROMPTS[25] + PROMPTS[17], PROMPTS[32] + PROMPTS[8]  # 42, 42, 40 tokens
+    first = {name: run_alone(engine, p, params) for name, p in (("a", a), ("b", b), ("c", c))}
+    assert [r.cached for r in first.values()] == [0, 0, 0]
+    # each left 2 pages cached (61 positions); c took the last free page and a's first, evicted (its second page,
+    # unreachable without the first, went free with it)
+    assert engine.pool.stats.evictions == 1 and engine.pool.cached == 4
+    again_b = run_alone(engine, b, params)
+    assert again_b.cached == len(b) - 1  # one page shared, 9 positions copied
+    again_a = run_alone(engine, a, params)
+    assert again_a.cached == 0  # evicted: computed again, taking the free page and c's (the least recently used)
+    assert engine.pool.stats.evictions == 2
+    assert_same_run(again_b, first["b"])
+    assert_same_run(again_a, first["a"])
+    assert engine.pool.used == 0 and engine.pool.reserved == 0
+    engine.pool.check()
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_failed_prefill_forgets_the_cache_and_gives_every_page_back(engine, monkeypatch, fail_at):
+    """A prefill call that fails (the first chunk of a long prompt, or the second after the first was dispatched and
+    indexed) leaves nothing cached and nothing taken; a slot decoding meanwhile carries on unharmed."""
     params = SamplingParams(max_tokens=4, ignore_eos=True)
-    engine.clear_prefix_cache()
-    engine.prefill(PROMPTS[20], params, 0)
-    assert engine.prefill([*PROMPTS[20], 3], params, 0).cached == 20
-    real = engine._compile
+    a = PROMPTS[20] + PROMPTS[25]
+    run_alone(engine, a, params)
+    probe = engine.prefill([*a, 3], params, 0)
+    assert probe.cached == 45
+    engine.discard(probe)
+    runs: dict[int, SlotRun] = {}
+    bystander = SamplingParams(max_tokens=40, ignore_eos=True)
+    admit(engine, 1, PROMPTS[12], bystander, 5, runs)
+    decode(engine, runs, dispatches=1)
+    held = (engine.pool.used, engine.pool.reserved)
+    real, calls = engine._compile, []
 
     def failing(kind, size):
-        if kind == "store":
-            raise RuntimeError("injected store failure")
+        if kind == "prefill":
+            calls.append(size)
+            if len(calls) == fail_at:
+                raise RuntimeError("injected prefill failure")
         return real(kind, size)
 
     monkeypatch.setattr(engine, "_compile", failing)
     with pytest.raises(RuntimeError, match="injected"):
-        engine.prefill(PROMPTS[30], params, 0)
+        engine.prefill(PROMPTS[100], params, 0)
     monkeypatch.undo()
-    assert engine.prefill([*PROMPTS[20], 3], params, 0).cached == 0  # nothing cached before the failure is trusted
-
-
-def test_prefix_cache_is_a_ring_that_forgets_the_oldest():
-    """A cache of 40 positions holds one 25-token prompt: the next one overwrites it, and a prompt mostly cached
-    already is not stored again; hits after the wrap still continue exactly as cold prefills."""
-    cfg = tiny_config()
-    engine = Engine(cfg, init_params(cfg, jnp.float32), dataclasses.replace(ENGINE_CONFIG, prefix_cache_len=40))
-    params = SamplingParams(max_tokens=8, ignore_eos=True)
-    a, b = PROMPTS[25], PROMPTS[20] + PROMPTS[5]
-    assert engine.prefill(a, params, 0).cached == 0
-    assert engine.prefill([*a[:20], 1, 2], params, 0).cached == 20  # 20 of 22 cached: not stored again
-    assert engine.prefill(b, params, 0).cached == 0  # wraps to position 0, overwriting a
-    hit = [*b[:24], 5]
-    prefix = engine.prefill(hit, params, 0)
-    assert prefix.cached == 24
-    assert engine.prefill([*a[:20], 1, 2], params, 0).cached == 0  # a is gone
-    runs: dict[int, SlotRun] = {}
-    state = engine.insert(prefix, engine.init_state(), 2)
-    runs[2] = SlotRun([prefix.token], [])
-    decode(engine, state, runs)
-    assert runs[2].tokens == _cold(engine, hit, params, 0).tokens
-    # off: nothing is cached, and the engine runs as before
-    off = Engine(cfg, engine.params, dataclasses.replace(ENGINE_CONFIG, prefix_cache_len=0))
-    assert [off.prefill(a, params, 0).cached for _ in range(2)] == [0, 0]
-    assert run_alone(off, hit, params).tokens == runs[2].tokens
-    assert off.budget.prefix_cache_bytes == 0 and engine.budget.prefix_cache_bytes > 0
+    engine.pool.check()
+    assert (engine.pool.used, engine.pool.reserved) == held and engine.pool.cached == 0
+    probe = engine.prefill([*a, 3], params, 0)
+    assert probe.cached == 0  # nothing cached before the failure is trusted
+    engine.discard(probe)
+    decode(engine, runs)
+    engine.release(1)
+    assert engine.pool.used == 0 and engine.pool.reserved == 0
+    assert runs[1].tokens == cold(engine, PROMPTS[12], bystander, 5).tokens
 
 
 # ----- no compile after warm-up -----------------------------------------------------------------------------------
@@ -521,11 +810,11 @@ def test_nothing_compiles_after_warmup(engine, caplog):
     try:
         with jax.log_compiles(), caplog.at_level(logging.WARNING):
             engine.warmup()
-            state = engine.init_state()  # start-up allocation, before serving
+            engine.reset()  # start-up allocation, before serving
             compiles.clear()
             caplog.clear()
             tok = make_tiny_tokenizer()
-            scheduler = Scheduler(engine, tok, prefills_per_step=3, free_slot_decode_steps=1)
+            scheduler = Scheduler(engine, tok, prefills_per_step=3, free_slot_decode_steps=1, prefill_token_budget=24)
             settings = [
                 SamplingParams(max_tokens=90, ignore_eos=True),
                 SamplingParams(temperature=0.8, seed=1, max_tokens=40),
@@ -534,31 +823,86 @@ def test_nothing_compiles_after_warmup(engine, caplog):
                 SamplingParams(temperature=1.0, min_p=0.1, max_tokens=60, stop=("ab",)),
                 SamplingParams(max_tokens=1, logprobs=0),
             ]
-            # every prefill bucket (16, 32), every slot, every window (1, 2, 4 pages: up to 30 + 90 positions)
+            # every prefill bucket (16, 32), every slot, every window (1 to 4 pages: up to 30 + 90 positions)
             lengths = (1, 16, 17, 32, 30, 5, 25, 12)
             requests = [(PROMPTS[n], settings[i % len(settings)]) for i, n in enumerate(lengths)]
             requests.append((PROMPTS[25] + [3, 4], settings[0]))  # read from the prefix cache
-            hits = engine.prefix_stats.hit_prompts
+            requests.append((PROMPTS[100], settings[3]))  # chunked, under the step's token budget
+            # distinct prompts whose pages outgrow the pool: cached pages are evicted
+            evicting = SamplingParams(max_tokens=60, ignore_eos=True)  # ~4 pages each, 16 in the pool
+            requests += [(PROMPTS[n][::-1] + PROMPTS[32], evicting) for n in (30, 32, 25, 20, 17, 16)]
+            hits, evictions = engine.prefix_stats.hit_prompts, engine.pool.stats.evictions
             outputs = collect(scheduler, requests)
             for _ in range(3):
                 scheduler.step()
             scheduler.cancel("r0")  # release a slot mid-generation
             scheduler.run_until_idle(max_steps=500)
-            state = engine.init_state()  # a reset (the scheduler's recovery path) must not compile either
-            state = admit(engine, state, 3, PROMPTS[20], SamplingParams(max_tokens=100, ignore_eos=True), 0, {})
-            state = decode(engine, state, {})
-            engine.release(state, 3)
+            evicted = engine.pool.stats.evictions - evictions  # (a reset starts a new pool, and new counts)
+            engine.reset()  # a reset (the scheduler's recovery path) must not compile either
+            runs: dict[int, SlotRun] = {}
+            admit(engine, 3, PROMPTS[20], SamplingParams(max_tokens=100, ignore_eos=True), 0, runs)
+            decode(engine, runs)
+            engine.release(3)
+            admit(engine, 0, PROMPTS[20] + runs[3].tokens[:50], SamplingParams(max_tokens=4), 0, runs)  # a hit
+            decode(engine, runs)
+            engine.release(0)
             counting[0] = False
     finally:
         monitoring.unregister_event_duration_listener(listener)
-    assert set(engine.compiled_shapes) >= {
-        ("prefill", 16), ("prefill", 32), ("insert", 16), ("insert", 32), ("prefill_context", 16), ("store", 32),
-        ("generate", 1), ("generate", 2), ("generate", 4), ("release", 0),
+    assert set(engine.compiled_shapes) == set(engine.shapes) == {
+        ("prefill", 16), ("prefill", 32), ("insert", 16), ("generate", 1), ("generate", 2), ("generate", 3),
+        ("generate", 4), ("release", 0), ("init", 0),
     }  # fmt: skip
     assert len(outputs) == len(requests) and all(outs[-1].finished for outs in outputs.values())
-    assert engine.prefix_stats.hit_prompts > hits
+    assert engine.prefix_stats.hit_prompts > hits and runs[0].cached == 69
+    assert evicted > 0
     compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling")]
     assert compiles == [], f"{len(compiles)} compiles after warm-up: {compiled}"
+
+
+# ----- bfloat16 (the XLA paths) -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(raw_params) -> Engine:
+    """The module's shapes in bfloat16 (XLA attention and products: the TPU/GPU paths), with the f32 weights rounded."""
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), raw_params)
+    config = dataclasses.replace(ENGINE_CONFIG, dtype="bfloat16", attention="xla", linear="xla")
+    eng = Engine(tiny_config(), params, config)
+    assert (eng.attention, eng.linear, eng.dtype) == ("xla", "xla", jnp.bfloat16)
+    return eng
+
+
+def test_bfloat16_paged_engine_follows_the_full_forward(bf16_engine, full_logits):
+    """Greedy runs of the bf16 paged engine (short prompts, a chunked one, a prefix hit and a partial one) give the
+    float32 full forward's tokens until a position where its two best logits are within bf16 rounding (0.05), and
+    logprobs within 2e-2 of a bf16 full forward's."""
+    engine = bf16_engine
+    engine.reset()
+    s = engine.config.max_seq_len
+    fn = jax.jit(lambda p, t: engine.model.apply({"params": p}, t, jnp.arange(s, dtype=jnp.int32)[None])[0][0])
+
+    def bf16_logits(tokens: list[int]) -> np.ndarray:
+        padded = np.zeros((1, s), np.int32)
+        padded[0, : len(tokens)] = tokens
+        return np.asarray(fn(engine.params, padded), np.float32)[: len(tokens)]
+
+    long_ = PROMPTS[20] + PROMPTS[25]
+    prompts = [PROMPTS[5], PROMPTS[12], long_, long_, [*long_[:40], 7, 8, 9], PROMPTS[17]]
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=5)
+    runs = [run_alone(engine, p, params) for p in prompts]
+    assert [r.cached for r in runs] == [0, 0, 0, 44, 40, 0]
+    for prompt, run in zip(prompts, runs, strict=True):
+        expected = greedy_reference(full_logits, prompt, len(run.tokens))
+        same = next((i for i, (a, b) in enumerate(zip(run.tokens, expected, strict=True)) if a != b), len(expected))
+        if same < len(expected):
+            top2 = np.sort(full_logits(prompt + expected[:same])[-1])[-2:]
+            assert top2[1] - top2[0] < 0.05, f"diverged at token {same} where the f32 margin is {top2[1] - top2[0]}"
+        ref = np.asarray(jax.nn.log_softmax(bf16_logits(prompt + run.tokens[:-1])[len(prompt) - 1 :], axis=-1))
+        got = np.array([lp for lp, _, _ in run.logprobs])
+        np.testing.assert_allclose(got, ref[np.arange(len(run.tokens)), run.tokens], atol=2e-2)
+    assert engine.pool.used == 0 and engine.pool.reserved == 0
+    engine.pool.check()
 
 
 # ----- the sampler on hand-made logits ----------------------------------------------------------------------------
@@ -730,13 +1074,36 @@ def test_prompt_limits(engine):
         engine.check_request(0, SamplingParams())
     with pytest.raises(ValueError, match="empty"):
         engine.prefill([], SamplingParams(), 0)
-    with pytest.raises(CapacityError, match=r"33 tokens.*max_prefill_len"):
-        engine.prefill([5] * 33, SamplingParams(max_tokens=2), 0)
+    # longer than max_prefill_len (32): computed in chunks
+    long_ = engine.prefill([5] * 33, SamplingParams(max_tokens=2), 0)
+    assert long_.done and long_.length == 33 and long_.token >= 0
+    engine.discard(long_)
     with pytest.raises(CapacityError, match=r"max_tokens \(99\).*128 tokens.*at most 98"):
         engine.check_request(30, SamplingParams(max_tokens=99))
     engine.check_request(30, SamplingParams(max_tokens=98))  # exactly fills the context: allowed
+    with pytest.raises(CapacityError, match=r"prompt has 128 tokens but the context holds 128 .*shorten the prompt"):
+        engine.prefill([5] * 128, SamplingParams(max_tokens=1), 0)
     with pytest.raises(ValueError, match="token id 256"):
         engine.prefill([5, 256], SamplingParams(max_tokens=4), 0)
+    assert engine.pool.used == 0 and engine.pool.reserved == 0  # refusals take nothing
+
+
+def test_kv_memory_limits(engine, monkeypatch):
+    # more pages than are available now: refused by open_prompt having taken nothing (the scheduler makes it wait)
+    runs: dict[int, SlotRun] = {}
+    for slot, n in enumerate((30, 25, 20)):
+        admit(engine, slot, PROMPTS[n], SamplingParams(max_tokens=128 - n, ignore_eos=True), slot, runs)  # 4 pages
+    held = engine.prefill(PROMPTS[17], SamplingParams(max_tokens=100), 0)  # 4 pages: the 16 are all taken
+    assert engine.pool.available() == 0 and not engine.can_admit(1)
+    before = (engine.pool.free, engine.pool.cached, engine.pool.used, engine.pool.reserved)
+    with pytest.raises(CapacityError, match=r"the KV memory has 0 pages available and this request needs 1"):
+        engine.open_prompt(PROMPTS[3], SamplingParams(max_tokens=4), 0)
+    assert (engine.pool.free, engine.pool.cached, engine.pool.used, engine.pool.reserved) == before
+    engine.discard(held)
+    assert engine.can_admit(4) and not engine.can_admit(5)
+    engine.discard(engine.prefill(PROMPTS[3], SamplingParams(max_tokens=4), 0))
+    release_all(engine)
+    assert engine.pool.used == 0 and engine.pool.reserved == 0
 
 
 @pytest.fixture(scope="module")
@@ -780,17 +1147,27 @@ def test_invalid_sampling_values(engine, idle_scheduler, field, value):
     assert not scheduler.has_work()
 
 
-def test_capacity_refusals():
+def test_capacity_refusals(raw_params):
     cfg = tiny_config()
-    params = init_params(cfg, jnp.float32)
-    # 2**30 slots x 128 tokens x 512 B/token = 64 TiB: refused in __init__, before anything is allocated
+    # 2**30 slots: a pool of 2**32 + 1 pages of 32 x 512 B: refused in __init__, before anything is allocated
     huge = dataclasses.replace(ENGINE_CONFIG, num_slots=2**30)
-    with pytest.raises(CapacityError, match=r"1073741824 slots x 128 tokens.*use at most \d+ slots"):
-        Engine(cfg, params, huge)
+    with pytest.raises(
+        CapacityError, match=r"KV pool of 4294967297 pages need .* GiB per device.*use at most \d+ kv_pages"
+    ):
+        Engine(cfg, raw_params, huge)
+    with pytest.raises(CapacityError, match=r"KV pool of 68719476736 pages.*use at most \d+ kv_pages"):
+        Engine(cfg, raw_params, dataclasses.replace(ENGINE_CONFIG, kv_pages=2**36))
+    # a pool smaller than one full-context request
+    with pytest.raises(CapacityError, match=r"holds 3 pages of 32 positions, fewer than one full-context request needs "
+                                            r"\(4 pages for max_seq_len=128\)"):  # fmt: skip
+        Engine(cfg, raw_params, dataclasses.replace(ENGINE_CONFIG, kv_pages=4))
+    with pytest.raises(CapacityError, match="kv_pages must be >= 2"):
+        dataclasses.replace(ENGINE_CONFIG, kv_pages=1)
+    assert Engine(cfg, raw_params, dataclasses.replace(ENGINE_CONFIG, kv_pages=5)).pool.usable == 4  # exactly one
     with pytest.raises(CapacityError, match="multiple of page_size"):
         dataclasses.replace(ENGINE_CONFIG, max_seq_len=100)
     with pytest.raises(CapacityError, match="exceeds the model's context"):
-        Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, max_seq_len=1024, max_prefill_len=32))
+        Engine(cfg, raw_params, dataclasses.replace(ENGINE_CONFIG, max_seq_len=1024, max_prefill_len=32))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 - 1])

@@ -18,28 +18,48 @@ import numpy as np
 import pytest
 
 from engine import kernels
+from engine.attention import paged_decode_attention_xla
 from engine.config import tiny_config
-from engine.engine import Engine, EngineConfig
-from engine.model import Packed, decode_attention_xla, init_params, unfuse_layer, unpack_head
+from engine.engine import ATTENTION_CHOICES, Engine, EngineConfig
+from engine.model import Packed, init_params, unfuse_layer, unpack_head
 from engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler to build the kernel with")
 
 
-def random_case(rng, b, k, g, h, p, window, lengths):
+def page_tables(rng, lengths, p, window, pages, shared=()):
+    """Page tables [B, W] as the engine builds them: each slot's pages (distinct ids, shuffled, never the sink) for
+    positions [0, length], then sink entries (0); `shared` pairs (a, b, n): slot b's first n pages are slot a's (a
+    prefix held by both, full pages before both lengths). A length of -1 makes an idle row (all sink)."""
+    ids = list(rng.permutation(np.arange(1, pages)))
+    table = np.zeros((len(lengths), window), np.int32)
+    for s, n in enumerate(lengths):
+        if n >= 0:
+            for c in range(min(window, n // p + 1)):
+                table[s, c] = ids.pop()
+    for a, b, n in shared:
+        assert lengths[a] >= n * p and lengths[b] >= n * p
+        table[b, :n] = table[a, :n]
+    return table
+
+
+def random_case(rng, b, k, g, h, p, window, lengths, pages=None, shared=()):
+    """q, k_new, v_new, pools of random contents and the page table for `lengths` (see `page_tables`)."""
+    pages = pages or b * window + 3
     q = rng.standard_normal((b, k, g, h), np.float32) / np.sqrt(h)
     k_new, v_new = rng.standard_normal((2, b, k, h), np.float32)
-    k_pages = tuple(rng.standard_normal((b, k, h, p), np.float32) for _ in range(window))
-    v_pages = tuple(rng.standard_normal((b, k, p, h), np.float32) for _ in range(window))
-    return q, k_new, v_new, k_pages, v_pages, np.asarray(lengths, np.int32)
+    k_pool = rng.standard_normal((pages, k, h, p), np.float32)
+    v_pool = rng.standard_normal((pages, k, p, h), np.float32)
+    table = page_tables(rng, lengths, p, window, pages, shared)
+    return q, k_new, v_new, k_pool, v_pool, table, np.maximum(np.asarray(lengths, np.int32), 0)
 
 
 def run(fn, case):
-    """(out, k_pages, v_pages) as numpy, from `fn` jitted; the pages are donated as the engine donates them."""
-    q, k_new, v_new, k_pages, v_pages, lengths = case
-    pages = jax.device_put((k_pages, v_pages))
-    out, k_out, v_out = jax.jit(fn, donate_argnums=(3, 4))(q, k_new, v_new, *pages, lengths)
-    return np.asarray(out), [np.asarray(x) for x in k_out], [np.asarray(x) for x in v_out]
+    """(out, k_pool, v_pool) as numpy, from `fn` jitted; the pools are donated as the engine donates them."""
+    q, k_new, v_new, k_pool, v_pool, table, lengths = case
+    pools = jax.device_put((k_pool, v_pool))
+    out, k_out, v_out = jax.jit(fn, donate_argnums=(3, 4))(q, k_new, v_new, *pools, table, lengths)
+    return np.asarray(out), np.asarray(k_out), np.asarray(v_out)
 
 
 def kernel(case):
@@ -47,52 +67,103 @@ def kernel(case):
     return run(kernels.decode_attention, case)
 
 
-def assert_same(got, want):
-    np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=2e-6)
-    for g, w in zip(got[1] + got[2], want[1] + want[2], strict=True):
-        np.testing.assert_array_equal(g, w)  # the pages: the same positions written with the same values
+def live_rows(case) -> np.ndarray:
+    """Slots whose table row names a page: an idle row (all sink) writes and reads only the sink, and the engine
+    drops its output."""
+    return np.flatnonzero((case[5] != 0).any(axis=1))
 
 
-# (B, K, G, H, P, window, lengths): G over the 1-4 register blocks (3: SmolLM2, 8: Llama 3 70B, 5: 4 + 1), head
-# dims and page sizes that are and are not multiples of the vector blocks, lengths at 0, inside a page, on a page's
-# last position, and past the window (nothing written, all positions visible).
+def assert_same(got, want, case):
+    rows = live_rows(case)
+    np.testing.assert_allclose(got[0][rows], want[0][rows], rtol=2e-5, atol=2e-6)
+    # the pools: the same positions written with the same values; the sink (page 0) takes what idle rows and
+    # positions past a row's window write (the XLA path; the kernel writes nothing there) and is never read unmasked
+    np.testing.assert_array_equal(got[1][1:], want[1][1:])
+    np.testing.assert_array_equal(got[2][1:], want[2][1:])
+
+
+def written(case) -> set[tuple[int, int]]:
+    """(page, offset) of each live slot's write: its length, where inside its window."""
+    table, lengths, p = case[5], case[6], case[3].shape[3]
+    rows = set(live_rows(case).tolist())
+    return {(int(table[s, n // p]), int(n % p)) for s, n in enumerate(lengths) if s in rows and n < table.shape[1] * p}
+
+
+# (B, K, G, H, P, window, lengths, shared): G over the 1-4 register blocks (3: SmolLM2, 8: Llama 3 70B, 5: 4 + 1),
+# head dims and page sizes that are and are not multiples of the vector blocks (P = 16 and 64 among them), lengths
+# at 0, inside a page, on a page's last and first positions, on the window's last position and past the window
+# (nothing written, all positions visible), idle rows (-1: all sink), and pages shared by two slots.
 CASES = [
-    (3, 3, 3, 64, 64, 2, [0, 70, 127]),
-    (2, 1, 8, 128, 16, 3, [47, 5]),
-    (2, 2, 5, 72, 24, 2, [23, 30]),
-    (4, 2, 1, 64, 128, 1, [1, 64, 127, 500]),
-    (1, 4, 2, 32, 32, 4, [100]),
+    (3, 3, 3, 64, 64, 2, [0, 70, 127], ()),
+    (2, 1, 8, 128, 16, 3, [47, 5], ()),
+    (2, 2, 5, 72, 24, 2, [23, 30], ()),
+    (4, 2, 1, 64, 128, 1, [1, 64, 127, 500], ()),
+    (1, 4, 2, 32, 32, 4, [100], ()),
+    (5, 2, 3, 64, 16, 4, [15, 16, 31, 63, -1], ((1, 2, 1),)),
+    (4, 2, 4, 64, 64, 3, [64, 191, 130, -1], ((1, 2, 2), (1, 0, 1))),
+    (6, 1, 3, 32, 16, 6, [95, -1, 40, 96, 17, -1], ((0, 2, 2), (0, 4, 1))),
 ]
 
 
-@pytest.mark.parametrize(("b", "k", "g", "h", "p", "window", "lengths"), CASES)
-def test_kernel_matches_xla_decode_attention(b, k, g, h, p, window, lengths):
-    case = random_case(np.random.default_rng(0), b, k, g, h, p, window, lengths)
-    assert_same(kernel(case), run(decode_attention_xla, case))
+@pytest.mark.parametrize(("b", "k", "g", "h", "p", "window", "lengths", "shared"), CASES)
+def test_kernel_matches_xla_decode_attention(b, k, g, h, p, window, lengths, shared):
+    case = random_case(np.random.default_rng(0), b, k, g, h, p, window, lengths, shared=shared)
+    got, want = kernel(case), run(paged_decode_attention_xla, case)
+    assert_same(got, want, case)
+    # each live slot's new K/V went exactly where its length points, and nowhere else outside the sink
+    k_pool, v_pool, k_new, v_new = case[3], case[4], case[1], case[2]
+    k_changed = (got[1] != k_pool).any(axis=(1, 2))  # [Np, P]
+    assert {(int(pg), int(off)) for pg, off in zip(*np.nonzero(k_changed), strict=True) if pg} == written(case)
+    for s in live_rows(case):
+        n = case[6][s]
+        if n < window * p:
+            page, off = case[5][s, n // p], n % p
+            np.testing.assert_array_equal(got[1][page, :, :, off], k_new[s])
+            np.testing.assert_array_equal(got[2][page, :, off, :], v_new[s])
+    np.testing.assert_array_equal((got[2] != v_pool).any(axis=(1, 3))[1:], k_changed[1:])
 
 
-def test_positions_past_a_slots_length_are_never_read():
-    """Stale cache contents past a slot's length (here NaN and inf) change nothing: a freed slot's old K/V, or pages
-    the next request has not reached yet."""
-    rng = np.random.default_rng(1)
-    q, k_new, v_new, k_pages, v_pages, lengths = random_case(rng, 3, 2, 3, 64, 32, 3, [0, 40, 70])
-    clean = kernel((q, k_new, v_new, k_pages, v_pages, lengths))
-    dirty_k, dirty_v = [x.copy() for x in k_pages], [x.copy() for x in v_pages]
-    for s, n in enumerate(lengths):
-        for c in range(3):
-            start = max(0, min(32, n - c * 32))  # first stale position inside page c (length itself is written)
-            dirty_k[c][s, :, :, start:] = np.nan
-            dirty_v[c][s, :, start:, :] = np.inf
-    out, _, _ = kernel((q, k_new, v_new, tuple(dirty_k), tuple(dirty_v), lengths))
-    assert np.isfinite(out).all()
-    np.testing.assert_array_equal(out, clean[0])
+def poisoned(case, value=np.nan):
+    """The case with every pool position no live slot may see (past each slot's length, pages no table names, the
+    sink) set to `value`; the positions a slot writes are poisoned too (the write must come before the read)."""
+    q, k_new, v_new, k_pool, v_pool, table, lengths = case
+    p, w = k_pool.shape[3], table.shape[1]
+    visible = np.zeros((k_pool.shape[0], p), bool)
+    for s in live_rows(case):
+        for pos in range(min(int(lengths[s]), w * p)):  # the position `length` itself is written, then read
+            visible[table[s, pos // p], pos % p] = True
+    k_pool, v_pool = k_pool.copy(), v_pool.copy()
+    k_pool[np.broadcast_to(~visible[:, None, None, :], k_pool.shape)] = value
+    v_pool[np.broadcast_to(~visible[:, None, :, None], v_pool.shape)] = value
+    return q, k_new, v_new, k_pool, v_pool, table, lengths
+
+
+@pytest.mark.parametrize("fn", ["kernel", "xla"])
+@pytest.mark.parametrize(("b", "k", "g", "h", "p", "window", "lengths", "shared"), CASES[5:] + CASES[:2])
+def test_positions_past_a_slots_length_are_never_read(fn, b, k, g, h, p, window, lengths, shared):
+    """Stale pool contents (here NaN, and inf) past a slot's length, in pages no slot holds and in the sink change
+    nothing: a finished sequence's old K/V, pages the next request has not reached yet, idle rows' writes."""
+    attend = kernel if fn == "kernel" else lambda case: run(paged_decode_attention_xla, case)
+    case = random_case(np.random.default_rng(1), b, k, g, h, p, window, lengths, shared=shared)
+    clean = attend(case)
+    rows = live_rows(case)
+    for value in (np.nan, np.inf):
+        out, k_out, v_out = attend(poisoned(case, value))
+        assert np.isfinite(out[rows]).all()
+        np.testing.assert_array_equal(out[rows], clean[0][rows])
+        for s in rows:  # what was written is what the clean run wrote
+            n = case[6][s]
+            if n < window * p:
+                page, off = case[5][s, n // p], n % p
+                np.testing.assert_array_equal(k_out[page, :, :, off], clean[1][page, :, :, off])
+                np.testing.assert_array_equal(v_out[page, :, off, :], clean[2][page, :, off, :])
 
 
 def test_softmax_stays_exact_at_large_scores():
     """Scores far apart (softmax weights down to ~e-80, which the kernel's exp flushes to 0) and one dominant key."""
     q, *rest = random_case(np.random.default_rng(2), 2, 1, 3, 64, 64, 2, [100, 127])
     case = (q * 40.0, *rest)
-    assert_same(kernel(case), run(decode_attention_xla, case))
+    assert_same(kernel(case), run(paged_decode_attention_xla, case), case)
 
 
 ENGINE_CONFIG = EngineConfig(
@@ -101,21 +172,42 @@ ENGINE_CONFIG = EngineConfig(
 
 
 def decode_three(config: EngineConfig, max_tokens: int, seed: int, **model: object):
-    """(engine, greedy tokens, logprobs) of three requests of different lengths (windows of 1 to 4 pages as decoding
-    goes on) on a tiny random model."""
+    """(engine, greedy tokens, logprobs) of three requests on a tiny random model: a short one decoding alone first
+    (a window of 1 page), then a 40-token prompt (prefilled in two chunks) and one sharing its first 36 tokens (one
+    page shared through the prefix index, 4 positions copied from a cached page); decoding then runs through windows
+    of 2 to 4 pages."""
     cfg = tiny_config(**model)
     eng = Engine(cfg, init_params(cfg, jnp.float32), config)
     rng = np.random.default_rng(seed)
-    state = eng.init_state()
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, logprobs=True)
-    for slot, n in enumerate((5, 17, 30)):
-        state = eng.insert(eng.prefill([int(t) for t in rng.integers(2, 256, n)], params, seed=slot), state, slot)
-    tokens, logprobs = [[] for _ in range(3)], []
-    while any(eng.slot_active(s) for s in range(3)):
-        state, out = eng.generate(state)
+    long = [int(t) for t in rng.integers(2, 256, 40)]
+    prompts = [
+        [int(t) for t in rng.integers(2, 256, 5)],
+        long,
+        [*long[:36], *(int(t) for t in rng.integers(2, 256, 5))],
+    ]
+    tokens, logprobs, cached = [[] for _ in range(3)], [], []
+
+    def step() -> None:
+        out = eng.generate()
         for s in range(3):
             tokens[s] += [int(t) for t, ok in zip(out.tokens[:, s], out.valid[:, s], strict=True) if ok]
         logprobs.append(np.where(out.valid, out.logprob, 0.0)[:, :3])
+
+    for slot, prompt in enumerate(prompts):
+        prefix = eng.prefill(prompt, params, seed=slot)
+        cached.append(prefix.cached)
+        eng.insert(prefix, slot)
+        if slot == 0:
+            step()
+            step()
+    assert cached == [0, 0, 36]
+    while any(eng.slot_active(s) for s in range(3)):
+        step()
+    for s in range(3):
+        eng.release(s)
+    assert eng.pool.used == 0 and eng.pool.reserved == 0
+    eng.pool.check()
     return eng, tokens, np.concatenate(logprobs)
 
 
@@ -140,8 +232,8 @@ def test_auto_picks_the_kernel_on_cpu_in_float32_only():
     assert Engine(cfg, init_params(cfg, jnp.bfloat16), bf16).attention == "xla"
     with pytest.raises(ValueError, match=r"takes float32.*attention='xla'"):
         Engine(cfg, init_params(cfg, jnp.bfloat16), dataclasses.replace(bf16, attention="kernel"))
-    with pytest.raises(ValueError, match="attention must be one of auto, kernel, xla"):
-        dataclasses.replace(ENGINE_CONFIG, attention="pallas")
+    with pytest.raises(ValueError, match=f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got 'flash'"):
+        dataclasses.replace(ENGINE_CONFIG, attention="flash")
 
 
 def test_without_a_compiler_auto_warns_and_kernel_refuses(monkeypatch, caplog):
@@ -168,15 +260,16 @@ def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
 
 
 def test_pages_the_caller_keeps_are_left_alone():
-    """Without donation XLA copies the pages before the kernel writes into them: the caller's arrays keep their
+    """Without donation XLA copies the pools before the kernel writes into them: the caller's arrays keep their
     contents, and the results still carry the new K/V."""
-    q, k_new, v_new, k_pages, v_pages, lengths = random_case(np.random.default_rng(4), 2, 3, 3, 64, 64, 2, [5, 90])
-    kept = jax.device_put((k_pages, v_pages))
+    case = random_case(np.random.default_rng(4), 2, 3, 3, 64, 64, 2, [5, 90])
+    q, k_new, v_new, k_pool, v_pool, table, lengths = case
+    kept = jax.device_put((k_pool, v_pool))
     kernels.load()
-    out, k_out, v_out = jax.jit(kernels.decode_attention)(q, k_new, v_new, *kept, lengths)
-    want = run(decode_attention_xla, (q, k_new, v_new, k_pages, v_pages, lengths))
-    assert_same((np.asarray(out), [np.asarray(x) for x in k_out], [np.asarray(x) for x in v_out]), want)
-    for x, original in zip(kept[0] + kept[1], k_pages + v_pages, strict=True):
+    out, k_out, v_out = jax.jit(kernels.decode_attention)(q, k_new, v_new, *kept, table, lengths)
+    want = run(paged_decode_attention_xla, case)
+    assert_same((np.asarray(out), np.asarray(k_out), np.asarray(v_out)), want, case)
+    for x, original in zip(kept, (k_pool, v_pool), strict=True):
         np.testing.assert_array_equal(np.asarray(x), original)
 
 

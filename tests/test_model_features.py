@@ -96,12 +96,11 @@ def test_engine_greedy_matches_transformers(hf_case):
         EngineConfig(num_slots=2, max_seq_len=128, max_prefill_len=32, page_size=32, decode_steps=4, dtype="float32"),
     )
     prompt = list(np.random.RandomState(2).randint(2, cfg.vocab_size, size=20))
-    state = engine.init_state()
     prefix = engine.prefill(prompt, SamplingParams(max_tokens=40, ignore_eos=True), seed=0)
-    state = engine.insert(prefix, state, 1)
+    engine.insert(prefix, 1)
     tokens = [prefix.token]
     while len(tokens) < 40:
-        state, out = engine.generate(state)
+        out = engine.generate()
         tokens += [int(t) for t in out.tokens[out.valid[:, 1], 1]]
     with torch.no_grad():
         hf = model.generate(

@@ -149,6 +149,7 @@ def test_teacher_forced_logits_match(hf_model, served):
         assert np.abs(got - expected).max() <= 1e-3, f"{len(ids)} tokens: max |diff| {np.abs(got - expected).max()}"
         # the prefill path (bucketed, padded, last-token logits): its top-20 logprobs match HF's last position
         prefix = engine.prefill(ids, SamplingParams(max_tokens=1, logprobs=20), 0)
+        assert prefix.finished  # max_tokens=1: its pages went back to the pool by themselves
         ref = np.asarray(jax.nn.log_softmax(expected[-1]))
         top_ids = [i for i, _ in prefix.logprobs.top]
         assert prefix.token == int(np.argmax(expected[-1])) == top_ids[0]
@@ -160,14 +161,54 @@ def test_greedy_generation_matches_one_at_a_time(hf_model, served, hf_greedy):
     engine, _ = served
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     for name, (ids, expected) in hf_greedy.items():
-        state = engine.init_state()
         prefix = engine.prefill(ids, params, 0)
-        state = engine.insert(prefix, state, 1)
+        engine.insert(prefix, 1)
         got = [prefix.token]
         while engine.slot_active(1):
-            state, out = engine.generate(state)
+            out = engine.generate()
             got += out.tokens[out.valid[:, 1], 1].tolist()
+        engine.release(1)
         assert got == expected, f"{name}: {explain(hf_model, ids, got, expected)}"
+
+
+LONG_PROMPT_TOKENS = 4000
+
+
+def test_long_prompt_read_in_chunks_matches_transformers(hf_model, bundled):
+    """A prompt of over 4,000 tokens, read in chunks of 1,024 (each attending to the pages the earlier chunks
+    wrote), then decoded: its first token's top-20 logprobs and 16 greedy tokens match HF's."""
+    import torch
+
+    engine, tok = bundled
+    long = Engine(
+        engine.model_config,
+        engine.params,
+        dataclasses.replace(ENGINE_CONFIG, num_slots=1, max_seq_len=4352, max_prefill_len=1024, page_size=64),
+    )
+    chat = [
+        {
+            "role": "user",
+            "content": " ".join(f"({i}) {_SENTENCES[(i * 5) % len(_SENTENCES)]}" for i in range(220))
+            + "\nWhich sentence comes right after sentence (17)?",
+        }
+    ]
+    ids = tok.encode_chat(chat)
+    assert LONG_PROMPT_TOKENS <= len(ids) <= 4352 - 16, len(ids)
+    with torch.no_grad():
+        hf = hf_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16, pad_token_id=0)
+    expected = hf[0, len(ids) :].tolist()
+    last = hf_logits(hf_model, ids)[-1]
+    prefix = long.prefill(ids, SamplingParams(max_tokens=16, ignore_eos=True, logprobs=20), 0)
+    assert prefix.cached == 0 and prefix.done
+    ref = np.asarray(jax.nn.log_softmax(last))
+    top_ids = [i for i, _ in prefix.logprobs.top]
+    np.testing.assert_allclose([x for _, x in prefix.logprobs.top], ref[top_ids], atol=2e-3)
+    long.insert(prefix, 0)
+    got = [prefix.token]
+    while long.slot_active(0):
+        out = long.generate()
+        got += out.tokens[out.valid[:, 0], 0].tolist()
+    assert got == expected, explain(hf_model, ids, got, expected)
 
 
 def test_greedy_generation_matches_continuously_batched(hf_model, served, hf_greedy):

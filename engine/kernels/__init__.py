@@ -1,9 +1,10 @@
 """Hand-written kernels for what XLA compiles poorly on one backend, registered through the XLA FFI. Both are for CPU
 in float32:
 
-- Decode attention over the paged KV cache (`decode_attention.cc`). XLA:CPU runs the per-page batched products of
-  that computation as thousands of tiny [G, H] x [H, P] GEMMs per step and streams the cache at about a third of the
-  machine's read bandwidth; the kernel reads each slot's positions once, in order, on every core. Measured on a
+- Decode attention over the paged KV pool (`decode_attention.cc`), reading each slot's pages through its page table
+  in place. XLA:CPU runs the per-page batched products of that computation as thousands of tiny [G, H] x [H, P]
+  GEMMs per step and streams the cache at about a third of the machine's read bandwidth (and its gather of the
+  table's pages copies them first); the kernel reads each slot's positions once, in order, on every core. Measured on a
   2-core AVX-512 VM, 30 layers x 64 slots x 256 positions of SmolLM2's cache: 74 -> 33 ms.
 - The weight products on weights packed once at load (`linear.cc`). XLA's library GEMM repacks both
   operands on every call; at a decode step's 64 tokens that held the products to ~240 GFLOP/s, where the packed
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-from checkpoints.bundled import cache_root
+from engine.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +118,30 @@ def load() -> Path:
 
 
 def decode_attention(
-    q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: tuple, v_pages: tuple, lengths: jax.Array
-) -> tuple[jax.Array, tuple, tuple]:
-    """`model.decode_attention_xla`'s contract: writes k_new / v_new [B, K, H] at each slot's length into the pages
-    (in place: the page results alias the page arguments) and attends q [B, K, G, H] (pre-scaled) to positions
-    <= length; k_pages [B, K, H, P], v_pages [B, K, P, H] per page, lengths [B] -> (out [B, K, G, H], k_pages,
-    v_pages). float32 on CPU; call `load()` first."""
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    table: jax.Array,
+    lengths: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`engine.attention.paged_decode_attention_xla`'s contract: writes k_new / v_new [B, K, H] at each slot's
+    length through its page table row (in place: the pool results alias the pool arguments) and attends q [B, K, G,
+    H] (pre-scaled) to positions <= length; k_pool [Np, K, H, P], v_pool [Np, K, P, H], table [B, W], lengths [B]
+    -> (out [B, K, G, H], k_pool, v_pool). float32 on CPU; call `load()` first."""
     if q.dtype != jnp.float32:
         raise TypeError(f"the CPU decode-attention kernel takes float32, got {q.dtype}")
-    pages = (*k_pages, *v_pages)
     call = jax.ffi.ffi_call(
         DECODE_ATTENTION,
-        (jax.ShapeDtypeStruct(q.shape, q.dtype), *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in pages)),
-        input_output_aliases={4 + i: 1 + i for i in range(len(pages))},
+        (
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype),
+            jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype),
+        ),
+        input_output_aliases={5: 1, 6: 2},
     )
-    out, *pages = call(q, k_new, v_new, lengths.astype(jnp.int32), *pages)
-    n = len(k_pages)
-    return out, tuple(pages[:n]), tuple(pages[n:])
+    return call(q, k_new, v_new, lengths.astype(jnp.int32), table.astype(jnp.int32), k_pool, v_pool)
 
 
 def linear(wp: jax.Array, x: jax.Array, n: int, *, residual: jax.Array | None = None, gated: bool = False) -> jax.Array:

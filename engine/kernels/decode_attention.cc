@@ -1,10 +1,11 @@
-// Decode attention over a paged KV cache, for XLA:CPU through the XLA FFI.
+// Decode attention over the paged KV pool, for XLA:CPU through the XLA FFI (engine/attention.py's contract).
 //
-// Each slot's new key and value are written at its position lengths[b] (nowhere if that lies outside the pages),
-// then its one query attends to positions [0, lengths[b]]. Arguments: q [B, K, G, H] (pre-scaled), k_new and
-// v_new [B, K, H], lengths [B] int32, then `window` key pages [B, K, H, P] (transposed) and `window` value pages
-// [B, K, P, H]. Results: out [B, K, G, H], then the pages, which must alias the page arguments (the write happens
-// in place; XLA copies an argument first where it cannot give up the buffer). float32 only.
+// Each slot's new key and value are written at its position lengths[b] (nowhere if that lies outside its W pages),
+// then its one query attends to positions [0, lengths[b]], position pos living at offset pos % P of page
+// table[b, pos / P]. Arguments: q [B, K, G, H] (pre-scaled), k_new and v_new [B, K, H], lengths [B] int32, table
+// [B, W] int32, the key pool [Np, K, H, P] (transposed) and the value pool [Np, K, P, H]. Results: out [B, K, G, H],
+// then the pools, which must alias the pool arguments (the write happens in place; XLA copies an argument first
+// where it cannot give up the buffer). float32 only.
 //
 // Why a kernel: XLA:CPU runs the per-page batched products of this computation as B*K tiny [G, H] x [H, P] GEMMs,
 // and those streamed the cache at a third of the machine's read bandwidth. Here each (slot, kv head) is one task
@@ -50,7 +51,15 @@ void Scores(const float* __restrict q, int64_t H, int64_t P, int64_t np, const f
     for (int g = 0; g < GB; ++g)
       for (int j = 0; j < kBlock; ++j) Store(scores + g * stride + p0 + j * kLanes, acc[g][j]);
   }
-  for (; p0 < np; ++p0)  // page sizes that are not a multiple of kBlock * kLanes
+  for (; p0 + kLanes <= P && p0 < np; p0 += kLanes) {  // pages of 16..48 positions: one vector at a time
+    Vec acc[GB] = {};
+    for (int64_t h = 0; h < H; ++h) {
+      const Vec k = Load(kp + h * P + p0);
+      for (int g = 0; g < GB; ++g) acc[g] += q[g * H + h] * k;
+    }
+    for (int g = 0; g < GB; ++g) Store(scores + g * stride + p0, acc[g]);
+  }
+  for (; p0 < np; ++p0)  // page sizes that are not a multiple of kLanes
     for (int g = 0; g < GB; ++g) {
       float acc = 0.0f;
       for (int64_t h = 0; h < H; ++h) acc += q[g * H + h] * kp[h * P + p0];
@@ -124,85 +133,85 @@ inline void Softmax(float* x, int64_t n) {
   for (t = 0; t < n; ++t) x[t] *= inv;
 }
 
-struct Pages {
-  std::vector<float*> k, v;
+struct Pool {
+  float* k;  // [Np, K, H, P]
+  float* v;  // [Np, K, P, H]
+  const int32_t* table;  // [B, W]
+  int64_t pages;
 };
 
-// Writes one (slot, kv head)'s new key and value at position `length` of the pages.
-void WriteOne(const Shape& s, int64_t item, int64_t length, const float* k_new, const float* v_new, Pages& pages) {
-  const int64_t H = s.h, P = s.p, offset = item * H * P;
+// Writes one (slot, kv head)'s new key and value at position `length` through the slot's page table.
+void WriteOne(const Shape& s, const Pool& pool, int64_t item, int64_t length, const float* k_new, const float* v_new) {
+  const int64_t H = s.h, P = s.p, b = item / s.k, kv = item % s.k;
   if (length < 0 || length >= s.window * P) return;
-  float* kp = pages.k[length / P] + offset;  // [H, P]
-  float* vp = pages.v[length / P] + offset + (length % P) * H;  // row [H]
+  const int64_t page = pool.table[b * s.window + length / P];
+  if (page < 0 || page >= pool.pages) return;
+  const int64_t base = (page * s.k + kv) * H * P;
+  float* kp = pool.k + base;  // [H, P]
+  float* vp = pool.v + base + (length % P) * H;  // row [H]
   for (int64_t h = 0; h < H; ++h) kp[h * P + length % P] = k_new[item * H + h];
   std::copy_n(v_new + item * H, H, vp);
 }
 
 // One (slot, kv head): scores, softmax and the weighted sum of values; `scratch` holds G * window * P floats.
-void AttendOne(const Shape& s, int64_t item, const float* q, int64_t length, const std::vector<float*>& k_pages,
-               const std::vector<float*>& v_pages, float* out, float* scratch) {
-  const int64_t G = s.g, H = s.h, P = s.p, S = s.window * P;
+void AttendOne(const Shape& s, const Pool& pool, int64_t item, const float* q, int64_t length, float* out,
+               float* scratch) {
+  const int64_t G = s.g, H = s.h, P = s.p, S = s.window * P, b = item / s.k, kv = item % s.k;
   const int64_t n = std::clamp<int64_t>(length + 1, 0, S);
   float* o = out + item * G * H;
   std::fill(o, o + G * H, 0.0f);
   if (n == 0) return;
   const float* qh = q + item * G * H;
-  const int64_t offset = item * H * P;
+  auto base = [&](int64_t c) {
+    const int64_t page = std::clamp<int64_t>(pool.table[b * s.window + c], 0, pool.pages - 1);
+    return (page * s.k + kv) * H * P;
+  };
   for (int64_t c = 0; c * P < n; ++c) {
     const int64_t np = std::min(P, n - c * P);
+    const float* kp = pool.k + base(c);
     ForBlocks(G, [&](int64_t g, auto gb) {
-      Scores<decltype(gb)::value>(qh + g * H, H, P, np, k_pages[c] + offset, scratch + g * S + c * P, S);
+      Scores<decltype(gb)::value>(qh + g * H, H, P, np, kp, scratch + g * S + c * P, S);
     });
   }
   for (int64_t g = 0; g < G; ++g) Softmax(scratch + g * S, n);
   for (int64_t c = 0; c * P < n; ++c) {
     const int64_t np = std::min(P, n - c * P);
+    const float* vp = pool.v + base(c);
     ForBlocks(G, [&](int64_t g, auto gb) {
-      Values<decltype(gb)::value>(scratch + g * S + c * P, S, H, np, v_pages[c] + offset, o + g * H);
+      Values<decltype(gb)::value>(scratch + g * S + c * P, S, H, np, vp, o + g * H);
     });
   }
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
-                           ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::S32> lengths, ffi::RemainingArgs args,
-                           ffi::ResultBuffer<ffi::F32> out, ffi::RemainingRets rets) {
-  const auto qd = q.dimensions();
+ffi::Error DecodeAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
+                           ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> table,
+                           ffi::Buffer<ffi::F32> k_pool, ffi::Buffer<ffi::F32> v_pool, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out) {
+  const auto qd = q.dimensions(), td = table.dimensions(), kd = k_pool.dimensions(), vd = v_pool.dimensions();
   if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be [B, K, G, H]");
-  if (args.size() == 0 || args.size() % 2 != 0 || rets.size() != args.size())
-    return ffi::Error::InvalidArgument("expected as many key as value pages (>= 1), each returned");
-  Shape s{qd[0], qd[1], qd[2], qd[3], 0, static_cast<int64_t>(args.size() / 2)};
+  if (td.size() != 2 || td[0] != qd[0]) return ffi::Error::InvalidArgument("table must be [B, W]");
+  if (kd.size() != 4 || vd.size() != 4 || kd[0] != vd[0] || kd[1] != qd[1] || vd[1] != qd[1] || kd[2] != qd[3] ||
+      vd[3] != qd[3] || kd[3] != vd[2])
+    return ffi::Error::InvalidArgument("pools must be [Np, K, H, P] (keys) and [Np, K, P, H] (values)");
+  Shape s{qd[0], qd[1], qd[2], qd[3], kd[3], td[1]};
   if (lengths.element_count() != static_cast<size_t>(s.b))
     return ffi::Error::InvalidArgument("lengths must be [B]");
   const size_t new_count = static_cast<size_t>(s.b * s.k * s.h);
   if (k_new.element_count() != new_count || v_new.element_count() != new_count)
     return ffi::Error::InvalidArgument("k_new and v_new must be [B, K, H]");
-  Pages pages{std::vector<float*>(s.window), std::vector<float*>(s.window)};
-  for (int64_t i = 0; i < 2 * s.window; ++i) {
-    auto page = args.get<ffi::Buffer<ffi::F32>>(i);
-    if (page.has_error()) return page.error();
-    auto result = rets.get<ffi::Buffer<ffi::F32>>(i);
-    if (result.has_error()) return result.error();
-    const auto d = page->dimensions();
-    if (d.size() != 4 || d[0] != s.b || d[1] != s.k || (*result)->element_count() != page->element_count())
-      return ffi::Error::InvalidArgument("pages must be [B, K, H, P] (keys) and [B, K, P, H] (values)");
-    const bool key = i < s.window;
-    const int64_t h = key ? d[2] : d[3], p = key ? d[3] : d[2];
-    if (h != s.h || (s.p != 0 && p != s.p)) return ffi::Error::InvalidArgument("pages disagree on H or P");
-    s.p = p;
-    if ((*result)->untyped_data() != page->untyped_data())
-      return ffi::Error::InvalidArgument("the page results must alias the page arguments (input_output_aliases)");
-    (key ? pages.k : pages.v)[key ? i : i - s.window] = (*result)->typed_data();
-  }
+  if (k_out->untyped_data() != k_pool.untyped_data() || v_out->untyped_data() != v_pool.untyped_data())
+    return ffi::Error::InvalidArgument("the pool results must alias the pool arguments (input_output_aliases)");
+  const Pool pool{k_out->typed_data(), v_out->typed_data(), table.typed_data(), kd[0]};
 
   const float *qp = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
   const int32_t* lp = lengths.typed_data();
   float* op = out->typed_data();
   const int64_t items = s.b * s.k;
-  meshserve::ParallelFor(pool, items, [=, &pages, scratch = std::vector<float>()](int64_t i) mutable {
+  meshserve::ParallelFor(thread_pool, items, [=, scratch = std::vector<float>()](int64_t i) mutable {
     if (scratch.empty()) scratch.resize(s.g * s.window * s.p + kLanes);
     const int64_t length = lp[i / s.k];
-    WriteOne(s, i, length, kn, vn, pages);
-    AttendOne(s, i, qp, length, pages.k, pages.v, op, scratch.data());
+    WriteOne(s, pool, i, length, kn, vn);
+    AttendOne(s, pool, i, qp, length, op, scratch.data());
   });
   return ffi::Error::Success();
 }
@@ -216,6 +225,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k_new
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v_new
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths
-                                  .RemainingArgs()               // key pages, then value pages
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // table
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_pool
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_pool
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .RemainingRets());             // the pages, written
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // k_pool, written
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // v_pool, written
