@@ -20,35 +20,44 @@ _CHECKPOINT = flags.DEFINE_string(
 )
 _NUM_SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded together (B); fixed at start-up.")
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 2048, "Context per slot: prompt + max_tokens must fit.")
-_MAX_PREFILL_LEN = flags.DEFINE_integer("max_prefill_len", 1024, "Longest prompt (largest prefill bucket).")
-_PAGE_SIZE = flags.DEFINE_integer("page_size", 64, "KV cache page length; max_seq_len must be a multiple.")
+_MAX_PREFILL_LEN = flags.DEFINE_integer(
+    "max_prefill_len", 1024, "Most tokens one prefill call computes (largest bucket); longer prompts run in chunks."
+)
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 64, "KV page length (positions); max_seq_len must be a multiple.")
+_KV_PAGES = flags.DEFINE_integer(
+    "kv_pages",
+    None,
+    "KV pool pages shared by all slots (one is the sink); default: from --kv_memory_fraction on TPU/GPU, "
+    "num_slots * max_seq_len / page_size on CPU.",
+)
+_KV_MEMORY_FRACTION = flags.DEFINE_float(
+    "kv_memory_fraction", 0.85, "Share of device memory weights + KV pool may take when --kv_pages is not given."
+)
+_PREFIX_CACHING = flags.DEFINE_bool(
+    "prefix_caching",
+    True,
+    "Keep finished requests' KV pages indexed by their tokens, so a prompt starting the same way (the next turn of "
+    "a chat, a shared system prompt) computes only the rest.",
+)
 _DECODE_STEPS = flags.DEFINE_integer(
     "decode_steps", 8, "Decode steps per dispatch: more amortizes host overhead, fewer frees finished slots sooner."
 )
 _PREFILLS_PER_STEP = flags.DEFINE_integer(
-    "prefills_per_step",
-    4,
-    "Most prefills between two decode dispatches: higher admits bursts sooner (lower TTFT), lower keeps "
-    "inter-token latency of running requests steady.",
+    "prefills_per_step", 64, "Most prompts admitted between two decode dispatches (each needs a slot and KV pages)."
 )
 _PREFILL_SEGMENTS = flags.DEFINE_integer(
     "prefill_segments",
     32,
     "Most prompts packed into one prefill call (their total within max_prefill_len, one per 8 of its tokens at most).",
 )
-_PREFIX_CACHE_LEN = flags.DEFINE_integer(
-    "prefix_cache_len",
-    256,
-    "Prefix cache positions (0: off): prompts' K/V kept so later prompts starting with the same tokens (system prompt, "
-    "chat template, earlier turns) compute only the rest.",
-)
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "auto: float32 on CPU, bf16 on TPU/GPU.")
 _ATTENTION = flags.DEFINE_enum(
     "attention",
     "auto",
-    ["auto", "kernel", "xla"],
-    "Decode attention: 'kernel' (hand-written CPU kernel, built on first use with the system C++ compiler), 'xla' "
-    "(any backend), 'auto' (the kernel on CPU in float32 when a compiler exists).",
+    ["auto", "kernel", "pallas", "xla"],
+    "Decode attention: 'kernel' (hand-written CPU kernel, built on first use with the system C++ compiler), 'pallas' "
+    "(TPU/GPU kernels), 'xla' (any backend), 'auto' (the CPU kernel on CPU in float32 when a compiler exists, "
+    "Pallas on TPU/GPU).",
 )
 _LINEAR = flags.DEFINE_enum(
     "linear",
@@ -123,7 +132,9 @@ def engine_config(**overrides) -> EngineConfig:
         page_size=min(_PAGE_SIZE.value, _MAX_SEQ_LEN.value),
         decode_steps=_DECODE_STEPS.value,
         prefill_segments=_PREFILL_SEGMENTS.value,
-        prefix_cache_len=_PREFIX_CACHE_LEN.value,
+        kv_pages=_KV_PAGES.value,
+        kv_memory_fraction=_KV_MEMORY_FRACTION.value,
+        prefix_caching=_PREFIX_CACHING.value,
         dtype=default_dtype() if _DTYPE.value == "auto" else _DTYPE.value,
         attention=_ATTENTION.value,
         linear=_LINEAR.value,

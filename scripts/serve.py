@@ -1,7 +1,7 @@
 """Starts the MeshServe gRPC server (health, reflection, Prometheus metrics) on one model.
 
 python scripts/serve.py                                   # bundled SmolLM2-135M on 127.0.0.1:50051, metrics :9090
-python scripts/serve.py --checkpoint /ckpt --num_slots 32 --max_seq_len 4096 --prefills_per_step 2
+python scripts/serve.py --checkpoint /ckpt --num_slots 32 --max_seq_len 4096 --prefill_token_budget 512
 python scripts/serve.py --mesh data:2,tensor:4 --coordinator_address 10.0.0.1:1234 --num_processes 2 --process_id 0
 
 Multi-host: every process runs this script; process 0 owns the gRPC front and the scheduler and broadcasts each
@@ -45,6 +45,12 @@ _FREE_SLOT_DECODE_STEPS = flags.DEFINE_integer(
     1,
     "Decode steps per dispatch while a slot is free (an arriving request waits at most this many steps for its "
     "prefill); 0: always --decode_steps.",
+)
+_PREFILL_TOKEN_BUDGET = flags.DEFINE_integer(
+    "prefill_token_budget",
+    256,
+    "Most prompt tokens read between two decode dispatches while requests decode (long prompts are read in chunks "
+    "of this many: the running streams' inter-token latency stays bounded); 0: every admitted prompt at once.",
 )
 _DRAIN_TIMEOUT = flags.DEFINE_float(
     "drain_timeout", 30.0, "Seconds running requests may take to finish after SIGTERM before they are ended."
@@ -93,6 +99,7 @@ def main(argv: list[str]) -> None:
         max_waiting=_MAX_WAITING.value,
         prefills_per_step=engine_flags.prefills_per_step(),
         free_slot_decode_steps=_FREE_SLOT_DECODE_STEPS.value or None,
+        prefill_token_budget=_PREFILL_TOKEN_BUDGET.value or None,
         drain_timeout=_DRAIN_TIMEOUT.value,
         stall_timeout=_STALL_TIMEOUT.value,
         memory_bandwidth_gbps=_BANDWIDTH.value,

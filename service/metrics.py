@@ -140,8 +140,23 @@ class ServerMetrics:
         )
         self.prefix_hits = Counter(
             "meshserve_prefix_cache_hit_tokens",
-            "Prompt tokens read from the prefix cache instead of computed (hit rate: hit / queried).",
+            "Prompt tokens whose K/V came from cached KV pages instead of being computed (hit rate: hit / queried).",
             registry=r,
+        )
+        self.kv_pages = Gauge(
+            "meshserve_kv_pages",
+            "KV pages by state: used (held by running requests), cached (prefix cache only, evictable), free, "
+            "reserved (admitted requests may still take them).",
+            ["state"],
+            registry=r,
+        )
+        self.kv_evictions = Counter(
+            "meshserve_kv_evictions",
+            "Cached KV pages reclaimed for new sequences (least recently used first).",
+            registry=r,
+        )
+        self.prefilling = Gauge(
+            "meshserve_prefilling_requests", "Admitted prompts still being read in chunks.", registry=r
         )
         self.compiles = Counter(
             "meshserve_compiles", "XLA backend compilations seen in this process since the server started.", registry=r
@@ -157,6 +172,7 @@ class ServerMetrics:
         )
         self._last_step = -1
         self._prefix_seen: tuple[int, int] | None = None
+        self._evictions_seen: int | None = None
         self._http: Any = None
         self._lock = threading.Lock()
         self._listening = False
@@ -232,6 +248,12 @@ class ServerMetrics:
             self.prefix_queried.inc(max(seen[0] - self._prefix_seen[0], 0))
             self.prefix_hits.inc(max(seen[1] - self._prefix_seen[1], 0))
         self._prefix_seen = seen
+        for state in ("used", "cached", "free", "reserved"):
+            self.kv_pages.labels(state).set(getattr(stats, f"kv_pages_{state}"))
+        if self._evictions_seen is not None:
+            self.kv_evictions.inc(max(stats.kv_evictions - self._evictions_seen, 0))
+        self._evictions_seen = stats.kv_evictions
+        self.prefilling.set(stats.prefilling)
         if cost is None or stats.steps == self._last_step or stats.last_dispatch_seconds <= 0:
             return
         self._last_step = stats.steps

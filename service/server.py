@@ -9,10 +9,11 @@ Threading model:
 - a **watchdog thread** flips health to NOT_SERVING when the engine loop stops making progress (a step running, or
   steps failing, for longer than `stall_timeout`) and back to SERVING when it recovers.
 
-Admission: requests join the scheduler's bounded waiting queue and enter free slots as they free up;
-`prefills_per_step` bounds the prefills run between two decode dispatches (the TTFT / inter-token-latency knob, see
-`engine.scheduler`); while a slot is free, dispatches are `free_slot_decode_steps` long, so an arrival waits at most
-that many decode steps for its prefill. A full queue answers RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms` in
+Admission: requests join the scheduler's bounded waiting queue and enter free slots as they free up and as the KV
+memory can reserve their pages; `prefill_token_budget` bounds the prompt tokens read between two decode dispatches
+while requests decode (the TTFT / inter-token-latency knob, see `engine.scheduler`: long prompts are read in
+chunks); while a slot is free, dispatches are `free_slot_decode_steps` long, so an arrival waits at most that many
+decode steps for its prefill. A full queue answers RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms` in
 trailing metadata.
 
 Cancellation: every RPC registers a termination callback (client cancel, deadline, disconnect) that cancels its
@@ -79,9 +80,12 @@ class ServerConfig:
     """Prometheus HTTP port; 0 picks a free one, None serves no endpoint (the registry still records)."""
     max_waiting: int = 256
     """Bound of the waiting queue; beyond it Generate answers RESOURCE_EXHAUSTED."""
-    prefills_per_step: int = 4
-    """Most prefills between two decode dispatches: higher lowers TTFT under bursts, lower protects inter-token
-    latency of the requests already decoding."""
+    prefills_per_step: int = 64
+    """Most prompts admitted between two decode dispatches (each also needs a free slot and KV pages)."""
+    prefill_token_budget: int | None = 256
+    """Most prompt tokens read between two decode dispatches while some request decodes: a long prompt is read in
+    chunks of this many, so the running streams' inter-token latency stays bounded (higher lowers the long prompt's
+    TTFT, lower protects the streams); None reads every admitted prompt at once."""
     free_slot_decode_steps: int | None = 1
     """Decode steps per dispatch while a slot is free: a request arriving mid-dispatch waits at most this many steps
     for its prefill (TTFT); dispatches are `decode_steps` long while every slot is busy. None: always `decode_steps`."""
@@ -94,7 +98,7 @@ class ServerConfig:
     max_messages: int = 256
     """Most chat messages per request."""
     max_input_chars: int | None = None
-    """Most characters of prompt text per request (checked before tokenizing); None: 16 x the longest prefill."""
+    """Most characters of prompt text per request (checked before tokenizing); None: 16 x the context length."""
     max_workers: int | None = None
     """gRPC handler threads (one per open RPC); None: slots + max_waiting + 16, so every admissible stream fits."""
 
@@ -239,7 +243,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         self.config = config
         self.metrics = metrics
         e = self.engine.config
-        self.max_input_chars = config.max_input_chars or 16 * max(e.prefill_buckets)
+        self.max_input_chars = config.max_input_chars or 16 * e.max_seq_len
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
@@ -457,7 +461,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
                 max_logprobs=MAX_LOGPROBS,
                 max_messages=self.config.max_messages,
                 max_input_chars=self.max_input_chars,
-                max_prompt_tokens=max(e.prefill_buckets),
+                max_prompt_tokens=e.max_seq_len - 1,
                 max_stop_token_ids=MAX_STOP_TOKEN_IDS - 1,
             ),
             max_waiting=self.config.max_waiting,
@@ -475,6 +479,13 @@ class MeshServeService(pb_grpc.MeshServeServicer):
             kv_tokens_used=s.kv_tokens_used,
             kv_tokens_capacity=s.kv_tokens_capacity,
             draining=self.draining,
+            kv_pages_total=s.kv_pages_total,
+            kv_pages_used=s.kv_pages_used,
+            kv_pages_cached=s.kv_pages_cached,
+            kv_pages_free=s.kv_pages_free,
+            kv_pages_reserved=s.kv_pages_reserved,
+            kv_page_size=self.engine.config.page_size,
+            prefilling_requests=s.prefilling,
         )
 
     # ----- drain ------------------------------------------------------------------------------------------------
@@ -526,6 +537,7 @@ class MeshServeServer:
             max_waiting=config.max_waiting,
             prefills_per_step=config.prefills_per_step,
             free_slot_decode_steps=config.free_slot_decode_steps,
+            prefill_token_budget=config.prefill_token_budget,
             plan_hook=plan_hook,
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)

@@ -148,8 +148,8 @@ def slow_generate(engine: Engine, seconds: float) -> Callable:
     """A replacement for `engine.generate` that sleeps before each dispatch (to keep requests in flight)."""
     original = engine.generate
 
-    def generate(state, steps=None):
+    def generate(steps=None):
         time.sleep(seconds)
-        return original(state, steps)
+        return original(steps)
 
     return generate

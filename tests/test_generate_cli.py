@@ -47,7 +47,7 @@ def test_jsonl_job_reports_bad_prompts_and_completes_the_rest(tiny_checkpoint, t
     lines = [
         {"id": "a", "prompt": "hello there"},
         {"id": "bad-role", "messages": [{"role": "wizard", "content": "hi"}]},
-        {"id": "too-long", "prompt": "x" * 40},
+        {"id": "too-long", "prompt": "x" * 70},
         {"id": "b", "token_ids": [5, 6, 7, 8], "max_tokens": 3},
         {"id": "bad-temp", "prompt": "hey", "temperature": -1},
     ]
@@ -60,7 +60,7 @@ def test_jsonl_job_reports_bad_prompts_and_completes_the_rest(tiny_checkpoint, t
     assert [r["id"] for r in results] == ["a", "bad-role", "too-long", "b", "bad-temp"]
     by_id = {r["id"]: r for r in results}
     assert "wizard" in by_id["bad-role"]["error"]
-    assert "40 tokens" in by_id["too-long"]["error"] and "max_prefill_len" in by_id["too-long"]["error"]
+    assert "70 tokens" in by_id["too-long"]["error"] and "context holds 64" in by_id["too-long"]["error"]
     assert "temperature" in by_id["bad-temp"]["error"]
     assert all(by_id[i]["finish_reason"] == "error" for i in ("bad-role", "too-long", "bad-temp"))
 

@@ -201,7 +201,7 @@ INVALID = [
     (pb.GenerateRequest(token_ids=pb.TokenIds()), "token_ids"),
     (pb.GenerateRequest(chat=pb.ChatMessages()), "chat.messages"),
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 300])), "token id 300"),
-    (pb.GenerateRequest(text="x" * 40), "longest prefill is 32"),
+    (pb.GenerateRequest(text="x" * 130), "prompt has 130 tokens but the context holds 128"),
     (pb.GenerateRequest(text="hello", sampling=pb.SamplingOptions(max_tokens=200)), "max_tokens"),
     (pb.GenerateRequest(text="hello", sampling=pb.SamplingOptions(max_tokens=0)), "max_tokens"),
     (pb.GenerateRequest(text="hello", sampling=pb.SamplingOptions(temperature=-1)), "temperature"),
@@ -223,7 +223,7 @@ INVALID = [
     (pb.GenerateRequest(chat=_chat(("wizard", "hi"))), "chat.messages[0] has role 'wizard'"),
     (pb.GenerateRequest(chat=_chat(("user", "x" * 10_000))), "chat.messages[0].content"),
     (pb.GenerateRequest(chat=_chat(*[("user", "x")] * 300)), "chat.messages has 300 messages; the limit is 256"),
-    (pb.GenerateRequest(text="y" * 10_000), "text has 10000 characters; the limit is 512"),
+    (pb.GenerateRequest(text="y" * 10_000), "text has 10000 characters; the limit is 2048"),
 ]
 
 
@@ -292,9 +292,9 @@ def test_watchdog_reports_a_stuck_engine_loop(tiny, monkeypatch):
         release = threading.Event()
         original = engine.generate
 
-        def stuck(state, steps=None):
+        def stuck(steps=None):
             release.wait(10)
-            return original(state, steps)
+            return original(steps)
 
         monkeypatch.setattr(engine, "generate", stuck)
         call = r.stub.Generate(long_request(8), timeout=RPC_TIMEOUT)
@@ -311,11 +311,11 @@ def test_engine_failure_fails_only_its_requests_with_internal(tiny, monkeypatch)
     original = engine.generate
     failures = []
 
-    def fail_once(state, steps=None):
+    def fail_once(steps=None):
         if not failures:
             failures.append(1)
             raise RuntimeError("injected device fault")
-        return original(state, steps)
+        return original(steps)
 
     monkeypatch.setattr(engine, "generate", fail_once)
     with running_server(engine, tok) as r:
@@ -430,9 +430,13 @@ def test_tokenize_model_info_load_and_reflection(tiny):
         )
         assert info.dtype == "float32" and list(info.prefill_buckets) == list(engine.config.prefill_buckets)
         assert info.platform == "cpu" and sum(a.size for a in info.mesh) >= 1
-        assert info.limits.max_prompt_tokens == 32 and info.limits.max_stop_strings == MAX_STOP_STRINGS
+        # a prompt may fill the context but for one generated token (longer than a prefill call: read in chunks)
+        assert info.limits.max_prompt_tokens == 127 and info.limits.max_stop_strings == MAX_STOP_STRINGS
         load = r.load()
         assert (load.slots_total, load.free_slots, load.kv_tokens_capacity, load.draining) == (4, 4, 512, False)
+        # the pool: 4 slots x 128 positions in pages of 64, none held once the requests above are done
+        assert (load.kv_pages_total, load.kv_page_size, load.kv_pages_used, load.kv_pages_reserved) == (8, 64, 0, 0)
+        assert load.kv_pages_free + load.kv_pages_cached == 8
         refl = reflection_pb2_grpc.ServerReflectionStub(r.channel)
         reply = next(
             refl.ServerReflectionInfo(
