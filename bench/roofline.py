@@ -161,12 +161,23 @@ class Roofline:
         """Predicted decode throughput: one token per slot per step."""
         return slots / self.step_seconds(slots, context)
 
-    def max_slots(self, max_seq_len: int, memory_fraction: float = 0.9) -> int | None:
-        """Most slots of `max_seq_len` tokens whose KV fits beside the weights; None when memory is unknown."""
+    def kv_pages(self, page_size: int, memory_fraction: float = 0.85) -> int | None:
+        """KV pages of `page_size` positions that fit beside the weights (the engine's pool, as `--kv_pages` would be
+        sized from `--kv_memory_fraction`); None when memory is unknown."""
         if self.device.memory_bytes is None:
             return None
         free = self.device.memory_bytes * self.chips * memory_fraction - self.weight_bytes
-        return max(int(free // (self.kv_bytes_per_token * max_seq_len)), 0)
+        return max(int(free // (self.kv_bytes_per_token * page_size)), 0)
+
+    def sequences_held(self, tokens: int, page_size: int, memory_fraction: float = 0.85) -> int | None:
+        """Sequences of `tokens` tokens (prompt + output) the KV pool holds at once: pages / pages per sequence. With
+        a shared pool this, not max_seq_len, decides how many conversations fit; None when memory is unknown."""
+        pages = self.kv_pages(page_size, memory_fraction)
+        return None if pages is None else pages // -(-tokens // page_size)
+
+    def max_slots(self, max_seq_len: int, memory_fraction: float = 0.85, page_size: int = 64) -> int | None:
+        """Most slots that could each hold `max_seq_len` tokens at once; None when memory is unknown."""
+        return self.sequences_held(max_seq_len, page_size, memory_fraction)
 
     def table(self, slot_counts: Sequence[int], contexts: Sequence[int]) -> list[dict[str, float | int | str]]:
         """One row per (slots, context): the predicted step time, tokens/s and which bound sets it."""

@@ -28,8 +28,8 @@ from tqdm import tqdm
 from bench import roofline as rl
 from bench import stats, workloads
 from bench.workloads import Prompt
-from engine.config import ModelConfig, tiny_config
-from engine.engine import MIN_PREFIX_HIT, CapacityError, Engine, EngineConfig, default_dtype
+from engine.config import ModelConfig, llama_1b_config, tiny_config
+from engine.engine import CapacityError, Engine, EngineConfig, default_dtype
 from engine.model import init_params
 from engine.offline import OfflineItem, OfflineResult, run_offline
 from engine.sampling import SamplingParams
@@ -37,25 +37,6 @@ from engine.scheduler import Scheduler
 from engine.tokenizer import Tokenizer, make_tiny_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def llama_1b_config() -> ModelConfig:
-    """A ~1.2B-parameter Llama (Llama-3.2-1B shapes) for random-weight accelerator runs."""
-    return ModelConfig(
-        vocab_size=128256,
-        dim=2048,
-        num_layers=16,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=64,
-        mlp_dim=8192,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-        tie_embeddings=True,
-        bos_token_id=0,
-        eos_token_ids=(1,),
-        name="random-llama-1b",
-    )
 
 
 RANDOM_MODELS: dict[str, Callable[[], ModelConfig]] = {"tiny": tiny_config, "1b": llama_1b_config}
@@ -79,16 +60,19 @@ class Options:
     max_prefill_len: int = 256
     page_size: int = 64
     decode_steps: int = 8
-    prefills_per_step: int = 4
+    prefills_per_step: int = 64
+    prefill_token_budget: int | None = 256
+    """Serve: most prompt tokens read between two decode dispatches while requests decode (None: all at once)."""
     prefill_segments: int = 32
-    prefix_cache_len: int = 256
+    prefix_caching: bool = True
+    kv_pages: int | None = None
     """Prefix cache positions (0: off). Every offline run and TTFT measurement starts with it empty."""
     attention: str = "auto"
     """Decode attention: auto, kernel or xla (EngineConfig.attention)."""
     linear: str = "auto"
     """Weight products: auto, kernel or xla (EngineConfig.linear)."""
     workload: str = "w2"
-    """Synthetic prompt set: w1, w2 or w3."""
+    """Synthetic prompt set: w1, w2 or w3; `serve` also runs w4 (multi-turn chat) and w5 (long prompt)."""
     prompts_file: str | None = None
     """JSONL prompts instead of the synthetic set."""
     random_prompt_lens: tuple[int, ...] = ()
@@ -120,6 +104,14 @@ class Options:
     burstiness: float = 1.0
     num_requests: int = 64
     warmup_requests: int = 2
+    users: int = 16
+    """Serve W4: chat users, one conversation each."""
+    turns: int = 8
+    """Serve W4: turns per conversation."""
+    w4_stagger_s: float = 0.5
+    """Serve W4: seconds between two users' first turns."""
+    long_prompt_tokens: int = 6000
+    """Serve W5: tokens of the long prompt (chat template included)."""
     seed: int = 0
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
@@ -167,7 +159,8 @@ def engine_config(opts: Options, num_slots: int | None = None) -> EngineConfig:
         page_size=min(opts.page_size, opts.max_seq_len),
         decode_steps=opts.decode_steps,
         prefill_segments=opts.prefill_segments,
-        prefix_cache_len=opts.prefix_cache_len,
+        prefix_caching=opts.prefix_caching,
+        kv_pages=opts.kv_pages,
         dtype=opts.dtype,
         attention=opts.attention,
         linear=opts.linear,
@@ -298,7 +291,9 @@ def roofline(opts: Options, *, measured: rl.DeviceSpec | None = None) -> dict[st
             **line.summary(),
             "dtype_bytes": nbytes,
             "critical_batch_at_context": {str(c): line.critical_batch_at(c) for c in opts.contexts},
-            "max_slots_at_max_seq_len": line.max_slots(opts.max_seq_len),
+            "kv_pages": line.kv_pages(opts.page_size),
+            "max_slots_at_max_seq_len": line.max_slots(opts.max_seq_len, page_size=opts.page_size),
+            "sequences_held_at_context": {str(c): line.sequences_held(c, opts.page_size) for c in opts.contexts},
             "table": line.table(opts.slot_counts, opts.contexts),
         }
     return out
@@ -316,16 +311,7 @@ def compile_all(
     engine: Engine, kinds: Sequence[str] = ("prefill", "insert", "generate", "release")
 ) -> dict[str, float]:
     """Compiles every shape of the given kinds not compiled yet, timing each: {"kind/size": seconds}."""
-    shapes = []
-    for kind in kinds:
-        if kind == "prefill":
-            shapes += [(k, t) for k in engine.prefill_kinds for t in engine.config.prefill_buckets]
-        elif kind == "insert":
-            shapes += [(kind, t) for t in engine.config.prefill_buckets]
-        elif kind == "generate":
-            shapes += [(kind, w) for w in engine.config.windows]
-        else:
-            shapes.append((kind, 0))
+    shapes = [shape for shape in engine.shapes if shape[0] in kinds]
     seconds = {}
     for kind, size in shapes:
         if (kind, size) in engine.compiled_shapes:
@@ -338,7 +324,7 @@ def compile_all(
 
 def measure_ttft(engine: Engine, ids: Sequence[int], repeats: int, *, cached: bool = False) -> list[float]:
     """Wall times of `repeats` prefills of `ids` (first token on the host), after one untimed run: computed in full
-    (the prefix cache emptied before each), or with all but the last token read from the prefix cache."""
+    (the prefix cache emptied before each), or with all but the last token read from cached pages."""
     params = _greedy(2)
     times = []
     for i in range(repeats + 1):
@@ -346,6 +332,7 @@ def measure_ttft(engine: Engine, ids: Sequence[int], repeats: int, *, cached: bo
             engine.clear_prefix_cache()
         start = time.perf_counter()
         prefix = engine.prefill(ids, params, seed=0)
+        engine.discard(prefix)
         if i:
             times.append(time.perf_counter() - start)
             if cached != (prefix.cached > 0):
@@ -381,22 +368,23 @@ def decode_pass(engine: Engine, ids: Sequence[int], max_tokens: int) -> DecodePa
     for XLA's formulation, each slot's positions up to its length for the CPU kernel: `Engine.kv_positions_read`).
     """
     b, e = engine.config.num_slots, engine.config
-    prefix = engine.prefill(ids, _greedy(max_tokens), seed=0)
-    state = engine.init_state()
-    for slot in range(b):
-        state = engine.insert(prefix, state, slot)
-    jax.block_until_ready(state)
+    engine.reset()
+    for slot in range(b):  # the first computes the prompt, the others share its pages
+        engine.insert(engine.prefill(ids, _greedy(max_tokens), seed=0), slot)
+    jax.block_until_ready(engine.state)
     seconds, tokens, steps, kv_positions = 0.0, 0, 0, 0
     active = True
     while active:
         lengths = engine.host_lengths.copy()
         start = time.perf_counter()
-        state, out = engine.generate(state)
+        out = engine.generate()
         seconds += time.perf_counter() - start
         tokens += int(out.valid.sum())
         steps += e.decode_steps
         kv_positions += engine.kv_positions_read(lengths, out.valid, e.decode_steps, engine.last_window)
         active = bool(out.active.any())
+    for slot in range(b):
+        engine.release(slot)
     kv_bytes = kv_positions * engine.budget.kv_bytes_per_token
     return DecodePass(seconds, tokens, steps, steps * engine.budget.weight_bytes + kv_bytes, kv_bytes)
 
@@ -410,7 +398,7 @@ def latency(opts: Options) -> dict[str, Any]:
     first = prompts(opts, base.model_config.vocab_size)[0]
     w1_ids = workloads.encode(first, tokenizer)
     ttft_prompts = [(first.id, w1_ids)]
-    lens = [n for n in opts.ttft_prompt_lens if n <= base.config.max_prefill_len]
+    lens = [n for n in opts.ttft_prompt_lens if n < base.config.max_seq_len]
     for p in workloads.random_token_prompts(lens, base.model_config.vocab_size, seed=opts.seed):
         ttft_prompts.append((p.id, list(p.token_ids)))
     bar = _bar(opts, len(ttft_prompts) + len(opts.slot_counts), "latency")
@@ -420,13 +408,13 @@ def latency(opts: Options) -> dict[str, Any]:
         times = measure_ttft(base, ids, opts.repeats)
         ttft = statistics.median(times)
         cached = None
-        if base.config.prefix_cache_len >= len(ids) > MIN_PREFIX_HIT:
+        if base.config.prefix_caching and len(ids) > 1:
             cached = statistics.median(measure_ttft(base, ids, opts.repeats, cached=True)) * 1e3
         ttft_rows.append(
             {
                 "prompt": name,
                 "prompt_tokens": len(ids),
-                "bucket": base.bucket_for(len(ids)),
+                "bucket": base.bucket_for(min(len(ids), base.config.max_prefill_len)),
                 "ttft_ms": ttft * 1e3,
                 "runs_ms": [t * 1e3 for t in times],
                 "prefill_tokens_per_s": len(ids) / ttft,
@@ -603,16 +591,24 @@ def hf_figures(
 
 
 def serve(opts: Options) -> dict[str, Any]:
-    """W3: the prompt set sent to a server at each request rate (or concurrency); one summary per run."""
-    from bench import serve_client
+    """W3: the prompt set sent to a server at each request rate (or concurrency); one summary per run. W4 and W5
+    (`workload`) run their own clients (bench/multiturn.py) against the same server."""
+    from bench import multiturn, serve_client
 
-    server = None
+    server, tokenizer = None, None
     if opts.target is None:
         from service.server import MeshServeServer, ServerConfig
 
         engine, tokenizer = load_model(opts)
         server = MeshServeServer(
-            engine, tokenizer, ServerConfig(port=0, prefills_per_step=opts.prefills_per_step, max_waiting=4096)
+            engine,
+            tokenizer,
+            ServerConfig(
+                port=0,
+                prefills_per_step=opts.prefills_per_step,
+                prefill_token_budget=opts.prefill_token_budget,
+                max_waiting=4096,
+            ),
         )
         server.start()
         if not server.wait_until_ready(1800):
@@ -622,6 +618,9 @@ def serve(opts: Options) -> dict[str, Any]:
         target = opts.target
     try:
         info = serve_client.model_info(target)
+        if opts.workload in multiturn.WORKLOADS:
+            figures = multiturn.run_workload(opts, target, tokenizer)
+            return {**figures, "target": opts.target or "in-process", "server": info}
         prompt_set = prompts(opts, int(info["vocab_size"]))
         loads = [("rate", r) for r in opts.request_rates] if not opts.concurrency else []
         loads += [("concurrency", c) for c in opts.concurrency]

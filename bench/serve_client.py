@@ -20,6 +20,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -65,10 +66,17 @@ def generate_request(prompt: Prompt, request_id: str, seed: int) -> pb.GenerateR
 
 
 def stream_one(
-    stub: pb_grpc.MeshServeStub, request: pb.GenerateRequest, timeout: float, sent_at: float
+    stub: pb_grpc.MeshServeStub,
+    request: pb.GenerateRequest,
+    timeout: float,
+    sent_at: float,
+    *,
+    record: RequestRecord | None = None,
+    on_message: Callable[[Any, RequestRecord], None] | None = None,
 ) -> RequestRecord:
-    """Sends one request and records when each chunk arrived; never raises for an RPC failure."""
-    record = RequestRecord(request.request_id, sent_at=sent_at)
+    """Sends one request and records when each chunk arrived (into `record` if given); never raises for an RPC
+    failure. `on_message(msg, record)` sees every streamed message after it is recorded."""
+    record = record or RequestRecord(request.request_id, sent_at=sent_at)
     start = time.perf_counter()
     try:
         for msg in stub.Generate(request, timeout=timeout):
@@ -82,6 +90,8 @@ def stream_one(
                 record.output_tokens += len(msg.token_ids)
             if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                 record.finish_reason = _FINISH_NAMES.get(msg.finish_reason, str(msg.finish_reason))
+            if on_message is not None:
+                on_message(msg, record)
         record.e2e = time.perf_counter() - start
         if record.finish_reason is None:
             record.error = "stream ended without a finish reason"

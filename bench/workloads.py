@@ -54,7 +54,8 @@ def workload(name: str, max_tokens: int = OUTPUT_TOKENS) -> list[Prompt]:
     """The named standard set: "w1" (one prompt), "w2" or "w3" (64 prompts)."""
     counts = {"w1": W1_COUNT, "w2": W2_COUNT, "w3": W2_COUNT}
     if name.lower() not in counts:
-        raise ValueError(f"unknown workload {name!r}; choose one of w1, w2, w3")
+        serving = " (w4 and w5 run under `benchmark.py serve`)" if name.lower() in ("w4", "w5") else ""
+        raise ValueError(f"unknown workload {name!r}; choose one of w1, w2, w3{serving}")
     return chat_prompts(counts[name.lower()], max_tokens)
 
 

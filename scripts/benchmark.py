@@ -4,12 +4,14 @@
     python scripts/benchmark.py latency --slot_counts=1,8,32                 # W1: TTFT, decode tok/s, MBU, MFU
     python scripts/benchmark.py throughput --baseline=hf                     # W2 vs HF transformers generate
     python scripts/benchmark.py serve --target=127.0.0.1:50051 --request_rates=2,8 --slo_ttft_ms=500
+    python scripts/benchmark.py serve --workload=w4 --users=16 --turns=8       # W4 multi-turn chat: reuse vs ideal
+    python scripts/benchmark.py serve --workload=w5 --max_tokens=256           # W5: a 6,000-token prompt mid-decode
     python scripts/benchmark.py sweep --slot_counts=8,16,32,64 --slo_tpot_ms=200
 
 Every run writes <output_dir>/<command>-<time>.json (machine, versions, flags, figures) and its PNG plots, and
 prints the headline figures. Prompts: the synthetic --workload (w1, w2, w3), a --prompts_file JSONL, or random token
-prompts of --random_prompt_lens. Formulas and workload definitions: shared/PERFORMANCE.md; the logic lives in
-`bench/` (importable, tested on the tiny model).
+prompts of --random_prompt_lens; `serve` also runs the W4 and W5 workloads (bench/multiturn.py). Formulas and
+workload definitions: shared/PERFORMANCE.md; the logic lives in `bench/` (importable, tested on the tiny model).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
+from bench import multiturn
 from bench.runner import COMMANDS, Options, run_command
 from checkpoints.errors import CheckpointError
 from engine.engine import default_dtype
@@ -37,16 +40,24 @@ _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 512, "Context per slot (promp
 _MAX_PREFILL_LEN = flags.DEFINE_integer("max_prefill_len", 256, "Longest prompt.")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 64, "KV cache page length.")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
-_PREFILLS_PER_STEP = flags.DEFINE_integer("prefills_per_step", 4, "Most prefills between two decode dispatches.")
+_PREFILLS_PER_STEP = flags.DEFINE_integer("prefills_per_step", 64, "Most prompts admitted between two dispatches.")
+_PREFILL_TOKEN_BUDGET = flags.DEFINE_integer(
+    "prefill_token_budget", 256, "Serve: most prompt tokens read between two dispatches while requests decode (0: all)."
+)
 _PREFILL_SEGMENTS = flags.DEFINE_integer(
     "prefill_segments", 32, "Most prompts packed into one prefill call (one per 8 of its tokens at most)."
 )
-_PREFIX_CACHE_LEN = flags.DEFINE_integer(
-    "prefix_cache_len", 256, "Prefix cache positions (0: off); every timed run starts with it empty."
+_PREFIX_CACHING = flags.DEFINE_bool(
+    "prefix_caching", True, "Reuse cached KV pages of matching prompt openings; every timed run starts with none."
 )
-_ATTENTION = flags.DEFINE_enum("attention", "auto", ["auto", "kernel", "xla"], "Decode attention implementation.")
+_KV_PAGES = flags.DEFINE_integer("kv_pages", None, "KV pool pages (default: num_slots * max_seq_len / page_size).")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "auto", ["auto", "kernel", "pallas", "xla"], "Decode attention implementation."
+)
 _LINEAR = flags.DEFINE_enum("linear", "auto", ["auto", "kernel", "xla"], "Weight products implementation.")
-_WORKLOAD = flags.DEFINE_enum("workload", "w2", ["w1", "w2", "w3"], "Synthetic prompt set (shared/PERFORMANCE.md).")
+_WORKLOAD = flags.DEFINE_enum(
+    "workload", "w2", ["w1", "w2", "w3", "w4", "w5"], "Synthetic workload (shared/PERFORMANCE.md); w4, w5: serve only."
+)
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL prompts: messages | prompt | text | token_ids.")
 _RANDOM_PROMPT_LENS = flags.DEFINE_list("random_prompt_lens", [], "Random token prompts of these lengths.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None, "First n prompts of the set (random: n per length).")
@@ -66,6 +77,10 @@ _CONCURRENCY = flags.DEFINE_list("concurrency", [], "Serve: fixed concurrencies 
 _BURSTINESS = flags.DEFINE_float("burstiness", 1.0, "Gamma shape of arrival gaps: 1 Poisson, <1 burstier.")
 _NUM_REQUESTS = flags.DEFINE_integer("num_requests", 64, "Serve: timed requests per rate.")
 _WARMUP_REQUESTS = flags.DEFINE_integer("warmup_requests", 2, "Serve: untimed requests before each rate.")
+_USERS = flags.DEFINE_integer("users", 16, "Serve W4: chat users, one conversation each.")
+_TURNS = flags.DEFINE_integer("turns", 8, "Serve W4: turns per conversation.")
+_W4_STAGGER_S = flags.DEFINE_float("w4_stagger_s", 0.5, "Serve W4: seconds between two users' first turns.")
+_LONG_PROMPT_TOKENS = flags.DEFINE_integer("long_prompt_tokens", 6000, "Serve W5: tokens of the long prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of arrivals, sampling and random prompts (recorded).")
 _SLO_TTFT_MS = flags.DEFINE_float("slo_ttft_ms", None, "Goodput SLO on TTFT, ms.")
 _SLO_TPOT_MS = flags.DEFINE_float("slo_tpot_ms", None, "Goodput SLO on TPOT, ms (sweep: the TPOT limit).")
@@ -108,8 +123,10 @@ def options() -> Options:
         page_size=_PAGE_SIZE.value,
         decode_steps=_DECODE_STEPS.value,
         prefills_per_step=_PREFILLS_PER_STEP.value,
+        prefill_token_budget=_PREFILL_TOKEN_BUDGET.value or None,
         prefill_segments=_PREFILL_SEGMENTS.value,
-        prefix_cache_len=_PREFIX_CACHE_LEN.value,
+        prefix_caching=_PREFIX_CACHING.value,
+        kv_pages=_KV_PAGES.value,
         attention=_ATTENTION.value,
         linear=_LINEAR.value,
         workload=_WORKLOAD.value,
@@ -132,6 +149,10 @@ def options() -> Options:
         burstiness=_BURSTINESS.value,
         num_requests=_NUM_REQUESTS.value,
         warmup_requests=_WARMUP_REQUESTS.value,
+        users=_USERS.value,
+        turns=_TURNS.value,
+        w4_stagger_s=_W4_STAGGER_S.value,
+        long_prompt_tokens=_LONG_PROMPT_TOKENS.value,
         seed=_SEED.value,
         slo_ttft_ms=_SLO_TTFT_MS.value,
         slo_tpot_ms=_SLO_TPOT_MS.value,
@@ -199,6 +220,8 @@ def headline(command: str, figures: dict) -> list[str]:
             fits = "" if r["fits"] else " (does not fit)"
             lines.append(f"  slots {r['slots']:>4}: {_f(r.get('tokens_per_s'))} tok/s{fits}")
         lines.append(f"recommended slots: {figures['recommended_slots']} ({figures['rule']})")
+    if command == "serve":
+        lines += multiturn.headline(figures)
     if command in ("serve", "sweep") and figures.get("runs"):
         for run in figures["runs"]:
             s = run["summary"]

@@ -7,6 +7,8 @@ compiled shapes) wherever they can.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -107,6 +109,13 @@ def test_roofline_hand_computed():
     row = line.table([40], [1])[0]
     assert row["step_ms"] == pytest.approx(800) and row["intensity_flop_per_byte"] == pytest.approx(10)
     assert rl.Roofline(100, 400, 10, device, chips=4).critical_batch == pytest.approx(20)
+    # the KV pool in pages: (100_000 * 0.5 - 400) bytes / (10 bytes x 16 positions) = 310 pages
+    sized = rl.Roofline(100, 400, 10, dataclasses.replace(device, memory_bytes=100_000))
+    assert sized.kv_pages(16, memory_fraction=0.5) == 310
+    # 40-token sequences take 3 pages each, 64-token ones 4: the pool holds 103 and 77 of them
+    assert sized.sequences_held(40, 16, memory_fraction=0.5) == 103
+    assert sized.max_slots(64, memory_fraction=0.5, page_size=16) == 77
+    assert line.kv_pages(16) is None and line.sequences_held(40, 16) is None  # memory unknown
 
 
 def test_presets_critical_batch_matches_performance_md():
@@ -277,9 +286,9 @@ def test_throughput_hf_baseline_same_weights(tmp_path, monkeypatch):
 
 
 def test_serve_command_keeps_failures(tmp_path):
-    # every other request is longer than the largest prefill bucket (16): INVALID_ARGUMENT, kept with its status
+    # every other request does not fit the context (60 + 9 tokens > 64): INVALID_ARGUMENT, kept with its status
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"token_ids": [5] * 8}) + "\n" + json.dumps({"token_ids": [5] * 40}) + "\n")
+    prompts.write_text(json.dumps({"token_ids": [5] * 8}) + "\n" + json.dumps({"token_ids": [5] * 60}) + "\n")
     opts = tiny_options(random_prompt_lens=(), prompts_file=str(prompts), num_prompts=None, num_requests=4,
                         request_rates=(200.0,), warmup_requests=1, seed=7, slo_ttft_ms=60_000.0)  # fmt: skip
     doc, _, pngs = runner.run_command("serve", opts, str(tmp_path / "out"))
