@@ -1129,12 +1129,22 @@ class Engine:
         """The longest head of `pack` whose rows' cached pages, together, fit one call's context list."""
         seen: set[int] = set()
         for j, (i, _) in enumerate(pack):
-            p = prefixes[i]
-            ctx = set(p.pages[: -(-p.computed // self.config.page_size)])
+            ctx = set(self._context_pages(prefixes[i]))
             if j and len(seen | ctx) > self.config.context_pages:
                 return pack[:j]
             seen |= ctx
         return pack
+
+    def _context_pages(self, p: Prefix) -> list[tuple[int, int]]:
+        """(page, positions it holds) of a prefix's computed positions, as its next prefill call reads them. A page
+        still to be copied is read from its source: rows copying the same positions of the same page share one
+        context entry (a burst of prompts with a common opening reads one page, not one each); the same page seen
+        to different lengths is two entries, so no row sees past its own."""
+        size = self.config.page_size
+        pages = p.pages[: -(-p.computed // size)]
+        if p.copy_from is not None:
+            pages[p.computed // size] = p.copy_from
+        return [(page, min(size, p.computed - k * size)) for k, page in enumerate(pages)]
 
     def _launch(self, pack: list[tuple[int, int]], prefixes: list[Prefix]) -> tuple:
         """Dispatches one packed prefill of (prefix index, tokens to compute) rows and indexes what it computes;
@@ -1151,7 +1161,7 @@ class Engine:
         last, remaining, copy_src, copy_dst = (np.zeros((r,), np.int32) for _ in range(4))
         want = np.zeros((r,), bool)
         rows = [SlotSampling.from_params(SamplingParams(), 0, eos)] * r
-        ctx: dict[int, list[int]] = {}  # page -> [row bit mask, valid positions]
+        ctx: dict[tuple[int, int], int] = {}  # (page, valid positions) -> row bit mask
         at = 0
         for row, (i, n) in enumerate(pack):
             p = prefixes[i]
@@ -1170,15 +1180,13 @@ class Engine:
             src = p.copy_from
             if src is not None:
                 copy_src[row], copy_dst[row] = src, p.pages[start // p_size]
-            for k in range(-(-start // p_size)):
-                entry = ctx.setdefault(p.pages[k], [0, 0])
-                entry[0] |= 1 << row
-                entry[1] = max(entry[1], min(p_size, start - k * p_size))
+            for entry in self._context_pages(p):
+                ctx[entry] = ctx.get(entry, 0) | 1 << row
             at += n
         if len(ctx) > e.context_pages:
             raise AssertionError(f"{len(ctx)} context pages exceed the call's {e.context_pages}")  # _fit_context
         ctx_pages, ctx_rows, ctx_valid = (np.zeros((e.context_pages,), np.int32) for _ in range(3))
-        for j, (page, (mask, valid)) in enumerate(ctx.items()):
+        for j, ((page, valid), mask) in enumerate(ctx.items()):
             ctx_pages[j], ctx_rows[j], ctx_valid[j] = page, np.int32(np.uint32(mask).view(np.int32)), valid
         cb = context_block_pages(p_size)
         paging = PrefillPaging(dest_page, dest_offset, ctx_pages, ctx_rows, ctx_valid, np.int32(-(-len(ctx) // cb)),

@@ -140,6 +140,13 @@ class Executor:
         self.reading: list[tuple[Admission, Prefix]] = []
 
     def run(self, plan: StepPlan) -> StepResult:
+        """Every engine call of the plan: releases and prefill (`prefill`), then the decode dispatch (`decode`)."""
+        result = self.prefill(plan)
+        self.decode(plan, result)
+        return result
+
+    def prefill(self, plan: StepPlan) -> StepResult:
+        """The plan's releases, admissions and prefill calls (the leader streams first tokens before decoding)."""
         engine, result = self.engine, StepResult()
         released = set(plan.release)
         for _, prefix in [r for r in self.reading if r[0].slot in released]:
@@ -164,6 +171,11 @@ class Executor:
                     engine.insert(prefix, adm.slot)
                 result.first[adm.request_id] = prefix
             self.reading = [r for r in self.reading if not r[1].done]
+        return result
+
+    def decode(self, plan: StepPlan, result: StepResult) -> None:
+        """The plan's decode dispatch, if any slot decodes; its output (or failure) goes into `result`."""
+        engine = self.engine
         if plan.decode and any(engine.slot_active(s) for s in range(engine.config.num_slots)):
             try:
                 result.decoded = engine.generate(plan.decode_steps)
@@ -172,7 +184,6 @@ class Executor:
                 result.decode_failed = str(exc)
                 self.reading = []
                 engine.reset()
-        return result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,9 +400,10 @@ class Scheduler:
                 req = self._by_id[adm.request_id]
             req.admitted_at = time.monotonic()
             self._slots[adm.slot] = req
+        result = self.executor.prefill(plan)
+        self._stream_prefills(plan, result)  # first tokens go out before the decode dispatch
         start = time.perf_counter()
-        result = self.executor.run(plan)
-        self._stream_prefills(plan, result)
+        self.executor.decode(plan, result)
         if result.decoded is not None:
             self._last_dispatch = (
                 time.perf_counter() - start,
