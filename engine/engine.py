@@ -971,8 +971,9 @@ class Engine:
         Each new prompt first takes what the prefix index holds of it (whole pages shared, a partly matching page
         copied) and reserves the pages it can ever need; prompts of this batch are indexed as their pack is
         dispatched, so later packs already find them. Prompts longer than `max_prefill_len` run in chunks of that
-        size. With `token_budget`, at most that many tokens are computed (whole prompts first come first): what is
-        left is returned with `done` False, for a later call. Raises CapacityError, having taken nothing, when the
+        size. With `token_budget`, at most that much is computed (whole prompts first come first; a token at a long
+        context counts for more, see `_prefill_cost`): what is left is returned with `done` False, for a later
+        call. Raises CapacityError, having taken nothing, when the
         new prompts' reservations do not fit the KV memory."""
         prefixes = [r if isinstance(r, Prefix) else self.open_prompt(*r) for r in requests]
         try:
@@ -1075,17 +1076,17 @@ class Engine:
                     self._attach(p, sharers)
                 n = min(p.length - p.computed, self.config.max_prefill_len)
                 if budget is not None:
-                    n = min(n, budget - total)
+                    n = min(n, self._tokens_within(budget - total, p.computed))
                 if n <= 0:
                     break
                 rows.append((i, n))
-                total += n
+                total += self._prefill_cost(n, p.computed)
             packs = self.packs([n for _, n in rows])
             pack = [rows[j] for j in packs[0]]
             pack = self._fit_context(pack, prefixes)
             launched.append(self._launch(pack, prefixes))
             if budget is not None:
-                budget -= sum(n for _, n in pack)
+                budget -= sum(self._prefill_cost(n, prefixes[i].computed - n) for i, n in pack)
             todo = [i for i in todo if not prefixes[i].done]
         eos = self.model_config.eos_token_ids
         for pack, bucket, device, lps in launched:
@@ -1105,6 +1106,29 @@ class Engine:
                 p.finished = first in stops or p.params.max_tokens == 1
                 if p.finished:
                     self.discard(p)
+
+    @property
+    def _attention_crossover(self) -> float:
+        """Context length at which a prompt token's attention FLOPs equal its weight FLOPs (SmolLM2: ~3,900)."""
+        c = self.model_config
+        return 2 * c.num_params / (4 * c.num_layers * c.num_heads * c.head_dim)
+
+    def _prefill_cost(self, n: int, start: int) -> int:
+        """What computing positions [start, start + n) costs, in tokens at no context: attention over a long context
+        makes a token dearer (the token budget bounds the time a step spends in prefill, not the token count)."""
+        return int(np.ceil(n * (1 + (start + n / 2) / self._attention_crossover)))
+
+    def _tokens_within(self, budget: int, start: int) -> int:
+        """Most tokens from position `start` whose `_prefill_cost` fits `budget` (at least 1 when budget > 0)."""
+        if budget <= 0:
+            return 0
+        x = self._attention_crossover
+        # n (1 + (start + n/2) / x) <= budget: the positive root of n^2 / (2x) + n (1 + start / x) - budget = 0
+        a, b = 1 / (2 * x), 1 + start / x
+        n = int((-b + np.sqrt(b * b + 4 * a * budget)) / (2 * a))
+        while n > 1 and self._prefill_cost(n, start) > budget:
+            n -= 1
+        return max(n, 1)
 
     def _ready(self, todo: list[int], prefixes: list[Prefix]) -> tuple[list[int], dict[int, Match]]:
         """Prefixes in `todo` that should run now, and what the index holds of those not started: a prompt that

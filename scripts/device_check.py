@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
-import inspect
 import json
 import math
 import os
@@ -359,45 +358,6 @@ def attention(profile: Profile, run: Run) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ 3. engine
 
 
-class Driver:
-    """Decode through the engine's public calls, in either shape of its API: state passed around (init_state,
-    insert(prefix, state, slot), generate(state, steps)) or held by the engine (insert(prefix, slot),
-    generate(steps)). Anything else fails with a message saying so."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        params = list(inspect.signature(engine.insert).parameters)
-        if "state" in params:
-            self.api = "state passed to insert/generate"
-            self.state = engine.init_state()
-        elif len(params) == 2:
-            self.api = "state held by the engine"
-            self.state = None
-        else:
-            raise RuntimeError(
-                f"Engine.insert{inspect.signature(engine.insert)} matches neither engine API this check drives "
-                "(insert(prefix, state, slot) or insert(prefix, slot)); update scripts/device_check.py"
-            )
-
-    def insert(self, prefix: Any, slot: int) -> None:
-        if self.state is None:
-            self.engine.insert(prefix, slot)
-        else:
-            self.state = self.engine.insert(prefix, self.state, slot)
-
-    def generate(self) -> Any:
-        if self.state is None:
-            return self.engine.generate()
-        self.state, out = self.engine.generate(self.state)
-        return out
-
-    def discard(self, prefix: Any) -> None:
-        """Gives back a prefix's KV pages where the engine reserves them (a prefix that is never inserted)."""
-        discard = getattr(self.engine, "discard", None)
-        if callable(discard):
-            discard(prefix)
-
-
 def engine_config(profile: Profile, slots: int, attention_option: str) -> tuple[Any, dict[str, Any]]:
     """The EngineConfig of one run, and the optional fields it set (those this engine version has)."""
     from engine.engine import EngineConfig
@@ -407,7 +367,6 @@ def engine_config(profile: Profile, slots: int, attention_option: str) -> tuple[
     optional = {
         "min_prefill_len": profile.max_prefill_len,  # one prefill bucket: fewer compiles
         "prefix_caching": False,  # every prompt is new anyway; no index kept
-        "prefix_cache_len": 0,
         "kv_pages": slots * pages_per_slot + 2 * slots + 8,  # the pool these runs need, not most of the device
     }
     optional = {k: v for k, v in optional.items() if k in names}
@@ -445,7 +404,6 @@ def engine_run(profile: Profile, run: Run, model: ModelConfig, init: Callable[[]
     warmup_s = engine.warmup()
     run.log(f"engine {slots} slots: built in {construct_s:.1f} s, warm-up {warmup_s:.1f} s")
     compiles_before = run.compiles
-    driver = Driver(engine)
     rng = np.random.default_rng(slots)
     n_params = engine.model_config.num_params
     itemsize = jnp.dtype(engine.config.dtype).itemsize
@@ -453,7 +411,6 @@ def engine_run(profile: Profile, run: Run, model: ModelConfig, init: Callable[[]
     kv_per_token = engine.model_config.kv_bytes_per_token(itemsize)
     out: dict[str, Any] = {
         "slots": slots,
-        "engine_api": driver.api,
         "attention": getattr(engine, "attention", None),
         "optional_config": optional,
         "engine_config": dataclasses.asdict(engine.config),
@@ -470,7 +427,7 @@ def engine_run(profile: Profile, run: Run, model: ModelConfig, init: Callable[[]
             (prefix,) = engine.prefill_batch([(prompt, once, i)])  # returns with the first token on the host
             if i:  # the first is a warm-up
                 times.append(time.perf_counter() - t0)
-            driver.discard(prefix)
+            engine.discard(prefix)
         seconds = statistics.median(times)
         out["prefill"] = {
             "prompt_tokens": tokens,
@@ -484,15 +441,15 @@ def engine_run(profile: Profile, run: Run, model: ModelConfig, init: Callable[[]
     prompts = _prompts(rng, model.vocab_size, slots, profile.prompt_len)
     prefixes = engine.prefill_batch([(p, params, 1000 + i) for i, p in enumerate(prompts)])
     for slot, prefix in enumerate(prefixes):
-        driver.insert(prefix, slot)
+        engine.insert(prefix, slot)
     lengths = np.full(slots, profile.prompt_len, np.int64)  # positions cached per slot
     for _ in range(profile.warm_dispatches):
-        lengths += driver.generate().valid.sum(axis=0)
+        lengths += engine.generate().valid.sum(axis=0)
     steps = profile.decode_steps
     times, positions, tokens = [], 0, 0
     for _ in range(profile.timed_dispatches):
         t0 = time.perf_counter()
-        step = driver.generate()  # one dispatch and its copy to the host
+        step = engine.generate()  # one dispatch and its copy to the host
         times.append(time.perf_counter() - t0)
         valid = step.valid[:steps]
         before = np.cumsum(valid, axis=0) - valid  # tokens each slot added before each step
@@ -521,7 +478,7 @@ def engine_run(profile: Profile, run: Run, model: ModelConfig, init: Callable[[]
     out["ok"] = out["compiles_after_warmup"] == 0
     if not out["ok"]:
         run.fail(f"engine {slots} slots: {out['compiles_after_warmup']} XLA compilations after warm-up")
-    del driver, engine, prefixes
+    del engine, prefixes
     gc.collect()
     return out
 
@@ -637,8 +594,6 @@ def summary(results: dict[str, Any]) -> str:
                     f"Prefill of {pf['prompt_tokens']} tokens: {pf['time_s'] * 1e3:.1f} ms, "
                     f"{pf['tokens_per_s']:.0f} tokens/s, MFU {pf['mfu']:.1%}.",
                 ]
-        if e.get("runs"):
-            lines += ["", f"Engine API driven: {e['runs'][0].get('engine_api', '-')}."]
         lines.append("")
     if results.get("failures"):
         lines += ["## Failures", ""] + [f"- {f}" for f in results["failures"]] + [""]

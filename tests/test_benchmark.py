@@ -8,7 +8,6 @@ compiled shapes) wherever they can.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 import os

@@ -536,7 +536,19 @@ def test_token_budget_spreads_a_prompt_over_calls(engine, full_logits, monkeypat
         (again,) = engine.prefill_batch([prefix], token_budget=16)
         assert again is prefix
         computed.append(prefix.computed)
-    assert computed == [16, 32, 48, 64, 80, 96, 100] and calls == [16] * 7
+    # the budget counts a token at a longer context as dearer (its attention): each call takes the most tokens whose
+    # cost fits 16, so the chunks shrink as the prompt grows
+    expected = [0]
+    while expected[-1] < 100:
+        n = min(100 - expected[-1], engine._tokens_within(16, expected[-1]))
+        assert (
+            engine._prefill_cost(n, expected[-1]) <= 16 < engine._prefill_cost(n + 1, expected[-1])
+            or n == 100 - expected[-1]
+        )
+        expected.append(expected[-1] + n)
+    chunks = np.diff(expected).tolist()
+    assert computed == expected[1:] and calls == [16] * len(chunks)  # each call runs in the 16-token bucket
+    assert chunks[-2] < chunks[0] <= 16
     runs: dict[int, SlotRun] = {}
     lp = prefix.logprobs
     runs[2] = SlotRun([prefix.token], [(lp.logprob, [i for i, _ in lp.top], [x for _, x in lp.top])])
@@ -548,7 +560,8 @@ def test_token_budget_spreads_a_prompt_over_calls(engine, full_logits, monkeypat
     calls.clear()
     engine.clear_prefix_cache()
     short, long_ = engine.prefill_batch([(PROMPTS[12], params, 0), (prompt, params, 0)], token_budget=40)
-    assert short.done and short.token >= 0 and (long_.computed, long_.done) == (28, False)
+    left = 40 - engine._prefill_cost(12, 0)
+    assert short.done and short.token >= 0 and (long_.computed, long_.done) == (engine._tokens_within(left, 0), False)
     while not long_.done:
         engine.prefill_batch([long_], token_budget=40)
     assert long_.token == prefix.token
