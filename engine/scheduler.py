@@ -68,6 +68,10 @@ class RequestOutput:
     """Seconds from arrival to the start of prefill."""
     ttft: float | None = None
     """Seconds from arrival to the first token."""
+    device_seconds: float = 0.0
+    """The request's share of the engine calls it took part in: each prefill call split by the prompt tokens each
+    request computed in it, each decode dispatch by the tokens each slot produced (what a ledger bills; the shares of
+    all requests add up to the engine's busy time)."""
 
 
 Sink = Callable[[RequestOutput], None]
@@ -92,6 +96,7 @@ class Request:
     stops: StopStringMatcher | None = None
     admitted_at: float | None = None
     first_token_at: float | None = None
+    device_seconds: float = 0.0
     cancelled: bool = False
     finished: bool = False
 
@@ -127,6 +132,8 @@ class StepResult:
     prefill_failed: tuple[tuple[str, ...], str] | None = None  # the requests a failed prefill took down, and why
     decoded: StepOutput | None = None
     decode_failed: str | None = None  # the dispatch failed: the engine was reset, every request in it is lost
+    prefill_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # each request's share of prefill
+    decode_seconds: float = 0.0  # the decode dispatch's wall time
 
 
 class Executor:
@@ -160,8 +167,11 @@ class Executor:
             except ValueError as exc:  # CapacityError included
                 result.refused[adm.request_id] = str(exc)
         if self.reading:
+            before = [p.computed - p.cached for _, p in self.reading]
+            start = time.perf_counter()
             try:
                 engine.prefill_batch([p for _, p in self.reading], plan.prefill_budget)
+                self._share_prefill(result, before, time.perf_counter() - start)
             except Exception as exc:  # an engine failure fails these requests only (their pages were given back)
                 log.exception("prefill failed for %s", ", ".join(a.request_id for a, _ in self.reading))
                 result.prefill_failed = (tuple(a.request_id for a, _ in self.reading), str(exc))
@@ -173,12 +183,22 @@ class Executor:
             self.reading = [r for r in self.reading if not r[1].done]
         return result
 
+    def _share_prefill(self, result: StepResult, before: list[int], seconds: float) -> None:
+        """Splits a prefill's wall time over its requests by the prompt tokens each computed in it."""
+        done = [p.computed - p.cached - b for (_, p), b in zip(self.reading, before, strict=True)]
+        total = sum(done)
+        for (adm, _), n in zip(self.reading, done, strict=True):
+            share = n / total if total else 1 / len(done)
+            result.prefill_seconds[adm.request_id] = seconds * share
+
     def decode(self, plan: StepPlan, result: StepResult) -> None:
         """The plan's decode dispatch, if any slot decodes; its output (or failure) goes into `result`."""
         engine = self.engine
         if plan.decode and any(engine.slot_active(s) for s in range(engine.config.num_slots)):
+            start = time.perf_counter()
             try:
                 result.decoded = engine.generate(plan.decode_steps)
+                result.decode_seconds = time.perf_counter() - start
             except Exception as exc:
                 log.exception("decode dispatch failed; resetting the engine (every request in it fails)")
                 result.decode_failed = str(exc)
@@ -404,15 +424,17 @@ class Scheduler:
             req.admitted_at = time.monotonic()
             self._slots[adm.slot] = req
         result = self.executor.prefill(plan)
+        for req in self._slots:
+            if req is not None:
+                req.device_seconds += result.prefill_seconds.get(req.request_id, 0.0)
         self._stream_prefills(plan, result)  # first tokens go out before the decode dispatch
-        start = time.perf_counter()
         self.executor.decode(plan, result)
         if result.decoded is not None:
-            self._last_dispatch = (
-                time.perf_counter() - start,
-                int(result.decoded.valid.sum()),
-                self.engine.last_window,
-            )
+            valid = result.decoded.valid.sum(axis=0)  # [B] tokens per slot
+            self._last_dispatch = (result.decode_seconds, int(valid.sum()), self.engine.last_window)
+            for slot, req in enumerate(self._slots):
+                if req is not None and valid[slot]:
+                    req.device_seconds += result.decode_seconds * float(valid[slot]) / float(valid.sum())
             self._stream_decode(result.decoded)
         if result.decode_failed is not None:
             for slot, req in enumerate(self._slots):
@@ -470,11 +492,11 @@ class Scheduler:
             req.first_token_at = now
         if req.cancelled:
             return  # released and reported as cancelled at the next step
+        if req.stops is None:
+            text, hit = req.detok.add(tokens), False
+        else:
+            text, hit, tokens, lps = self._feed_stops(req, tokens, lps)
         req.generated.extend(tokens)
-        text = req.detok.add(tokens)
-        hit = False
-        if req.stops is not None:
-            text, hit = req.stops.feed(text)
         if hit:
             self._finish(req, FINISH_STOP, tokens=tokens, text=text, lps=lps)
             return
@@ -495,6 +517,21 @@ class Scheduler:
                 req.request_id, tokens, text, lps, prompt_tokens=len(req.prompt_tokens), cached_tokens=req.cached_tokens
             )
         )
+
+    @staticmethod
+    def _feed_stops(
+        req: Request, tokens: list[int], lps: list[TokenLogprobs] | None
+    ) -> tuple[str, bool, list[int], list[TokenLogprobs] | None]:
+        """Feeds a dispatch's tokens to the stop-string matcher one at a time, so that a stop string ends the
+        request at the token that completed it: the ids, logprobs and completion count after it (decoded in the same
+        dispatch because the batch ran on) are dropped, whatever the load. Returns (text, hit, tokens, logprobs)."""
+        text = []
+        for i, token in enumerate(tokens):
+            piece, hit = req.stops.feed(req.detok.add([token]))
+            text.append(piece)
+            if hit:
+                return "".join(text), True, tokens[: i + 1], None if lps is None else lps[: i + 1]
+        return "".join(text), False, tokens, lps
 
     def _finish(
         self,
@@ -532,6 +569,7 @@ class Scheduler:
                 cached_tokens=req.cached_tokens,
                 queue_time=None if req.admitted_at is None else req.admitted_at - arrival,
                 ttft=None if req.first_token_at is None else req.first_token_at - arrival,
+                device_seconds=req.device_seconds,
             )
         )
 

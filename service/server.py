@@ -99,6 +99,9 @@ class ServerConfig:
     """Most chat messages per request."""
     max_input_chars: int | None = None
     """Most characters of prompt text per request (checked before tokenizing); None: 16 x the context length."""
+    max_request_bytes: int = 4 << 20
+    """Largest serialized request; a larger one is INVALID_ARGUMENT naming this limit. gRPC itself accepts up to
+    `TRANSPORT_BYTES_FACTOR` times as much (past that its own RESOURCE_EXHAUSTED, which no retry fixes)."""
     max_workers: int | None = None
     """gRPC handler threads (one per open RPC); None: slots + max_waiting + 16, so every admissible stream fits."""
 
@@ -228,6 +231,10 @@ class _Stream:
         self.outputs.put((time.monotonic(), output))
 
 
+TRANSPORT_BYTES_FACTOR = 16
+"""gRPC's receive limit as a multiple of max_request_bytes (see ServerConfig.max_request_bytes)."""
+
+
 class _InvalidRequest(ValueError):
     """A request the service refuses before the scheduler sees it (INVALID_ARGUMENT)."""
 
@@ -320,8 +327,18 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         self.metrics.rejected.labels(code=code.name).inc()
         context.abort(code, details)
 
+    def _check_size(self, request, context: grpc.ServicerContext) -> None:
+        size = request.ByteSize()
+        if size > self.config.max_request_bytes:
+            self._reject(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is {size} bytes; the limit is {self.config.max_request_bytes} (max_request_bytes)",
+            )
+
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         """Streams one completion; see the proto for the message sequence and the status codes."""
+        self._check_size(request, context)
         if not self.loop.ready.is_set():
             self._reject(context, grpc.StatusCode.UNAVAILABLE, "server is warming up (compiling); retry shortly")
         try:
@@ -399,6 +416,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
                     prompt_tokens=out.prompt_tokens,
                     completion_tokens=out.completion_tokens,
                     cached_tokens=out.cached_tokens,
+                    device_seconds=out.device_seconds,
                 )
             )
             msg.timings.CopyFrom(
@@ -431,6 +449,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
 
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
         """Token ids (and each token's text) of a text or a chat, as Generate would see them."""
+        self._check_size(request, context)
         kind = request.WhichOneof("input")
         try:
             if kind is None:
@@ -463,6 +482,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
                 max_input_chars=self.max_input_chars,
                 max_prompt_tokens=e.max_seq_len - 1,
                 max_stop_token_ids=MAX_STOP_TOKEN_IDS - 1,
+                max_request_bytes=self.config.max_request_bytes,
             ),
             max_waiting=self.config.max_waiting,
         )
@@ -560,6 +580,9 @@ class MeshServeServer:
             # Refuse (RESOURCE_EXHAUSTED) rather than queue RPCs no thread can take: a queued health check would
             # look like a dead server.
             maximum_concurrent_rpcs=workers,
+            # a request over max_request_bytes must reach the servicer to be told INVALID_ARGUMENT: gRPC's own
+            # refusal of an oversized message is RESOURCE_EXHAUSTED, which clients read as "retry later"
+            options=[("grpc.max_receive_message_length", TRANSPORT_BYTES_FACTOR * config.max_request_bytes)],
         )
         pb_grpc.add_MeshServeServicer_to_server(self.service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)

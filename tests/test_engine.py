@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -1053,6 +1054,57 @@ def test_stop_string_cuts_text(engine, observed):
     assert reason == FINISH_STOP
     assert got_text == text[:start]
     assert got == tokens[: len(got)] and len(got) < len(tokens)
+
+
+def test_stop_string_cuts_ids_logprobs_and_usage_whatever_the_load(engine, observed):
+    """A stop string completed mid-dispatch ends the request at the token that completed it: the same ids, logprobs
+    and completion count alone and with every slot busy (tokens decoded after it in the dispatch are dropped)."""
+    tokens, text = observed
+    tok = make_tiny_tokenizer()
+    start = next(
+        i for i in range(6, len(text) - 1) if text[i : i + 2].isascii() and text[i : i + 2] not in text[: i + 1]
+    )
+    stop = text[start : start + 2]
+    # the token whose text completes the stop string
+    k = next(j for j in range(len(tokens)) if stop in tok.decode(tokens[: j + 1], skip_special_tokens=True))
+    params = SamplingParams(max_tokens=60, ignore_eos=True, stop=(stop,), logprobs=2)
+    for others in (0, engine.config.num_slots - 1):
+        scheduler = Scheduler(engine, tok)
+        busy = [(PROMPTS[n], SamplingParams(max_tokens=40, ignore_eos=True)) for n in (5, 12, 20)[:others]]
+        outs = collect(scheduler, [(PROMPTS[8], params), *busy])
+        scheduler.run_until_idle(max_steps=200)
+        got, got_text, reason = summary(outs["r0"])
+        assert reason == FINISH_STOP and got_text == text[:start]
+        assert got == tokens[: k + 1], (others, got, tokens[: k + 1])
+        assert sum(len(o.logprobs or []) for o in outs["r0"]) == k + 1
+        assert outs["r0"][-1].completion_tokens == k + 1
+
+
+def test_device_seconds_add_up_to_the_engine_busy_time(engine, monkeypatch):
+    busy = []
+
+    def timed(fn):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                busy.append(time.perf_counter() - start)
+
+        return call
+
+    monkeypatch.setattr(engine, "prefill_batch", timed(engine.prefill_batch))
+    monkeypatch.setattr(engine, "generate", timed(engine.generate))
+    scheduler = Scheduler(engine, make_tiny_tokenizer(), prefills_per_step=2, prefill_token_budget=16)
+    lengths, max_tokens = (3, 30, 12, 17, 100, 25), (20, 9, 30, 5, 12, 14)
+    outs = collect(
+        scheduler,
+        [(PROMPTS[n], SamplingParams(max_tokens=m, ignore_eos=True)) for n, m in zip(lengths, max_tokens, strict=True)],
+    )
+    scheduler.run_until_idle(max_steps=300)
+    shares = [o[-1].device_seconds for o in outs.values()]
+    assert all(x > 0 for x in shares)
+    assert sum(shares) == pytest.approx(sum(busy), rel=0.05)
 
 
 # ----- logprobs ---------------------------------------------------------------------------------------------------

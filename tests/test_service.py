@@ -92,6 +92,7 @@ def test_streamed_greedy_text_equals_offline(tiny):
             last = msgs[-1]
             assert last.usage.prompt_tokens == len(prompt)
             assert last.usage.completion_tokens == len(want.token_ids)
+            assert 0 < last.usage.device_seconds <= last.timings.total_seconds
             assert 0 <= last.timings.queue_seconds <= last.timings.ttft_seconds <= last.timings.total_seconds
             assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
 
@@ -236,6 +237,24 @@ def test_invalid_requests_are_invalid_argument_naming_the_field(tiny):
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, err.value)
             assert needle in err.value.details(), (needle, err.value.details())
         assert r.load().waiting_requests == 0
+        assert collect(r.generate(pb.GenerateRequest(text="ok", sampling=pb.SamplingOptions(max_tokens=2)))).text
+
+
+def test_oversized_requests_are_invalid_argument_naming_the_limit(tiny):
+    """Past gRPC's default 4 MiB a request used to get gRPC's own RESOURCE_EXHAUSTED, which the API documents as
+    "queue full, retry later": a client obeying it retried forever."""
+    engine, tok = tiny
+    with running_server(engine, tok) as r:
+        limit = r.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT).limits.max_request_bytes
+        assert limit == 4 << 20
+        for request in (
+            pb.GenerateRequest(text="z" * (5 << 20)),
+            pb.GenerateRequest(token_ids=pb.TokenIds(ids=[200] * (3 << 20))),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                r.generate(request)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            assert f"the limit is {limit} (max_request_bytes)" in err.value.details()
         assert collect(r.generate(pb.GenerateRequest(text="ok", sampling=pb.SamplingOptions(max_tokens=2)))).text
 
 
