@@ -66,6 +66,8 @@ class Options:
     prefill_segments: int = 32
     prefix_caching: bool = True
     kv_pages: int | None = None
+    admission: str = "reserve"
+    host_kv_bytes: int = 0
     """Prefix cache positions (0: off). Every offline run and TTFT measurement starts with it empty."""
     attention: str = "auto"
     """Decode attention: auto, kernel or xla (EngineConfig.attention)."""
@@ -161,6 +163,8 @@ def engine_config(opts: Options, num_slots: int | None = None) -> EngineConfig:
         prefill_segments=opts.prefill_segments,
         prefix_caching=opts.prefix_caching,
         kv_pages=opts.kv_pages,
+        admission=opts.admission,
+        host_kv_bytes=opts.host_kv_bytes,
         dtype=opts.dtype,
         attention=opts.attention,
         linear=opts.linear,

@@ -49,6 +49,7 @@ from engine.attention import (
 )
 from engine.config import ModelConfig
 from engine.kv import Match, PagePool
+from engine.kv.host import HostTier
 from engine.model import (
     Packed,
     Transformer,
@@ -118,6 +119,10 @@ MIN_PALLAS_GPU_SLOTS = 8
 """Slots from which `attention='auto'` picks the Pallas kernel on GPU. Measured on an H200 (random 1.1B Llama, bf16,
 1000-token prompts, decode step): 1 slot 1.51 ms Pallas vs 1.37 ms XLA (one program per kv head leaves most of the
 chip idle), 64 slots 2.33 vs 4.19 ms; the attention alone at 8 slots: 61.5 vs 60.7 us, at 64: 90 vs 263 us."""
+ADMISSION_CHOICES = ("reserve", "grow")
+HOST_COPY_PAGES = 32
+"""Pages one copy between the device pool and the host tier moves (a fixed shape: one compiled gather and one
+scatter; fewer pages are padded with the sink)."""
 MIN_SHARED_TOKENS = 8
 """A prompt waits for an earlier prompt of the same batch to be cached when they share at least this many more
 tokens than the cache already holds (see `Engine._ready`)."""
@@ -149,6 +154,15 @@ class EngineConfig:
     prefix_caching: bool = True
     """Keep finished sequences' pages indexed by their tokens, so a prompt that starts the same way (the next turn
     of a chat, a shared system prompt) computes only the rest."""
+    admission: str = "reserve"
+    """How much KV memory a request takes at admission. 'reserve': every page it can ever need (prompt +
+    max_tokens), so a running request never waits for memory, at the price of memory idle until (unless) it is
+    used. 'grow': its prompt and one dispatch of tokens; it takes more pages as it grows, and when the pool runs dry
+    the scheduler preempts the lowest-priority, youngest request (its pages stay cached, spilling to the host tier
+    when they are evicted) and resumes it later from what is cached, recomputing only what is not."""
+    host_kv_bytes: int = 0
+    """Host RAM for the second tier of the prefix cache (engine.kv.host): full pages evicted from the device pool are
+    copied there off the decode path and copied back on a hit instead of being recomputed; 0: no host tier."""
     decode_steps: int = 8
     """Decode steps per dispatch: more amortizes host overhead, fewer frees finished slots sooner."""
     dtype: str = dataclasses.field(default_factory=default_dtype)
@@ -187,6 +201,10 @@ class EngineConfig:
             raise CapacityError(f"kv_pages must be >= 2 (one is the sink), got {self.kv_pages}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise CapacityError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.admission not in ADMISSION_CHOICES:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSION_CHOICES)}, got {self.admission!r}")
+        if self.host_kv_bytes < 0:
+            raise CapacityError(f"host_kv_bytes must be >= 0, got {self.host_kv_bytes}")
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
@@ -232,6 +250,7 @@ class DevicePrefix:
 
     token: jax.Array  # [R] first sampled token
     remaining: jax.Array  # [R] max_tokens - 1
+    generated: jax.Array  # [R] tokens generated before the prompt was read (a resumed request's), plus its first
     want_logprobs: jax.Array  # [R] bool
     sampling: SlotSampling  # [R]
 
@@ -244,6 +263,9 @@ class PrefixCacheStats:
     prompt_tokens: int = 0
     hit_prompts: int = 0
     hit_tokens: int = 0
+    """Prompt tokens served from cached pages, either tier."""
+    host_hit_tokens: int = 0
+    """Of hit_tokens, those restored from the host tier."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,8 +290,10 @@ class Prefix:
     seed: int
     pages: list[int]
     reserved: int  # pages still reserved for this sequence beyond `pages`
-    cached: int  # prompt tokens whose K/V came from cached pages
+    cached: int  # prompt tokens whose K/V came from cached pages (either tier)
     computed: int  # prompt tokens whose K/V are in the pages (cached included)
+    host_cached: int = 0  # of `cached`, tokens restored from the host tier
+    generated: int = 0  # tokens of `tokens` the request generated before (a preempted request resumed)
     attached: bool = False  # its cached opening was looked up (see Engine._attach)
     copy_from: int | None = None  # a cached page whose first positions this prompt starts from (copied, then freed)
     device: DevicePrefix | None = None
@@ -352,6 +376,7 @@ class _Slot:
     reserved: int
     tokens: list[int]
     length: int  # tokens in the cache (the last sampled token is not yet)
+    max_pages: int  # pages the request can ever need (prompt + max_tokens)
 
 
 class Engine:
@@ -408,6 +433,18 @@ class Engine:
         self.budget = self._memory_budget()
         log.info("%s", self.budget.describe())
         self._check_fits()
+        self.host: HostTier | None = None
+        if config.host_kv_bytes:
+            if jax.process_count() > 1:
+                raise ValueError("host_kv_bytes: the host KV tier runs on one host (this engine spans processes)")
+            self.host = HostTier(config.host_kv_bytes, self.budget.kv_bytes_per_page)
+            log.info(
+                "host KV tier: %d pages (%.2f GiB) of %d positions",
+                self.host.capacity_pages,
+                self.host.capacity_pages * self.budget.kv_bytes_per_page / 2**30,
+                config.page_size,
+            )
+        self._restores: list[tuple[list[int], np.ndarray, np.ndarray]] = []  # (pages, k, v) to copy to the device
 
         abstract, logical = abstract_params(c, self.dtype, fuse_qkv=self.fuse_qkv, packed=packed)
         self.param_shardings = tree_shardings(logical, self.rules, self.mesh, abstract)
@@ -695,13 +732,16 @@ class Engine:
         self.pool = PagePool(self.budget.kv_pages, self.config.page_size, index=self.config.prefix_caching)
         if stats is not None:
             self.pool.stats = stats  # counters are since start-up
+        if self.host is not None:
+            self.pool.spilled = []
+        self._restores = []
         self._state = None  # the old pools go before the new ones are allocated
         self._state = self._compile("init", 0)()
 
     # ----- compiled steps ---------------------------------------------------------------------------------------
 
     def _prefill_fn(self, params, state: DecodeState, tokens, positions, segments, paging: PrefillPaging, copy_src,
-                    copy_dst, last, remaining, want_logprobs, sampling):  # fmt: skip
+                    copy_dst, last, remaining, generated, want_logprobs, sampling):  # fmt: skip
         """Packed prefill: tokens/positions/segments [1, T] hold up to R prompts (segment r). First the pages a row
         starts from by copy (copy_src -> copy_dst, [R]; unused entries copy the sink onto itself) are copied; then
         every layer writes its K/V where `paging` says and attends inside each segment and to the cached pages the
@@ -721,10 +761,10 @@ class Engine:
             vocab_major=True,
         )
         logits = logits[:, 0]  # [V, R]
-        token = sample(logits, sampling, jnp.zeros(last.shape, jnp.int32), vocab_axis=0)
+        token = sample(logits, sampling, generated, vocab_axis=0)  # a resumed request continues its random stream
         logprob, top_ids, top_vals = self._logprobs(logits, token, want_logprobs)
         state = state.replace(k=tuple(k for k, _ in pools), v=tuple(v for _, v in pools))
-        prefix = DevicePrefix(token=token, remaining=remaining, want_logprobs=want_logprobs, sampling=sampling)
+        prefix = DevicePrefix(token, remaining, generated + 1, want_logprobs, sampling)
         return state, prefix, (logprob, top_ids, top_vals)
 
     def _insert_fn(self, prefix: DevicePrefix, state: DecodeState, slot, row, length):
@@ -740,7 +780,7 @@ class Engine:
             tokens=state.tokens.at[slot].set(token),
             active=state.active.at[slot].set(~first_stops & (remaining > 0)),
             remaining=state.remaining.at[slot].set(remaining),
-            generated=state.generated.at[slot].set(1),
+            generated=state.generated.at[slot].set(prefix.generated[row]),
             want_logprobs=state.want_logprobs.at[slot].set(prefix.want_logprobs[row]),
             sampling=sampling,
         )
@@ -757,6 +797,19 @@ class Engine:
                 jnp.zeros((r, MAX_LOGPROBS), jnp.int32),
                 jnp.zeros((r, MAX_LOGPROBS), jnp.float32),
             ),
+        )
+
+    @staticmethod
+    def _spill_fn(state: DecodeState, pages):
+        """The pools' pages [W] of every layer: k [L, W, K, H, P], v [L, W, K, P, H] (a copy; the pools stay)."""
+        return jnp.stack([k[pages] for k in state.k]), jnp.stack([v[pages] for v in state.v])
+
+    @staticmethod
+    def _restore_fn(state: DecodeState, pages, k, v):
+        """Writes pages [W] of every layer from k [L, W, K, H, P], v [L, W, K, P, H] (see `_spill_fn`)."""
+        return state.replace(
+            k=tuple(pool.at[pages].set(x.astype(pool.dtype)) for pool, x in zip(state.k, k, strict=True)),
+            v=tuple(pool.at[pages].set(x.astype(pool.dtype)) for pool, x in zip(state.v, v, strict=True)),
         )
 
     def _release_fn(self, state: DecodeState, slot):
@@ -841,7 +894,7 @@ class Engine:
         if kind == "prefill":
             r = self.prefill_rows(size)
             per_row, want_abs, sampling_abs = self._prefill_rows_abstract(r)
-            prefix_sh = DevicePrefix(rep, rep, rep, jax.tree.map(lambda _: rep, SlotSampling.empty(1)))
+            prefix_sh = DevicePrefix(rep, rep, rep, rep, jax.tree.map(lambda _: rep, SlotSampling.empty(1)))
             fn = jax.jit(self._prefill_fn, donate_argnums=(1,), out_shardings=(self.state_shardings, prefix_sh, rep))
             row_abs = jax.ShapeDtypeStruct((1, size), jnp.int32, sharding=rep)
             per_token = jax.ShapeDtypeStruct((size,), jnp.int32, sharding=rep)
@@ -849,18 +902,34 @@ class Engine:
             paging = PrefillPaging(per_token, per_token, per_ctx, per_ctx, per_ctx, i32,
                                    block_pages=context_block_pages(self.config.page_size))  # fmt: skip
             args = (params_abs, state_abs, row_abs, row_abs, row_abs, paging, per_row, per_row, per_row, per_row,
-                    want_abs, sampling_abs)  # fmt: skip
+                    per_row, want_abs, sampling_abs)  # fmt: skip
         elif kind == "insert":
             fn = jax.jit(self._insert_fn, donate_argnums=(1,), out_shardings=self.state_shardings)
             r = self.prefill_rows(size)
             per_row, want_abs, sampling_abs = self._prefill_rows_abstract(r)
-            args = (DevicePrefix(per_row, per_row, want_abs, sampling_abs), state_abs, i32, i32, i32)
+            args = (DevicePrefix(per_row, per_row, per_row, want_abs, sampling_abs), state_abs, i32, i32, i32)
         elif kind == "init":
             fn = jax.jit(self._empty_state, out_shardings=self.state_shardings)
             args = ()
         elif kind == "release":
             fn = jax.jit(self._release_fn, donate_argnums=(0,), out_shardings=self.state_shardings)
             args = (state_abs, i32)
+        elif kind in ("spill", "restore"):
+            pages = jax.ShapeDtypeStruct((size,), jnp.int32, sharding=rep)
+            k_sh, v_sh = self._spec((None, *K_POOL_AXES)), self._spec((None, *V_POOL_AXES))
+            if kind == "spill":
+                fn = jax.jit(self._spill_fn, out_shardings=(k_sh, v_sh))
+                args = (state_abs, pages)
+            else:
+                fn = jax.jit(self._restore_fn, donate_argnums=(0,), out_shardings=self.state_shardings)
+                c = self.model_config
+                k_abs = jax.ShapeDtypeStruct(
+                    (c.num_layers, size, c.num_kv_heads, c.head_dim, self.config.page_size), self.dtype, sharding=k_sh
+                )
+                v_abs = jax.ShapeDtypeStruct(
+                    (c.num_layers, size, c.num_kv_heads, self.config.page_size, c.head_dim), self.dtype, sharding=v_sh
+                )
+                args = (state_abs, pages, k_abs, v_abs)
         elif kind == "generate":
             fn = jax.jit(
                 functools.partial(self._generate_fn, window=size),
@@ -896,6 +965,7 @@ class Engine:
             + [("generate", w) for w in self.config.windows]
             + [("insert", inserts[r]) for r in rows]
             + [("release", 0), ("init", 0)]
+            + ([("spill", HOST_COPY_PAGES), ("restore", HOST_COPY_PAGES)] if self.host is not None else [])
         )
 
     # ----- the engine API ---------------------------------------------------------------------------------------
@@ -910,8 +980,23 @@ class Engine:
         )  # prompts longer than that are chunked before they get here
 
     def pages_needed(self, prompt_len: int, max_tokens: int) -> int:
-        """Pages a request reserves at admission: every position it can ever write (shared pages only lower it)."""
+        """Pages a request reserves at admission (shared pages only lower it): every position it can ever write, or
+        with admission 'grow' its prompt and one dispatch (see EngineConfig.admission)."""
+        if self.config.admission == "grow":
+            max_tokens = min(max_tokens, self.config.decode_steps)
         return self.pool.pages_for(prompt_len + max_tokens)
+
+    def pages_short(self, steps: int | None = None, releasing: Sequence[int] = ()) -> int:
+        """Pages the active slots (less `releasing`) need beyond their reservations for a dispatch of `steps`,
+        minus what the pool can give them once `releasing` is released: > 0 means the dispatch cannot run
+        (admission 'grow': preempt first; 'reserve' never runs short)."""
+        steps = self.config.decode_steps if steps is None else steps
+        p, need = self.config.page_size, 0
+        for b, s in enumerate(self._slots):
+            if s is None or b in releasing or not self._host_active[b]:
+                continue
+            need += max(0, min(-(-(s.length + steps) // p), s.max_pages) - len(s.pages) - s.reserved)
+        return need - self.pool.available() - sum(self.pages_released_by(b) for b in releasing)
 
     def check_request(self, prompt_len: int, params: SamplingParams) -> None:
         """Raises ValueError / CapacityError saying what to change when the request cannot run."""
@@ -982,13 +1067,16 @@ class Engine:
             # a failed call may have written some of these pages: forget everything cached and give the pages back
             for p in prefixes:
                 self.discard(p)
-            self.pool.clear_index()
+            self.clear_prefix_cache()
+            self._restores = []
             raise
         return prefixes
 
-    def open_prompt(self, tokens: Sequence[int], params: SamplingParams, seed: int) -> Prefix:
-        """A new prompt's Prefix, ready for `prefill_batch`, with the pages it can ever need reserved. Raises
+    def open_prompt(self, tokens: Sequence[int], params: SamplingParams, seed: int, generated: int = 0) -> Prefix:
+        """A new prompt's Prefix, ready for `prefill_batch`, with its pages reserved (`pages_needed`). Raises
         ValueError / CapacityError (having taken nothing) when the request is invalid or its pages do not fit now.
+        `generated`: tokens at the end of `tokens` the request generated before it was preempted (its random stream
+        goes on from there).
 
         What the prefix index holds of it is looked up when it is about to run (`_attach`), not here: a prompt that
         waits for an earlier prompt of its batch then finds that one's pages."""
@@ -1001,7 +1089,7 @@ class Engine:
                 "when running requests finish"
             )
         self.pool.reserve(total)
-        return Prefix(ids, params, seed, [], total, 0, 0)
+        return Prefix(ids, params, seed, [], total, 0, 0, generated=generated)
 
     def _peek(self, p: Prefix) -> Match:
         """What the prefix index holds of a prompt (the last token is always computed: its logits pick the first)."""
@@ -1019,6 +1107,20 @@ class Engine:
             p.reserved -= 1
         p.pages = list(match.pages)
         copy, cached = match.copy_from, match.tokens
+        if self.host is not None and self.config.prefix_caching:
+            size = self.config.page_size
+            keys = self.host.chain(match.key, p.tokens.tolist(), size, len(match.pages), p.length - 1)
+            if keys:  # whole pages from host memory beat a partly matching page on the device
+                k, v = self.host.read(keys)
+                pages = [self.pool.allocate(reserved=True) for _ in keys]
+                p.reserved -= len(keys)
+                p.pages += pages
+                self._restores.append((pages, k, v))
+                copy, cached = None, len(p.pages) * size
+                p.host_cached = len(keys) * size
+                self.host.stats.hit_tokens += p.host_cached
+                self.prefix_stats.host_hit_tokens += p.host_cached
+                self._index(p.tokens[:cached], p.pages)  # later prompts of this call find them on the device
         if copy is not None and self.pool.refs[copy] == 0 and sharers.get(copy, 0) <= 1:
             self.pool.adopt(copy)  # an evictable page becomes this prompt's: one page less to allocate
             self.pool.unreserve(1)
@@ -1050,6 +1152,36 @@ class Engine:
         for page in prefix.pages:
             self.pool.release(page)
         self.pool.unreserve(prefix.reserved)
+
+    def _sync_host_tier(self) -> None:
+        """Before any step that writes the pools: copies out the full pages eviction freed since the last step
+        (their contents are intact until then; the gather is ordered before the step that reuses them) and copies
+        in the host-tier hits taken since. The copies to host memory finish on the tier's thread."""
+        if self.host is None:
+            return
+        w = HOST_COPY_PAGES
+        spilled = []
+        for key, page in self.pool.take_spilled():
+            if key in self.host:
+                self.host.touch(key)  # restored earlier and still there: nothing to copy
+            else:
+                spilled.append((key, page))
+        for i in range(0, len(spilled), w):
+            part = spilled[i : i + w]
+            pages = np.full((w,), SINK_PAGE, np.int32)
+            pages[: len(part)] = [page for _, page in part]
+            k, v = self._compile("spill", w)(self._state, pages)
+            self.host.add([key for key, _ in part], k, v)
+        for pages, k, v in self._restores:
+            for i in range(0, len(pages), w):
+                n = len(pages[i : i + w])
+                dest = np.full((w,), SINK_PAGE, np.int32)
+                dest[:n] = pages[i : i + w]
+                kw = np.zeros((k.shape[0], w, *k.shape[2:]), k.dtype)
+                vw = np.zeros((v.shape[0], w, *v.shape[2:]), v.dtype)
+                kw[:, :n], vw[:, :n] = k[:, i : i + n], v[:, i : i + n]
+                self._state = self._compile("restore", w)(self._state, dest, kw, vw)
+        self._restores = []
 
     def _index(self, tokens: np.ndarray, pages: Sequence[int]) -> None:
         n = -(-len(tokens) // self.config.page_size)
@@ -1182,7 +1314,7 @@ class Engine:
         segments = np.full((1, bucket), -1, np.int32)
         dest_page = np.full((bucket,), SINK_PAGE, np.int32)
         dest_offset = np.zeros((bucket,), np.int32)
-        last, remaining, copy_src, copy_dst = (np.zeros((r,), np.int32) for _ in range(4))
+        last, remaining, generated, copy_src, copy_dst = (np.zeros((r,), np.int32) for _ in range(5))
         want = np.zeros((r,), bool)
         rows = [SlotSampling.from_params(SamplingParams(), 0, eos)] * r
         ctx: dict[tuple[int, int], int] = {}  # (page, valid positions) -> row bit mask
@@ -1198,7 +1330,7 @@ class Engine:
             segments[0, at : at + n] = row
             dest_page[at : at + n] = np.asarray(p.pages, np.int32)[pos // p_size]
             dest_offset[at : at + n] = pos % p_size
-            last[row], remaining[row] = at + n - 1, p.params.max_tokens - 1
+            last[row], remaining[row], generated[row] = at + n - 1, p.params.max_tokens - 1, p.generated
             want[row] = p.params.logprobs is not None
             rows[row] = SlotSampling.from_params(p.params, p.seed, eos)
             src = p.copy_from
@@ -1216,9 +1348,10 @@ class Engine:
         paging = PrefillPaging(dest_page, dest_offset, ctx_pages, ctx_rows, ctx_valid, np.int32(-(-len(ctx) // cb)),
                                block_pages=cb)  # fmt: skip
         sampling = jax.tree.map(lambda *a: np.concatenate(a), *rows)
+        self._sync_host_tier()
         self._state, device, lps = self._compile("prefill", bucket)(
             self.params, self._state, tokens_row, positions, segments, paging, copy_src, copy_dst, last, remaining,
-            want, sampling,
+            generated, want, sampling,
         )  # fmt: skip
         for i, n in pack:
             p = prefixes[i]
@@ -1248,7 +1381,10 @@ class Engine:
         self._state = self._compile(*key)(prefix.device, self._state, np.int32(slot), np.int32(prefix.row),
                                           np.int32(prefix.length))  # fmt: skip
         prefix.released = True  # the slot holds the pages now
-        self._slots[slot] = _Slot(prefix.pages, prefix.reserved, [*prefix.tokens.tolist(), prefix.token], prefix.length)
+        most = self.pool.pages_for(prefix.length + prefix.params.max_tokens)
+        self._slots[slot] = _Slot(
+            prefix.pages, prefix.reserved, [*prefix.tokens.tolist(), prefix.token], prefix.length, most
+        )
         self._host_lengths[slot] = prefix.length
         self._host_active[slot] = True
 
@@ -1294,14 +1430,16 @@ class Engine:
         for b, s in enumerate(self._slots):
             if s is None:
                 continue
-            # pages for every position this dispatch may write, within what the request reserved
-            need = min(-(-(s.length + steps) // p), len(s.pages) + s.reserved)
+            # pages for every position this dispatch may write, within what the request can ever need: from its
+            # reservation first, then (admission 'grow') from the pool, which the scheduler made sure can give them
+            need = min(-(-(s.length + steps) // p), s.max_pages)
             while len(s.pages) < need:
-                s.pages.append(self.pool.allocate(reserved=True))
-                s.reserved -= 1
+                s.pages.append(self.pool.allocate(reserved=s.reserved > 0))
+                s.reserved -= s.reserved > 0
             if self._host_active[b]:
                 row = s.pages[:window]
                 table[b, : len(row)] = row
+        self._sync_host_tier()
         self._state, out = self._compile("generate", window)(self.params, self._state, table, np.int32(steps))
         tokens, valid, active, logprob, top_ids, top_vals = jax.device_get(out)
         for b, s in enumerate(self._slots):
@@ -1349,8 +1487,11 @@ class Engine:
         return bool(self._host_active[slot])
 
     def clear_prefix_cache(self) -> None:
-        """Forgets every cached prefix (the next prompts are computed in full)."""
+        """Forgets every cached prefix, in both tiers (the next prompts are computed in full)."""
         self.pool.clear_index()
+        self.pool.take_spilled()
+        if self.host is not None:
+            self.host.clear()
 
     @property
     def compiled_shapes(self) -> list[tuple[str, int]]:

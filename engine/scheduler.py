@@ -63,7 +63,9 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    """Prompt tokens whose K/V came from cached pages (device memory) instead of being computed."""
+    """Prompt tokens whose K/V came from cached pages (either tier) instead of being computed."""
+    host_cached_tokens: int = 0
+    """Of cached_tokens, those restored from the host-memory tier."""
     queue_time: float | None = None
     """Seconds from arrival to the start of prefill."""
     ttft: float | None = None
@@ -91,6 +93,7 @@ class Request:
     seed: int = 0
     slot: int | None = None
     cached_tokens: int = 0
+    host_cached_tokens: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
     detok: IncrementalDetokenizer | None = None
     stops: StopStringMatcher | None = None
@@ -99,6 +102,8 @@ class Request:
     device_seconds: float = 0.0
     cancelled: bool = False
     finished: bool = False
+    preempted: bool = False  # released to free memory; waits to resume (prompt + generated so far)
+    preemptions: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +115,7 @@ class Admission:
     params: SamplingParams
     seed: int
     slot: int
+    generated: int = 0  # a resumed request: its last `generated` prompt tokens are its own earlier output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +169,8 @@ class Executor:
             engine.release(slot)
         for adm in plan.admit:
             try:
-                self.reading.append((adm, engine.open_prompt(adm.prompt_tokens, adm.params, adm.seed)))
+                prefix = engine.open_prompt(adm.prompt_tokens, adm.params, adm.seed, adm.generated)
+                self.reading.append((adm, prefix))
             except ValueError as exc:  # CapacityError included
                 result.refused[adm.request_id] = str(exc)
         if self.reading:
@@ -236,6 +243,18 @@ class SchedulerStats:
     """Cached pages reclaimed for new sequences (cumulative)."""
     prefilling: int = 0
     """Admitted prompts still being read in chunks."""
+    preemptions: int = 0
+    """Running requests preempted to free KV memory (cumulative; admission 'grow')."""
+    prefix_cache_host_hit_tokens: int = 0
+    """Of prefix_cache_hit_tokens, those restored from the host tier (cumulative)."""
+    kv_host_pages: int = 0
+    """Pages the host tier holds."""
+    kv_host_bytes: int = 0
+    kv_host_capacity_bytes: int = 0
+    kv_host_spilled_pages: int = 0
+    """Pages copied from the device to the host tier (cumulative)."""
+    kv_host_restored_pages: int = 0
+    """Pages copied back to the device on a hit (cumulative)."""
 
 
 class Scheduler:
@@ -287,6 +306,7 @@ class Scheduler:
         self._pending_release: set[int] = set()
         self._rng = random.Random()
         self._steps = 0
+        self._preemptions = 0
         self._last_dispatch = (0.0, 0, 0)
 
     # ----- called from any thread -------------------------------------------------------------------------------
@@ -352,6 +372,21 @@ class Scheduler:
             kv_pages_reserved=pool.reserved,
             kv_evictions=pool.stats.evictions,
             prefilling=len(self.executor.reading),
+            preemptions=self._preemptions,
+            **self._host_stats(),
+        )
+
+    def _host_stats(self) -> dict[str, int]:
+        host = self.engine.host
+        if host is None:
+            return {}
+        return dict(
+            prefix_cache_host_hit_tokens=self.engine.prefix_stats.host_hit_tokens,
+            kv_host_pages=host.pages,
+            kv_host_bytes=host.bytes,
+            kv_host_capacity_bytes=host.capacity_pages * host.page_bytes,
+            kv_host_spilled_pages=host.stats.spilled_pages,
+            kv_host_restored_pages=host.stats.restored_pages,
         )
 
     # ----- the loop (one thread) --------------------------------------------------------------------------------
@@ -363,23 +398,32 @@ class Scheduler:
         for slot, req in enumerate(self._slots):
             if req is not None and req.cancelled and slot not in release:
                 release.append(slot)
+        preempted = self._preempt(release)
         free = [s for s, r in enumerate(self._slots) if r is None or s in release]
         admit: list[Admission] = []
+        # what the next dispatch's growth needs first (admission 'grow'), then a page of headroom per running slot
+        # so that an admission does not preempt a running request at the very next step
         pages = self.engine.pool.available() + self._released_pages(release)
+        if self.engine.config.admission == "grow":
+            running = sum(r is not None and s not in release for s, r in enumerate(self._slots))
+            pages = -self.engine.pages_short(releasing=release) - running
         with self._lock:
             cancelled_waiting = [r for _, _, r in self._waiting if r.cancelled]
             if cancelled_waiting:
                 self._waiting = [e for e in self._waiting if not e[2].cancelled]
                 heapq.heapify(self._waiting)
-            while self._waiting and free and len(admit) < self.prefills_per_step:
+            while self._waiting and free and len(admit) < self.prefills_per_step and not preempted:
                 req = self._waiting[0][2]
-                need = self.engine.pages_needed(len(req.prompt_tokens), req.params.max_tokens)
+                prompt = [*req.prompt_tokens, *req.generated]
+                max_tokens = req.params.max_tokens - len(req.generated)
+                need = self.engine.pages_needed(len(prompt), max_tokens)
                 if need > pages:
                     break  # the head waits for memory; nothing overtakes it
                 heapq.heappop(self._waiting)
                 pages -= need
                 req.slot = free.pop(0)
-                admit.append(Admission(req.request_id, tuple(req.prompt_tokens), req.params, req.seed, req.slot))
+                params = dataclasses.replace(req.params, max_tokens=max_tokens) if req.generated else req.params
+                admit.append(Admission(req.request_id, tuple(prompt), params, req.seed, req.slot, len(req.generated)))
         for req in cancelled_waiting:
             self._finish(req, FINISH_CANCELLED)
         decoding = any(
@@ -399,6 +443,31 @@ class Scheduler:
             prefill_budget=budget,
         )
 
+    def _preempt(self, release: list[int]) -> bool:
+        """Admission 'grow': while the next dispatch's pages do not fit, releases the running request that yields
+        first - the lowest priority (highest value), then the youngest - into `release` and marks it to resume
+        (its pages stay cached; a resumed request recomputes only what was evicted from both tiers). One request
+        alone always fits (start-up checks the pool holds a full-context request). Returns whether it preempted."""
+        if self.engine.config.admission != "grow":
+            return False
+        preempted = False
+        while self.engine.pages_short(releasing=release) > 0:
+            running = [
+                (r.priority, r.arrival, s)
+                for s, r in enumerate(self._slots)
+                if r is not None and s not in release and not r.finished and self.engine.slot_active(s)
+            ]
+            if len(running) <= 1:
+                break
+            _, _, slot = max(running)
+            req = self._slots[slot]
+            req.preempted, preempted = True, True
+            req.preemptions += 1
+            self._preemptions += 1
+            release.append(slot)
+            log.info("preempted %s (priority %d) to free KV pages", req.request_id, req.priority)
+        return preempted
+
     def _released_pages(self, slots: Sequence[int]) -> int:
         """Pages the releases of this plan give back to what admission may reserve."""
         return sum(self.engine.pages_released_by(s) for s in slots)
@@ -416,12 +485,17 @@ class Scheduler:
         for slot in plan.release:
             req = self._slots[slot]
             self._slots[slot] = None
-            if req is not None and not req.finished:
+            if req is not None and req.preempted and not req.finished and not req.cancelled:
+                req.preempted, req.slot = False, None
+                with self._lock:  # back to the queue, ahead of every request of its priority
+                    heapq.heappush(self._waiting, (req.priority, -next(self._counter), req))
+            elif req is not None and not req.finished:
                 self._finish(req, FINISH_CANCELLED)
         for adm in plan.admit:
             with self._lock:
                 req = self._by_id[adm.request_id]
-            req.admitted_at = time.monotonic()
+            if req.admitted_at is None:  # (a resumed request keeps its first)
+                req.admitted_at = time.monotonic()
             self._slots[adm.slot] = req
         result = self.executor.prefill(plan)
         for req in self._slots:
@@ -456,9 +530,13 @@ class Scheduler:
             if req is None or req.request_id not in result.first:
                 continue
             prefix = result.first[req.request_id]
-            req.cached_tokens = prefix.cached
-            req.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=req.prompt_tokens, skip_special_tokens=True)
-            req.stops = StopStringMatcher(req.params.stop) if req.params.stop else None
+            if req.detok is None:  # (a resumed request keeps its text state and its first reading's cache hits)
+                req.cached_tokens = prefix.cached
+                req.host_cached_tokens = prefix.host_cached
+                req.detok = IncrementalDetokenizer(
+                    self.tokenizer, prompt_ids=req.prompt_tokens, skip_special_tokens=True
+                )
+                req.stops = StopStringMatcher(req.params.stop) if req.params.stop else None
             first = [prefix.logprobs] if prefix.logprobs else None
             self._emit(req, [prefix.token], first, device_done=prefix.finished)
 
@@ -567,6 +645,7 @@ class Scheduler:
                 prompt_tokens=len(req.prompt_tokens),
                 completion_tokens=len(req.generated),
                 cached_tokens=req.cached_tokens,
+                host_cached_tokens=req.host_cached_tokens,
                 queue_time=None if req.admitted_at is None else req.admitted_at - arrival,
                 ttft=None if req.first_token_at is None else req.first_token_at - arrival,
                 device_seconds=req.device_seconds,

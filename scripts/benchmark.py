@@ -51,6 +51,8 @@ _PREFIX_CACHING = flags.DEFINE_bool(
     "prefix_caching", True, "Reuse cached KV pages of matching prompt openings; every timed run starts with none."
 )
 _KV_PAGES = flags.DEFINE_integer("kv_pages", None, "KV pool pages (default: num_slots * max_seq_len / page_size).")
+_ADMISSION = flags.DEFINE_enum("admission", "reserve", ["reserve", "grow"], "KV admission policy (see serve.py).")
+_HOST_KV_BYTES = flags.DEFINE_integer("host_kv_bytes", 0, "Host RAM for the KV host tier, bytes (0: none).")
 _ATTENTION = flags.DEFINE_enum(
     "attention", "auto", ["auto", "kernel", "pallas", "xla"], "Decode attention implementation."
 )
@@ -127,6 +129,8 @@ def options() -> Options:
         prefill_segments=_PREFILL_SEGMENTS.value,
         prefix_caching=_PREFIX_CACHING.value,
         kv_pages=_KV_PAGES.value,
+        admission=_ADMISSION.value,
+        host_kv_bytes=_HOST_KV_BYTES.value,
         attention=_ATTENTION.value,
         linear=_LINEAR.value,
         workload=_WORKLOAD.value,

@@ -39,6 +39,20 @@ _PREFIX_CACHING = flags.DEFINE_bool(
     "Keep finished requests' KV pages indexed by their tokens, so a prompt starting the same way (the next turn of "
     "a chat, a shared system prompt) computes only the rest.",
 )
+_ADMISSION = flags.DEFINE_enum(
+    "admission",
+    "reserve",
+    ["reserve", "grow"],
+    "KV memory taken at admission: 'reserve' every page a request can ever need (prompt + max_tokens; it never "
+    "waits for memory), 'grow' its prompt and one dispatch (more requests fit; when the pool runs dry the lowest-"
+    "priority, youngest request is preempted and later resumed from the prefix cache).",
+)
+_HOST_KV_BYTES = flags.DEFINE_integer(
+    "host_kv_bytes",
+    0,
+    "Host RAM (bytes) for the second tier of the prefix cache: KV pages evicted from the device are copied there "
+    "and copied back on a hit instead of being recomputed; 0: none.",
+)
 _DECODE_STEPS = flags.DEFINE_integer(
     "decode_steps", 8, "Decode steps per dispatch: more amortizes host overhead, fewer frees finished slots sooner."
 )
@@ -135,6 +149,8 @@ def engine_config(**overrides) -> EngineConfig:
         kv_pages=_KV_PAGES.value,
         kv_memory_fraction=_KV_MEMORY_FRACTION.value,
         prefix_caching=_PREFIX_CACHING.value,
+        host_kv_bytes=_HOST_KV_BYTES.value,
+        admission=_ADMISSION.value,
         dtype=default_dtype() if _DTYPE.value == "auto" else _DTYPE.value,
         attention=_ATTENTION.value,
         linear=_LINEAR.value,

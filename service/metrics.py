@@ -140,7 +140,22 @@ class ServerMetrics:
         )
         self.prefix_hits = Counter(
             "meshserve_prefix_cache_hit_tokens",
-            "Prompt tokens whose K/V came from cached KV pages instead of being computed (hit rate: hit / queried).",
+            "Prompt tokens whose K/V came from cached KV pages instead of being computed, by tier: device (the pool) "
+            "or host (copied back from host memory); hit rate: their sum / queried.",
+            ["tier"],
+            registry=r,
+        )
+        self.kv_host_bytes = Gauge(
+            "meshserve_kv_host_bytes",
+            "Bytes of KV pages the host-memory tier holds, and its capacity.",
+            ["of"],
+            registry=r,
+        )
+        self.kv_host_pages = Counter(
+            "meshserve_kv_host_pages",
+            "KV pages moved between the device pool and the host tier: spilled (copied out on eviction), restored "
+            "(copied back on a hit).",
+            ["direction"],
             registry=r,
         )
         self.kv_pages = Gauge(
@@ -153,6 +168,11 @@ class ServerMetrics:
         self.kv_evictions = Counter(
             "meshserve_kv_evictions",
             "Cached KV pages reclaimed for new sequences (least recently used first).",
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "meshserve_preemptions",
+            "Running requests preempted to free KV pages (admission 'grow'); each resumes from the prefix cache.",
             registry=r,
         )
         self.prefilling = Gauge(
@@ -171,7 +191,7 @@ class ServerMetrics:
             "meshserve_engine_loop_errors", "Exceptions that escaped a scheduler step.", registry=r
         )
         self._last_step = -1
-        self._prefix_seen: tuple[int, int] | None = None
+        self._prefix_seen: tuple[int, ...] | None = None
         self._evictions_seen: int | None = None
         self._http: Any = None
         self._lock = threading.Lock()
@@ -243,11 +263,26 @@ class ServerMetrics:
         self.kv_used.set(stats.kv_tokens_used)
         self.kv_capacity.set(stats.kv_tokens_capacity)
         # counters follow the engine's cumulative totals from the first observation on (the server's start)
-        seen = (stats.prefix_cache_queried_tokens, stats.prefix_cache_hit_tokens)
+        host = stats.prefix_cache_host_hit_tokens
+        seen = (
+            stats.prefix_cache_queried_tokens,
+            stats.prefix_cache_hit_tokens - host,
+            host,
+            stats.kv_host_spilled_pages,
+            stats.kv_host_restored_pages,
+            stats.preemptions,
+        )
         if self._prefix_seen is not None:
-            self.prefix_queried.inc(max(seen[0] - self._prefix_seen[0], 0))
-            self.prefix_hits.inc(max(seen[1] - self._prefix_seen[1], 0))
+            up = [max(now - before, 0) for now, before in zip(seen, self._prefix_seen, strict=True)]
+            self.prefix_queried.inc(up[0])
+            self.prefix_hits.labels("device").inc(up[1])
+            self.prefix_hits.labels("host").inc(up[2])
+            self.kv_host_pages.labels("spilled").inc(up[3])
+            self.kv_host_pages.labels("restored").inc(up[4])
+            self.preemptions.inc(up[5])
         self._prefix_seen = seen
+        self.kv_host_bytes.labels("used").set(stats.kv_host_bytes)
+        self.kv_host_bytes.labels("capacity").set(stats.kv_host_capacity_bytes)
         for state in ("used", "cached", "free", "reserved"):
             self.kv_pages.labels(state).set(getattr(stats, f"kv_pages_{state}"))
         if self._evictions_seen is not None:

@@ -417,6 +417,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
                     completion_tokens=out.completion_tokens,
                     cached_tokens=out.cached_tokens,
                     device_seconds=out.device_seconds,
+                    host_cached_tokens=out.host_cached_tokens,
                 )
             )
             msg.timings.CopyFrom(
@@ -506,6 +507,8 @@ class MeshServeService(pb_grpc.MeshServeServicer):
             kv_pages_reserved=s.kv_pages_reserved,
             kv_page_size=self.engine.config.page_size,
             prefilling_requests=s.prefilling,
+            kv_host_pages=s.kv_host_pages,
+            kv_host_pages_capacity=s.kv_host_capacity_bytes // self.engine.budget.kv_bytes_per_page,
         )
 
     # ----- drain ------------------------------------------------------------------------------------------------

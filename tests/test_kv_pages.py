@@ -470,10 +470,12 @@ CHURN_CONFIG = EngineConfig(
 
 @pytest.fixture(scope="module")
 def churn_engines() -> tuple[Engine, Engine]:
-    """The engine under test (warmed) and a reference with the prefix cache off, the same shapes otherwise."""
+    """The engine under test (warmed, with a host tier) and a reference with the prefix cache off, the same shapes
+    otherwise."""
     cfg = tiny_config()
     params = init_params(cfg, jnp.float32)
-    engine = Engine(cfg, params, CHURN_CONFIG)
+    host_bytes = 24 * cfg.kv_bytes_per_token(4) * CHURN_CONFIG.page_size  # evicted pages go to a 24-page host tier
+    engine = Engine(cfg, params, dataclasses.replace(CHURN_CONFIG, host_kv_bytes=host_bytes))
     engine.warmup()
     reference = Engine(cfg, params, dataclasses.replace(CHURN_CONFIG, prefix_caching=False))
     return engine, reference
@@ -545,6 +547,8 @@ def test_engine_churn_matches_requests_run_alone(churn_engines):
     assert engine.pool.used == 0 and engine.pool.reserved == 0
     engine.pool.check()
     assert engine.pool.stats.evictions > 0
+    host = engine.host.stats
+    assert host.spilled_pages > 0 and host.restored_pages > 0 and host.dropped_pages > 0, host
     finished = {rid: outs[-1] for rid, outs in outputs.items()}
     assert set(finished) == set(requests) and all(o.finished for o in finished.values())
     assert sum(o.cached_tokens > 0 for o in finished.values()) > 20
@@ -601,3 +605,52 @@ def test_an_admitted_request_is_never_refused_for_pages(churn_engines):
     }, {rid: outs[-1].error for rid, outs in outputs.items()}  # fmt: skip
     assert engine.pool.used == 0 and engine.pool.reserved == 0
     engine.pool.check()
+
+
+# ----- admission 'grow': preemption when the pool runs dry mid-decode ---------------------------------------------
+
+
+def test_preemption_keeps_every_request_alive_and_exact(churn_engines):
+    """Admission 'grow' takes a request's prompt and one dispatch of pages; twelve requests growing to ~90 tokens
+    each outgrow the 13 usable pages, so running requests are preempted (lowest priority, youngest first) and
+    resumed from what is cached, in either tier. Every request still finishes with exactly the tokens it gets alone
+    (greedy and seeded sampling), and every page is accounted for."""
+    _, reference = churn_engines
+    cfg = tiny_config()
+    host_bytes = 24 * cfg.kv_bytes_per_token(4) * CHURN_CONFIG.page_size
+    config = dataclasses.replace(CHURN_CONFIG, admission="grow", host_kv_bytes=host_bytes)
+    engine = Engine(cfg, init_params(cfg, jnp.float32), config)
+    tok = make_tiny_tokenizer()
+    scheduler = Scheduler(engine, tok, prefill_token_budget=16)
+    rng = np.random.default_rng(5)
+    requests = {}
+    for i in range(12):
+        prompt = [int(t) for t in rng.integers(2, 256, int(rng.integers(5, 30)))]
+        if i % 3 == 1:
+            params = SamplingParams(temperature=0.9, seed=100 + i, max_tokens=90 - len(prompt))
+        else:
+            params = SamplingParams(max_tokens=90 - len(prompt), ignore_eos=True)
+        requests[f"r{i}"] = (prompt, params, i % 4)  # priorities 0..3 (lower runs first)
+    outputs: dict[str, list[RequestOutput]] = {}
+    for rid, (prompt, params, priority) in requests.items():
+        sink = lambda o: outputs.setdefault(o.request_id, []).append(o)  # noqa: E731
+        scheduler.submit(Request(rid, prompt, params, sink, priority=priority))
+    steps = 0
+    while scheduler.has_work():
+        scheduler.step()
+        engine.pool.check()
+        steps += 1
+        assert steps < 3000
+    assert scheduler.stats().preemptions > 0
+    assert engine.pool.used == 0 and engine.pool.reserved == 0
+    ref_scheduler = Scheduler(reference, tok)
+    for rid, (prompt, params, _) in requests.items():
+        got = outputs[rid]
+        assert got[-1].finished and got[-1].error is None, (rid, got[-1])
+        reference.reset()
+        alone: list[RequestOutput] = []
+        ref_scheduler.submit(Request("alone", prompt, params, alone.append))
+        ref_scheduler.run_until_idle(max_steps=300)
+        assert [t for o in got for t in o.token_ids] == [t for o in alone for t in o.token_ids], rid
+        assert got[-1].completion_tokens == alone[-1].completion_tokens
+        assert got[-1].prompt_tokens == len(prompt)

@@ -416,7 +416,8 @@ def test_prefix_cache_counters(tiny):
             what="prefix cache counters",
         )
         after = _scrape(r.server.metrics_port)
-    assert after["meshserve_prefix_cache_hit_tokens_total"] == 20
+    assert after['meshserve_prefix_cache_hit_tokens_total{tier="device"}'] == 20
+    assert after['meshserve_prefix_cache_hit_tokens_total{tier="host"}'] == 0
     engine.clear_prefix_cache()
     with running_server(engine, tok) as r:  # the same request computed in full gives the same tokens
         cold = collect(

@@ -63,6 +63,8 @@ class Match:
     copy_from: int | None
     copy_tokens: int
     page_size: int
+    key: bytes = dataclasses.field(default=ROOT, compare=False)
+    """The chain key of the last full page matched (ROOT when none): where a lookup in another tier continues."""
 
     @property
     def tokens(self) -> int:
@@ -93,6 +95,9 @@ class PagePool:
         self._node_of_page: dict[int, _Node] = {}
         self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # evictable pages, oldest first
         self.stats = PoolStats()
+        self.spilled: list[tuple[bytes, int]] | None = None
+        """With a host tier: (key, page) of full pages that eviction freed, whose contents must be copied out
+        before the next device step overwrites them (the engine takes them with `take_spilled`); None: not kept."""
 
     # ----- counts --------------------------------------------------------------------------------------------
 
@@ -162,7 +167,7 @@ class PagePool:
             raise ValueError(f"page {page} is not a cached page that nobody holds")
         self.refs[page] = 1
         del self._lru[page]
-        self._forget(self._node_of_page[page])
+        self._forget(self._node_of_page[page], spill=True)
 
     def release(self, page: int) -> None:
         if page == SINK or self.refs[page] <= 0:
@@ -178,13 +183,24 @@ class PagePool:
         if not self._lru:
             raise OutOfPages("no free page and none evictable")
         page, _ = self._lru.popitem(last=False)
-        self._forget(self._node_of_page[page])
+        self._forget(self._node_of_page[page], spill=True)
         self.stats.evictions += 1
 
-    def _forget(self, node: _Node) -> None:
-        """Drops a node and its descendants from the index; their pages go free unless a sequence holds them."""
+    def take_spilled(self) -> list[tuple[bytes, int]]:
+        """(key, page) of the full pages evicted since the last call (see `spilled`)."""
+        if self.spilled is None:
+            return []
+        out, self.spilled = self.spilled, []
+        return out
+
+    def _forget(self, node: _Node, spill: bool = False) -> None:
+        """Drops a node and its descendants from the index; their pages go free unless a sequence holds them (with
+        `spill`, full ones are listed in `spilled` first)."""
+        frees = self._node_of_page.get(node.page) is node and self.refs[node.page] == 0
+        if spill and self.spilled is not None and node.full and frees:
+            self.spilled.append((node.key, node.page))
         for child in list(node.children.values()):
-            self._forget(child)
+            self._forget(child, spill)
         parent = self._root if node.parent == ROOT else self._nodes.get(node.parent)
         if parent is not None:
             parent.children.pop(node.key, None)
@@ -227,7 +243,7 @@ class PagePool:
             self._touch(page)
         if best is not None:
             self._touch(best.page)
-        return Match(tuple(pages), None if best is None else best.page, best_len, p)
+        return Match(tuple(pages), None if best is None else best.page, best_len, p, node.key)
 
     def _touch(self, page: int) -> None:
         if page in self._lru:

@@ -1,0 +1,151 @@
+"""The host-memory tier of the KV cache: full pages evicted from the device pool, kept in host RAM by their content
+key, and copied back on a hit instead of being recomputed (as SGLang's HiCache and JetStream's DRAM prefix cache).
+
+The engine owns the copies (engine.Engine: `_spill` gathers evicted pages on device before anything overwrites
+them, `_restore` scatters hits back); this module is the bookkeeping and the off-thread half:
+- an entry is keyed by the page's block-hash-chain key (engine.kv.pages.page_key), so a prompt's chain continues
+  from the device index into this tier page by page;
+- a spilled batch arrives as device arrays (one gather per batch of pages, dispatched in order before the step that
+  reuses the pages); a background thread copies it to host memory, so the engine thread never waits on that copy;
+- the tier is bounded (`capacity_bytes`): least recently used entries go first.
+
+Entries are plain copies: restoring a page keeps its host entry, so a page evicted again costs no second copy.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine.kv.pages import page_key
+
+
+@dataclasses.dataclass
+class HostStats:
+    """Counters since start-up."""
+
+    spilled_pages: int = 0
+    """Pages copied from the device to host memory."""
+    restored_pages: int = 0
+    """Pages copied back to the device on a prefix hit."""
+    hit_tokens: int = 0
+    """Prompt tokens served from this tier."""
+    dropped_pages: int = 0
+    """Pages dropped from host memory to make room."""
+
+
+class _Batch:
+    """One spill: device arrays k [L, W, ...], v [L, W, ...] until the copier thread replaces them with host
+    copies."""
+
+    def __init__(self, k, v) -> None:
+        self.k, self.v = k, v
+        self.done = threading.Event()
+
+    def host(self) -> tuple[np.ndarray, np.ndarray]:
+        self.done.wait()
+        return self.k, self.v
+
+
+@dataclasses.dataclass
+class _Entry:
+    batch: _Batch
+    index: int  # the page's position in its batch
+
+
+class HostTier:
+    """Pages of KV in host RAM, keyed by content; thread-safe (the engine thread and one copier thread)."""
+
+    def __init__(self, capacity_bytes: int, page_bytes: int) -> None:
+        if capacity_bytes < page_bytes:
+            raise ValueError(f"host_kv_bytes={capacity_bytes} holds no page of {page_bytes} bytes")
+        self.page_bytes = page_bytes
+        self.capacity_pages = capacity_bytes // page_bytes
+        self.stats = HostStats()
+        self._entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Batch | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._copier, name="meshserve-kv-host", daemon=True)
+        self._thread.start()
+
+    @property
+    def pages(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return len(self._entries) * self.page_bytes
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def touch(self, key: bytes) -> None:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+
+    def add(self, keys: Sequence[bytes], k, v) -> None:
+        """Takes a spilled batch: page i of the device arrays k [L, W, ...] / v holds `keys[i]` (W >= len(keys));
+        the copy to host memory happens on the copier thread."""
+        batch = _Batch(k, v)
+        with self._lock:
+            for i, key in enumerate(keys):
+                self._entries[key] = _Entry(batch, i)
+                self._entries.move_to_end(key)
+            self.stats.spilled_pages += len(keys)
+            while len(self._entries) > self.capacity_pages:
+                self._entries.popitem(last=False)
+                self.stats.dropped_pages += 1
+        self._queue.put(batch)
+
+    def chain(self, parent: bytes, tokens: Sequence[int], page_size: int, start_page: int, limit: int) -> list[bytes]:
+        """Keys of the full pages this tier holds continuing a chain: page `start_page` of `tokens[:limit]` onwards,
+        its parent's key `parent` (ROOT for the first page)."""
+        keys = []
+        key = parent
+        with self._lock:
+            at = start_page
+            while (at + 1) * page_size <= limit:
+                key = page_key(key, tokens[at * page_size : (at + 1) * page_size])
+                if key not in self._entries:
+                    break
+                self._entries.move_to_end(key)
+                keys.append(key)
+                at += 1
+        return keys
+
+    def read(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """The pages' data stacked along a new page axis 1: k [L, n, ...], v [L, n, ...] (waits for a copy still in
+        flight)."""
+        with self._lock:
+            entries = [self._entries[key] for key in keys]
+        ks, vs = [], []
+        for e in entries:
+            k, v = e.batch.host()
+            ks.append(k[:, e.index])
+            vs.append(v[:, e.index])
+        self.stats.restored_pages += len(keys)
+        return np.stack(ks, axis=1), np.stack(vs, axis=1)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def flush(self) -> None:
+        """Waits until every spilled batch is in host memory (tests, shutdown)."""
+        self._queue.join()
+
+    def _copier(self) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                batch.k, batch.v = np.asarray(batch.k), np.asarray(batch.v)
+            finally:
+                batch.done.set()
+                self._queue.task_done()
