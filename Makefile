@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test serve generate test lint format protos
+.PHONY: setup setup-test postgres serve generate test lint format protos
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,15 @@ $(VENV)/.reference: $(VENV)/.base
 
 setup: $(VENV)/.base
 
-setup-test: $(VENV)/.reference
+# The gateway store's tests start a throwaway PostgreSQL server (tests/postgres_support.py): install it when initdb
+# is neither on PATH nor under Debian's /usr/lib/postgresql/*/bin.
+postgres:
+	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		SUDO=$$([ "$$(id -u)" -ne 0 ] && echo sudo); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; \
+	fi
+
+setup-test: $(VENV)/.reference postgres
 
 serve: setup
 	$(PY) scripts/serve.py $(ARGS)
