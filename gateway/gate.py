@@ -60,7 +60,9 @@ class PreparedRequest:
     prompt: str | None
     sampling: dict[str, Any]  # meshserve SamplingOptions fields: temperature, top_p, top_k, min_p, seed, max_tokens,
     # stop, ignore_eos, logprobs
-    priority: int = 0  # engine priority (higher first)
+    priority: int = (
+        0  # the policy's priority class, higher first (the front doors negate it: the engine runs lower first)
+    )
     n: int = 1
     quarantined: bool = False  # served under the quarantine persona (never told to the caller)
     log_content: bool = False  # the key's policy opts in to storing prompt and completion text
@@ -107,5 +109,5 @@ class Gate(Protocol):
     def finish(self, ticket: Ticket, outcome: Outcome) -> None: ...
 
     def feedback(
-        self, principal: Principal, request_id: str, rating: int, comment: str | None, tags: list[str]
+        self, principal: Principal, request_id: str, rating: int | str | bool, comment: str | None, tags: list[str]
     ) -> None: ...
