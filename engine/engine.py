@@ -1109,15 +1109,16 @@ class Engine:
         copy, cached = match.copy_from, match.tokens
         if self.host is not None and self.config.prefix_caching:
             size = self.config.page_size
-            keys = self.host.chain(match.key, p.tokens.tolist(), size, len(match.pages), p.length - 1)
-            if keys:  # whole pages from host memory beat a partly matching page on the device
+            found = self.host.chain(match.key, p.tokens.tolist(), size, len(match.pages), p.length - 1)
+            if found.tokens(size) > match.copy_tokens:  # more than the device's partly matching page
+                keys = [*found.keys, *([found.partial] if found.partial is not None else [])]
                 k, v = self.host.read(keys)
                 pages = [self.pool.allocate(reserved=True) for _ in keys]
                 p.reserved -= len(keys)
                 p.pages += pages
                 self._restores.append((pages, k, v))
-                copy, cached = None, len(p.pages) * size
-                p.host_cached = len(keys) * size
+                p.host_cached = found.tokens(size)
+                copy, cached = None, len(match.pages) * size + p.host_cached
                 self.host.stats.hit_tokens += p.host_cached
                 self.prefix_stats.host_hit_tokens += p.host_cached
                 self._index(p.tokens[:cached], p.pages)  # later prompts of this call find them on the device
@@ -1161,17 +1162,18 @@ class Engine:
             return
         w = HOST_COPY_PAGES
         spilled = []
-        for key, page in self.pool.take_spilled():
-            if key in self.host:
-                self.host.touch(key)  # restored earlier and still there: nothing to copy
+        for s in self.pool.take_spilled():
+            if s.key in self.host:
+                self.host.touch(s.key)  # restored earlier and still there: nothing to copy
             else:
-                spilled.append((key, page))
+                spilled.append(s)
         for i in range(0, len(spilled), w):
             part = spilled[i : i + w]
             pages = np.full((w,), SINK_PAGE, np.int32)
-            pages[: len(part)] = [page for _, page in part]
+            pages[: len(part)] = [s.page for s in part]
             k, v = self._compile("spill", w)(self._state, pages)
-            self.host.add([key for key, _ in part], k, v)
+            size = self.config.page_size
+            self.host.add([(s.key, s.parent, s.tokens, len(s.tokens) == size) for s in part], k, v)
         for pages, k, v in self._restores:
             for i in range(0, len(pages), w):
                 n = len(pages[i : i + w])
@@ -1229,7 +1231,7 @@ class Engine:
             for row, i in finishing:
                 p = prefixes[i]
                 first = int(token[row])
-                stops = set(p.params.stop_token_ids) | (set() if p.params.ignore_eos else set(eos))
+                stops = p.params.stop_ids(eos)
                 if p.params.logprobs is not None:
                     n_top = p.params.logprobs
                     top = zip(top_ids[row, :n_top], top_vals[row, :n_top], strict=True)

@@ -50,6 +50,11 @@ class SamplingParams:
     logprobs: int | None = None
     """None: no log-probabilities; n >= 0: the sampled token's log-probability and the n most likely ones."""
 
+    def stop_ids(self, eos_token_ids: Sequence[int]) -> tuple[int, ...]:
+        """The token ids that end this request: its stop_token_ids, and the model's EOS ids unless ignore_eos (the
+        one place this set is built: the device's stop check, the first token's, the finish reason's)."""
+        return tuple(dict.fromkeys([*self.stop_token_ids, *(() if self.ignore_eos else eos_token_ids)]))
+
     def validate(self, vocab_size: int) -> None:
         """Raises ValueError naming the field and its limit."""
         if not np.isfinite(self.temperature) or self.temperature < 0:
@@ -105,7 +110,7 @@ class SlotSampling:
     @classmethod
     def from_params(cls, params: SamplingParams, seed: int, eos_token_ids: Sequence[int]) -> SlotSampling:
         """One request's knobs as a batch of one (host numpy arrays, moved by the caller's jit)."""
-        stops = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
+        stops = list(params.stop_ids(eos_token_ids))
         stop_ids = np.full((1, MAX_STOP_TOKEN_IDS), -1, np.int32)
         stops = list(dict.fromkeys(stops))[:MAX_STOP_TOKEN_IDS]
         stop_ids[0, : len(stops)] = stops

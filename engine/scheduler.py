@@ -580,9 +580,7 @@ class Scheduler:
             return
         if device_done:
             last = req.generated[-1]
-            stop_ids = set(req.params.stop_token_ids)
-            if not req.params.ignore_eos:
-                stop_ids |= set(self.engine.model_config.eos_token_ids)
+            stop_ids = req.params.stop_ids(self.engine.model_config.eos_token_ids)
             tail = req.detok.flush()
             if req.stops is not None:
                 held, hit = req.stops.feed(tail)

@@ -343,8 +343,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
             self._reject(context, grpc.StatusCode.UNAVAILABLE, "server is warming up (compiling); retry shortly")
         try:
             prompt = self._prompt(request)
-            params = self._params(request.sampling, len(prompt))
-            self.scheduler.validate(prompt, params)
+            params = self._params(request.sampling, len(prompt))  # (the scheduler validates both on submit)
         except ValueError as e:
             self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         client_id = request.request_id or uuid.uuid4().hex

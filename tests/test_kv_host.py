@@ -12,7 +12,7 @@ from jax._src import monitoring
 
 from engine.config import tiny_config
 from engine.engine import Engine, EngineConfig
-from engine.kv.host import HostTier
+from engine.kv.host import HostMatch, HostTier
 from engine.kv.pages import ROOT, page_key
 from engine.model import init_params
 from engine.sampling import SamplingParams
@@ -64,17 +64,27 @@ def test_host_tier_unit():
     tokens = list(range(8))
     keys = [page_key(ROOT, tokens[:2])]
     keys.append(page_key(keys[0], tokens[2:4]))
-    tier.add(keys, k, v)
-    assert tier.chain(ROOT, tokens, 2, 0, 8) == keys  # the third page is not there
-    assert tier.chain(keys[0], tokens, 2, 1, 8) == keys[1:]
-    assert tier.chain(ROOT, tokens, 2, 0, 3) == keys[:1]  # limit: whole pages only
+    tier.add([(keys[0], ROOT, (0, 1), True), (keys[1], keys[0], (2, 3), True)], k, v)
+    assert tier.chain(ROOT, tokens, 2, 0, 8) == HostMatch(tuple(keys))  # the third page is not there
+    assert tier.chain(keys[0], tokens, 2, 1, 8) == HostMatch(tuple(keys[1:]))
+    # the limit stops inside the second page: its first token continues the match
+    assert tier.chain(ROOT, tokens, 2, 0, 3) == HostMatch(tuple(keys[:1]), keys[1], 1)
     got_k, got_v = tier.read(keys[::-1])
     np.testing.assert_array_equal(got_k, np.asarray(k)[:, [1, 0]])
     np.testing.assert_array_equal(got_v, -np.asarray(k)[:, [1, 0]])
-    # 4 > 3 pages: the least recently used goes (keys[0] was touched last, by the lookup limited to one page)
-    tier.add([page_key(keys[1], tokens[4:6]), page_key(ROOT, [9, 9])], k, v)
-    assert keys[1] not in tier and keys[0] in tier and tier.pages == 3 and tier.stats.dropped_pages == 1
+    # a partly filled page under keys[1] holding [4]: a prompt continuing [4, 5] matches one token of it
+    partial = page_key(keys[1], [4])
+    tier.add([(partial, keys[1], (4,), False)], k, v)
+    assert tier.chain(ROOT, tokens, 2, 0, 8) == HostMatch(tuple(keys), partial, 1)
+    assert tier.chain(ROOT, [0, 1, 2, 3, 9], 2, 0, 5) == HostMatch(tuple(keys))  # diverges at the page's start
+    # 4 > 3 pages: the least recently used goes (the partial page: the last lookup touched only the full ones)
+    tier.add([(page_key(ROOT, [9, 9]), ROOT, (9, 9), True)], k, v)
+    assert tier.pages == 3 and tier.stats.dropped_pages == 1
+    assert keys[0] in tier and keys[1] in tier and partial not in tier
+    assert tier.chain(ROOT, tokens, 2, 0, 8) == HostMatch(tuple(keys))  # and its index entry went with it
     tier.flush()
+    tier.clear()
+    assert tier.pages == 0 and tier.chain(ROOT, tokens, 2, 0, 8) == HostMatch(())
     with pytest.raises(ValueError, match="host_kv_bytes"):
         HostTier(capacity_bytes=10, page_bytes=100)
 
@@ -105,7 +115,8 @@ def test_evicted_to_host_and_restored_equals_cold(engines):
         host.pool.check()
     finally:
         monitoring.unregister_event_duration_listener(listener)
-    assert restored.host_cached_tokens > 0 and restored.cached_tokens == 64
+    # four full pages and the partly filled fifth (the conversation's last six tokens) come back from host memory
+    assert restored.host_cached_tokens == restored.cached_tokens == 70
     assert host.host.stats.restored_pages >= restored.host_cached_tokens // CONFIG.page_size
     assert compiles == [], f"{len(compiles)} compiles after warm-up"
     # the same tokens and logprobs as computing everything

@@ -4,7 +4,9 @@ key, and copied back on a hit instead of being recomputed (as SGLang's HiCache a
 The engine owns the copies (engine.Engine: `_spill` gathers evicted pages on device before anything overwrites
 them, `_restore` scatters hits back); this module is the bookkeeping and the off-thread half:
 - an entry is keyed by the page's block-hash-chain key (engine.kv.pages.page_key), so a prompt's chain continues
-  from the device index into this tier page by page;
+  from the device index into this tier page by page; where it stops, the pages kept under the last key are
+  scanned for the longest common run of tokens (as the device index does), so the page where a new turn diverges
+  from the old one, often the conversation's partly filled last page, comes back too;
 - a spilled batch arrives as device arrays (one gather per batch of pages, dispatched in order before the step that
   reuses the pages); a background thread copies it to host memory, so the engine thread never waits on that copy;
 - the tier is bounded (`capacity_bytes`): least recently used entries go first.
@@ -56,6 +58,24 @@ class _Batch:
 class _Entry:
     batch: _Batch
     index: int  # the page's position in its batch
+    parent: bytes
+    tokens: tuple[int, ...]
+    full: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class HostMatch:
+    """What the tier holds continuing a chain: full pages' keys, then optionally a partly matching page whose first
+    `partial_tokens` positions continue the match."""
+
+    keys: tuple[bytes, ...]
+    partial: bytes | None = None
+    partial_tokens: int = 0
+    """A page under the last key whose first `partial_tokens` positions continue the match (to be copied into a
+    page of the sequence's own)."""
+
+    def tokens(self, page_size: int) -> int:
+        return len(self.keys) * page_size + self.partial_tokens
 
 
 class HostTier:
@@ -68,6 +88,7 @@ class HostTier:
         self.capacity_pages = capacity_bytes // page_bytes
         self.stats = HostStats()
         self._entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
+        self._children: dict[bytes, set[bytes]] = {}  # parent key -> keys of the pages under it
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Batch | None] = queue.Queue()
         self._thread = threading.Thread(target=self._copier, name="meshserve-kv-host", daemon=True)
@@ -90,35 +111,55 @@ class HostTier:
             if key in self._entries:
                 self._entries.move_to_end(key)
 
-    def add(self, keys: Sequence[bytes], k, v) -> None:
-        """Takes a spilled batch: page i of the device arrays k [L, W, ...] / v holds `keys[i]` (W >= len(keys));
-        the copy to host memory happens on the copier thread."""
+    def add(self, pages: Sequence[tuple[bytes, bytes, tuple[int, ...], bool]], k, v) -> None:
+        """Takes a spilled batch: page i of the device arrays k [L, W, ...] / v (W >= len(pages)) is pages[i] =
+        (key, parent key, the tokens it holds, whether they fill it); the copy to host memory happens on the copier
+        thread."""
         batch = _Batch(k, v)
         with self._lock:
-            for i, key in enumerate(keys):
-                self._entries[key] = _Entry(batch, i)
-                self._entries.move_to_end(key)
-            self.stats.spilled_pages += len(keys)
+            for i, (key, parent, tokens, full) in enumerate(pages):
+                self._drop(key)
+                self._entries[key] = _Entry(batch, i, parent, tuple(tokens), full)
+                self._children.setdefault(parent, set()).add(key)
+            self.stats.spilled_pages += len(pages)
             while len(self._entries) > self.capacity_pages:
-                self._entries.popitem(last=False)
+                self._drop(next(iter(self._entries)))
                 self.stats.dropped_pages += 1
         self._queue.put(batch)
 
-    def chain(self, parent: bytes, tokens: Sequence[int], page_size: int, start_page: int, limit: int) -> list[bytes]:
-        """Keys of the full pages this tier holds continuing a chain: page `start_page` of `tokens[:limit]` onwards,
-        its parent's key `parent` (ROOT for the first page)."""
+    def _drop(self, key: bytes) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            siblings = self._children[entry.parent]
+            siblings.discard(key)
+            if not siblings:
+                del self._children[entry.parent]
+
+    def chain(self, parent: bytes, tokens: Sequence[int], page_size: int, start_page: int, limit: int) -> HostMatch:
+        """What this tier holds continuing a chain from page `start_page` of `tokens[:limit]`, whose parent's key is
+        `parent` (ROOT for the first page): whole pages, then the page under the last one sharing the longest run of
+        the tokens that follow."""
         keys = []
         key = parent
         with self._lock:
             at = start_page
             while (at + 1) * page_size <= limit:
-                key = page_key(key, tokens[at * page_size : (at + 1) * page_size])
-                if key not in self._entries:
+                child = page_key(key, tokens[at * page_size : (at + 1) * page_size])
+                entry = self._entries.get(child)
+                if entry is None or not entry.full:
                     break
-                self._entries.move_to_end(key)
-                keys.append(key)
+                self._entries.move_to_end(child)
+                keys.append(key := child)
                 at += 1
-        return keys
+            rest = tokens[at * page_size : limit]
+            best, best_len = None, 0
+            for candidate in self._children.get(key, ()):
+                same = _common(self._entries[candidate].tokens, rest)
+                if same > best_len:
+                    best, best_len = candidate, same
+            if best is not None:
+                self._entries.move_to_end(best)
+        return HostMatch(tuple(keys), best, best_len)
 
     def read(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
         """The pages' data stacked along a new page axis 1: k [L, n, ...], v [L, n, ...] (waits for a copy still in
@@ -136,6 +177,7 @@ class HostTier:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._children.clear()
 
     def flush(self) -> None:
         """Waits until every spilled batch is in host memory (tests, shutdown)."""
@@ -149,3 +191,11 @@ class HostTier:
             finally:
                 batch.done.set()
                 self._queue.task_done()
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import hashlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 SINK = 0
 
@@ -71,6 +72,16 @@ class Match:
         return len(self.pages) * self.page_size + self.copy_tokens
 
 
+class Spilled(NamedTuple):
+    """A page eviction freed: its chain key, its id, its parent's key and the tokens it holds (fewer than a page:
+    a partly filled last page)."""
+
+    key: bytes
+    page: int
+    parent: bytes
+    tokens: tuple[int, ...]
+
+
 @dataclasses.dataclass
 class PoolStats:
     """Counters since start-up."""
@@ -95,9 +106,9 @@ class PagePool:
         self._node_of_page: dict[int, _Node] = {}
         self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # evictable pages, oldest first
         self.stats = PoolStats()
-        self.spilled: list[tuple[bytes, int]] | None = None
-        """With a host tier: (key, page) of full pages that eviction freed, whose contents must be copied out
-        before the next device step overwrites them (the engine takes them with `take_spilled`); None: not kept."""
+        self.spilled: list[Spilled] | None = None
+        """With a host tier: the pages that eviction freed, whose contents must be copied out before the next
+        device step overwrites them (the engine takes them with `take_spilled`); None: not kept."""
 
     # ----- counts --------------------------------------------------------------------------------------------
 
@@ -186,8 +197,8 @@ class PagePool:
         self._forget(self._node_of_page[page], spill=True)
         self.stats.evictions += 1
 
-    def take_spilled(self) -> list[tuple[bytes, int]]:
-        """(key, page) of the full pages evicted since the last call (see `spilled`)."""
+    def take_spilled(self) -> list[Spilled]:
+        """The pages evicted since the last call (see `spilled`)."""
         if self.spilled is None:
             return []
         out, self.spilled = self.spilled, []
@@ -195,10 +206,10 @@ class PagePool:
 
     def _forget(self, node: _Node, spill: bool = False) -> None:
         """Drops a node and its descendants from the index; their pages go free unless a sequence holds them (with
-        `spill`, full ones are listed in `spilled` first)."""
+        `spill`, they are listed in `spilled` first)."""
         frees = self._node_of_page.get(node.page) is node and self.refs[node.page] == 0
-        if spill and self.spilled is not None and node.full and frees:
-            self.spilled.append((node.key, node.page))
+        if spill and self.spilled is not None and frees:
+            self.spilled.append(Spilled(node.key, node.page, node.parent, node.tokens))
         for child in list(node.children.values()):
             self._forget(child, spill)
         parent = self._root if node.parent == ROOT else self._nodes.get(node.parent)
