@@ -1,0 +1,271 @@
+"""The gateway's side of one meshserve replica: an async gRPC client (model info, tokenize, generate, load) behind the
+small `Replica` interface the front doors use, and the map from the replica's gRPC status codes to `GateError`s.
+
+The front doors never see grpc errors: every failure of a replica call surfaces as a `GateError` whose HTTP status
+and OpenAI error type say what the caller should do (fix the request, retry later, retry elsewhere). A router over
+many replicas (a later issue) implements the same `Replica` interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import grpc
+import grpc.aio
+
+from gateway.gate import GateError
+from protos.meshserve.v1 import meshserve_pb2 as pb
+from protos.meshserve.v1 import meshserve_pb2_grpc as pb_grpc
+
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+"""The replica's retry hint on RESOURCE_EXHAUSTED (trailing metadata, milliseconds)."""
+
+UNARY_TIMEOUT = 30.0
+"""Deadline of the replica's unary calls (tokenize, model info, load), seconds."""
+
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a Tokenize reply on a long prompt carries every token's text
+# Retry hint for UNAVAILABLE (warming up, draining, unreachable): the replica gives none.
+_UNAVAILABLE_RETRY_SECONDS = 1.0
+
+
+class Generation(Protocol):
+    """One running Generate stream: async-iterate its messages; `cancel()` ends the call on the replica, which frees
+    the request's slot within one decode dispatch. Iteration raises `GateError` when the replica fails the call."""
+
+    def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]: ...
+
+    async def __anext__(self) -> pb.GenerateResponse: ...
+
+    def cancel(self) -> None: ...
+
+
+class Replica(Protocol):
+    """What the front doors need of a model replica (one meshserve server, or later a router over several)."""
+
+    name: str
+    """Names the replica in the ledger and logs (its address by default)."""
+
+    async def model_info(self) -> pb.ModelInfo:
+        """The served model, context length and request limits (static: may be cached)."""
+        ...
+
+    async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        """Token ids of a text or a chat exactly as Generate would see them."""
+        ...
+
+    def generate(self, request: pb.GenerateRequest) -> Generation:
+        """Starts one Generate stream."""
+        ...
+
+    async def load(self) -> pb.Load:
+        """Slots, queue and KV use right now (`draining` says whether it takes new requests)."""
+        ...
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes] | None:
+        """Each token's bytes (for log-probabilities by token), or None when this replica cannot name tokens."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# ----- gRPC status -> GateError -------------------------------------------------------------------------------------
+
+# The replica's messages start with the field they are about (see service/server.py and engine.sampling); these
+# words name the request field in meshserve's terms ("prompt" is the input, whatever form it came in).
+_FIELD_RE = re.compile(r"^(?:at most \d+ |each )?(?:chat\.)?([a-z_]+)(\[\d+\])?")
+_FIELDS = {
+    "text": "prompt",
+    "token": "prompt",
+    "token_ids": "prompt",
+    "prompt": "prompt",
+    "input": "prompt",
+    "messages": "messages",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "seed": "seed",
+    "max_tokens": "max_tokens",
+    "stop": "stop",
+    "stop_token_ids": "stop_token_ids",
+    "logprobs": "logprobs",
+}
+
+
+def field_of(message: str) -> str | None:
+    """The request field an INVALID_ARGUMENT message from the replica is about, or None."""
+    if "lower max_tokens" in message:
+        return "max_tokens"
+    m = _FIELD_RE.match(message)
+    if m is None:
+        return None
+    field = _FIELDS.get(m.group(1))
+    if field == "messages" and m.group(2):
+        return field + m.group(2)
+    return field
+
+
+def _retry_after(error: grpc.aio.AioRpcError) -> float | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return max(int(value), 0) / 1000
+            except ValueError:
+                return None
+    return None
+
+
+def rpc_error(error: grpc.aio.AioRpcError, replica: str) -> GateError:
+    """The `GateError` a front door answers for a failed replica call.
+
+    INVALID_ARGUMENT -> 400 naming the field; RESOURCE_EXHAUSTED (the replica's queue is full) -> 503 with the
+    replica's retry hint (a 429 is the caller's own limit, which the gate decides); UNAVAILABLE (warming up, draining,
+    unreachable) -> 503; DEADLINE_EXCEEDED -> 504; CANCELLED -> 499; INTERNAL -> 500; anything else -> 502.
+    """
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return GateError(400, details, param=field_of(details))
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        # gRPC's own message-size limit, not the replica's queue
+        return GateError(413, f"the request is too large for the model server ({details})", code="request_too_large")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry = _retry_after(error)
+        return GateError(
+            503,
+            f"the model is overloaded ({details}); retry later",
+            kind="server_error",
+            code="overloaded",
+            retry_after=_UNAVAILABLE_RETRY_SECONDS if retry is None else retry,
+        )
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return GateError(
+            503,
+            f"the model is unavailable ({details}); retry later",
+            kind="server_error",
+            code="unavailable",
+            retry_after=_UNAVAILABLE_RETRY_SECONDS,
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return GateError(504, f"the model did not answer in time ({details})", kind="server_error", code="timeout")
+    if code == grpc.StatusCode.CANCELLED:
+        return GateError(499, f"the request was cancelled ({details})", kind="server_error", code="cancelled")
+    if code == grpc.StatusCode.INTERNAL:
+        return GateError(500, f"the model failed on this request ({details})", kind="server_error")
+    return GateError(502, f"replica {replica} answered {code.name}: {details}", kind="server_error")
+
+
+def retry_after_header(seconds: float) -> str:
+    """A Retry-After value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+# ----- the gRPC replica ---------------------------------------------------------------------------------------------
+
+
+class _GrpcGeneration:
+    """A Generate call whose failures come out as GateErrors."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall, replica: str) -> None:
+        self._call = call
+        self._replica = replica
+
+    def __aiter__(self) -> _GrpcGeneration:
+        return self
+
+    async def __anext__(self) -> pb.GenerateResponse:
+        try:
+            message = await self._call.read()
+        except grpc.aio.AioRpcError as e:
+            raise rpc_error(e, self._replica) from None
+        if message is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return message
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class TokenVocab:
+    """Token id -> bytes from a byte-level BPE vocabulary (an `engine.tokenizer.Tokenizer`), for log-probabilities.
+
+    The gRPC API gives token ids only; until it names tokens itself, the gateway reads the model's tokenizer.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        from engine.tokenizer import bytes_to_unicode
+
+        self._tokenizer = tokenizer
+        self._byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        self.vocab_size: int = tokenizer.vocab_size
+
+    def token_bytes(self, token_id: int) -> bytes:
+        entry = self._tokenizer.id_to_token(int(token_id))
+        if entry is None:
+            return b""
+        try:
+            return bytes(self._byte_of[c] for c in entry)
+        except KeyError:  # an added token spelled as its text, not in the byte alphabet
+            return entry.encode()
+
+
+class GrpcReplica:
+    """One meshserve server reached over gRPC (grpc.aio). The channel is opened on first use, in the event loop that
+    uses it; the model info is fetched once and kept."""
+
+    def __init__(self, address: str, *, name: str | None = None, vocab: TokenVocab | None = None) -> None:
+        self.address = address
+        self.name = name or address
+        self.vocab = vocab
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.MeshServeStub | None = None
+        self._info: pb.ModelInfo | None = None
+        self._info_lock: asyncio.Lock | None = None
+
+    def _client(self) -> pb_grpc.MeshServeStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.address,
+                options=[
+                    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                ],
+            )
+            self._stub = pb_grpc.MeshServeStub(self._channel)
+        return self._stub
+
+    async def _unary(self, method: str, request):
+        try:
+            return await getattr(self._client(), method)(request, timeout=UNARY_TIMEOUT)
+        except grpc.aio.AioRpcError as e:
+            raise rpc_error(e, self.name) from None
+
+    async def model_info(self) -> pb.ModelInfo:
+        if self._info is None:
+            self._info_lock = self._info_lock or asyncio.Lock()
+            async with self._info_lock:
+                if self._info is None:
+                    self._info = await self._unary("GetModelInfo", pb.GetModelInfoRequest())
+        return self._info
+
+    async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        return await self._unary("Tokenize", request)
+
+    def generate(self, request: pb.GenerateRequest) -> Generation:
+        return _GrpcGeneration(self._client().Generate(request), self.name)
+
+    async def load(self) -> pb.Load:
+        return await self._unary("GetLoad", pb.GetLoadRequest())
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes] | None:
+        if self.vocab is None:
+            return None
+        return [self.vocab.token_bytes(t) for t in ids]
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None

@@ -1,0 +1,238 @@
+"""The gateway's gRPC front door: the `meshserve.v1.MeshServe` API itself (grpc.aio), forwarded to the replica under the
+same gate as the HTTP API - the key from `authorization: Bearer <key>` metadata, then prepare, count, admit, run and
+finish exactly once (see gateway/flow.py), also when the client cancels mid-stream.
+
+Differences from talking to a replica directly:
+- A refusal maps the gate's status onto a gRPC code: 400 / 413 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 403
+  PERMISSION_DENIED, 429 RESOURCE_EXHAUSTED with `retry-after` (seconds) and `grpc-retry-pushback-ms` trailing
+  metadata, 503 UNAVAILABLE (the replica's full queue stays RESOURCE_EXHAUSTED, with its hint).
+- A request above `max_request_bytes` is INVALID_ARGUMENT naming the limit.
+- Prompts given as token ids are refused (the gate's policy reads text); `priority` keeps the proto's meaning (lower
+  runs first).
+- The first response echoes the client's request_id; the gateway's own id (the one `/v1/feedback` refers to) is
+  the `x-request-id` initial metadata. GetModelInfo names the served model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway import flow
+from gateway.backend import Replica
+from gateway.gate import ChatTurn, Gate, GateError, PreparedRequest, Principal
+from protos.meshserve.v1 import meshserve_pb2 as pb
+from protos.meshserve.v1 import meshserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MeshServe"].full_name
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+"""Largest serialized request accepted by default (INVALID_ARGUMENT beyond)."""
+
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
+    500: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_of(error: GateError) -> grpc.StatusCode:
+    """The gRPC code a front-door refusal becomes."""
+    if error.code == "overloaded":  # the replica's own queue is full: what the replica said
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if error.status in _CODES:
+        return _CODES[error.status]
+    return grpc.StatusCode.INVALID_ARGUMENT if error.status < 500 else grpc.StatusCode.UNAVAILABLE
+
+
+def _secret(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            scheme, _, token = str(value).strip().partition(" ")
+            token = token.strip()
+            return token if scheme.lower() == "bearer" and token else None
+    return None
+
+
+def _client_address(context: grpc.aio.ServicerContext) -> str | None:
+    peer = context.peer() or ""  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555"
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer or None
+
+
+class GatewayServicer(pb_grpc.MeshServeServicer):
+    """MeshServe, forwarded to one replica through the gate."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        gate: Gate,
+        *,
+        served_model_name: str | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ) -> None:
+        self.replica, self.gate = replica, gate
+        self.served_model_name = served_model_name
+        self.max_request_bytes = max_request_bytes
+
+    async def _abort(self, context: grpc.aio.ServicerContext, error: GateError) -> None:
+        trailing = ()
+        if error.retry_after is not None:
+            seconds = max(error.retry_after, 0.0)
+            trailing = (
+                ("retry-after", str(max(1, math.ceil(seconds)))),
+                ("grpc-retry-pushback-ms", str(int(seconds * 1000))),
+            )
+        await context.abort(status_of(error), error.message, trailing_metadata=trailing)
+
+    async def _authenticate(self, request, context: grpc.aio.ServicerContext) -> Principal:
+        size = request.ByteSize()
+        if size > self.max_request_bytes:
+            raise GateError(
+                413,
+                f"the request is {size} bytes; the limit is {self.max_request_bytes} bytes (max_request_bytes)",
+                code="request_too_large",
+            )
+        return await asyncio.to_thread(self.gate.authenticate, _secret(context), _client_address(context))
+
+    async def _served_model(self) -> str:
+        return self.served_model_name or (await self.replica.model_info()).model_name
+
+    async def _prepared(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> PreparedRequest:
+        kind = request.WhichOneof("input")
+        messages = prompt = None
+        if kind == "text":
+            if not request.text:
+                raise GateError(400, "text is empty; send a non-empty prompt", param="prompt")
+            prompt = request.text
+        elif kind == "chat":
+            if not request.chat.messages:
+                raise GateError(400, "chat.messages is empty; send at least one message", param="messages")
+            messages = [ChatTurn(m.role, m.content) for m in request.chat.messages]
+        elif kind == "token_ids":
+            raise GateError(400, "token_ids prompts are not accepted by the gateway; send text or chat", param="input")
+        else:
+            raise GateError(400, "input is empty: set one of text or chat", param="input")
+        options = request.sampling
+        sampling = {f.name: v for f, v in options.ListFields()}
+        for repeated in ("stop", "stop_token_ids"):
+            if repeated in sampling:
+                sampling[repeated] = list(sampling[repeated])
+        return PreparedRequest(
+            model=await self._served_model(),
+            messages=messages,
+            prompt=prompt,
+            sampling=sampling,
+            priority=-request.priority,  # the gate's priority runs higher first
+            client_address=_client_address(context),
+        )
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        received = time.monotonic()
+        try:
+            principal = await self._authenticate(request, context)
+            prepared = await self._prepared(request, context)
+            run = await flow.admit(
+                self.gate, self.replica, principal, prepared, served_model=None, received_at=received
+            )
+        except GateError as e:
+            await self._abort(context, e)
+            return
+        try:
+            await context.send_initial_metadata((("x-request-id", run.ticket.request_id),))
+            await run.wait_started()
+            async for _, message in run.events():
+                if message.request_id:
+                    message.request_id = request.request_id or run.ticket.request_id
+                yield message
+        except GateError as e:
+            await self._abort(context, e)
+        finally:
+            run.cancel()  # the client went away (the handler is cancelled), or a no-op after the end
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        try:
+            await self._authenticate(request, context)
+            return await self.replica.tokenize(request)
+        except GateError as e:
+            await self._abort(context, e)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            await self._authenticate(request, context)
+            info = pb.ModelInfo()
+            info.CopyFrom(await self.replica.model_info())
+            info.model_name = await self._served_model()
+            return info
+        except GateError as e:
+            await self._abort(context, e)
+
+    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.Load:
+        try:
+            await self._authenticate(request, context)
+            return await self.replica.load()
+        except GateError as e:
+            await self._abort(context, e)
+
+
+class GrpcFront:
+    """The gateway's grpc.aio server: MeshServe (forwarded), health and reflection."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        gate: Gate,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        served_model_name: str | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ) -> None:
+        self.address = f"{host}:{port}"
+        self.servicer = GatewayServicer(
+            replica, gate, served_model_name=served_model_name, max_request_bytes=max_request_bytes
+        )
+        self.health = health.aio.HealthServicer()
+        # gRPC's own size limit sits above ours, so an oversized request still reaches the handler and gets the
+        # INVALID_ARGUMENT that names the limit
+        receive_limit = max(2 * max_request_bytes, 4 * 1024 * 1024)
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", receive_limit)])
+        pb_grpc.add_MeshServeServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = 0
+
+    async def start(self) -> int:
+        """Binds and starts serving; returns the port (RuntimeError when it cannot bind)."""
+        self.port = self.server.add_insecure_port(self.address)
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind the gateway's gRPC front to {self.address} (in use?)")
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """Refuses new RPCs at once and gives open ones `grace` seconds to finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
