@@ -1,14 +1,21 @@
-"""Starts the MeshServe gRPC server (health, reflection, Prometheus metrics) on one model.
+"""Starts the MeshServe gRPC server (health, reflection, Prometheus metrics) on one model, and the gateway in front
+of it in the same process: the OpenAI HTTP API and the gRPC API with keys, limits, policy and the ledger.
 
-python scripts/serve.py                                   # bundled SmolLM2-135M on 127.0.0.1:50051, metrics :9090
+python scripts/serve.py               # bundled SmolLM2-135M: OpenAI API on 127.0.0.1:8000, gateway gRPC :50052,
+                                      # the engine's own gRPC :50051 (replicas, the router), metrics :9090
+python scripts/serve.py --keys_required --db sqlite:////var/lib/meshserve/gateway.db   # keys from the store
+python scripts/serve.py --http_port=-1                    # the engine alone (a fleet replica)
 python scripts/serve.py --checkpoint /ckpt --num_slots 32 --max_seq_len 4096 --prefill_token_budget 512
 python scripts/serve.py --mesh data:2,tensor:4 --coordinator_address 10.0.0.1:1234 --num_processes 2 --process_id 0
 
 Multi-host: every process runs this script; process 0 owns the gRPC front and the scheduler and broadcasts each
 step's plan, the others replay the plans on their shards (on TPU pods, --num_processes 0 reads the environment).
 
-Health is NOT_SERVING until every shape is compiled, then SERVING. SIGTERM (or Ctrl-C) drains: new requests get
-UNAVAILABLE, running ones may finish for --drain_timeout seconds, the rest are ended; the process then exits 0.
+Health is NOT_SERVING until every shape is compiled, then SERVING. SIGTERM (or Ctrl-C) drains: the gateway stops
+accepting and its streams finish, then the engine's: new requests get UNAVAILABLE, running ones may finish for
+--drain_timeout seconds, the rest are ended; the ledger is written; the process then exits 0. On loopback keys are
+optional (the open gate: no keys, no limits, nothing recorded); --keys_required (needed to bind another address)
+checks them against the store (--db, default SQLite in the cache directory; keys: scripts/admin.py).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import jax
 from absl import app, flags
 
 import engine_flags
+import gateway_flags
 from checkpoints.errors import CheckpointError
 from engine import multihost
 from service.server import MeshServeServer, ServerConfig
@@ -118,6 +126,16 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
     # The log line tests and scripts wait for; it names the ports actually bound (port 0 picks one).
     print(f"meshserve listening on {config.host}:{server.port} metrics_port={server.metrics_port}", flush=True)
+    front = None
+    if gateway_flags.http_enabled():
+        try:
+            gw_config = gateway_flags.config(_HOST.value, _DRAIN_TIMEOUT.value)
+            front = gateway_flags.GatewayThread(f"127.0.0.1:{server.port}", gw_config, gateway_flags.vocab())
+            http_port, grpc_port = front.start()
+        except Exception as e:
+            server.stop()
+            _fail(f"cannot start the gateway: {e}")
+        print(f"gateway listening on {_HOST.value} http_port={http_port} grpc_port={grpc_port}", flush=True)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -125,7 +143,14 @@ def main(argv: list[str]) -> None:
     while not stop.wait(1.0):  # a timed wait keeps the main thread responsive to signals
         pass
     logging.info("shutdown requested: draining (up to %.1f s)", config.drain_timeout)
+    # both drain at once: the gateway stops accepting and waits for its streams, which the draining engine (health
+    # NOT_SERVING, new requests UNAVAILABLE) finishes like its own
+    gateway_stop = threading.Thread(target=front.stop, name="gateway-stop") if front is not None else None
+    if gateway_stop is not None:
+        gateway_stop.start()
     ended = server.drain()
+    if gateway_stop is not None:
+        gateway_stop.join()
     server.stop()
     logging.info("drained; %d request(s) ended by the drain timeout; exiting", ended)
 

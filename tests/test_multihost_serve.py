@@ -40,6 +40,7 @@ def _serve_cmd(pid: int, coordinator: int, grpc_port: int, ckpt: str) -> list[st
         f"--process_id={pid}",
         f"--port={grpc_port}",
         "--metrics_port=-1",
+        "--http_port=-1",
         "--compilation_cache=",
         "--drain_timeout=20",
     ]

@@ -468,6 +468,10 @@ def test_tokenize_model_info_load_and_reflection(tiny):
 
 
 def test_sigterm_during_load_drains_and_exits_zero(tmp_path):
+    """scripts/serve.py with its gateway: SIGTERM mid-load lets the engine's streams and the gateway's (OpenAI API)
+    finish, refuses new work, and exits 0."""
+    import httpx
+
     from checkpoints.orbax_io import save_checkpoint
     from engine.tokenizer import make_tiny_tokenizer
 
@@ -488,20 +492,25 @@ def test_sigterm_during_load_drains_and_exits_zero(tmp_path):
         "--dtype=float32",
         "--memory_bandwidth_gbps=10",
         "--drain_timeout=60",
+        "--http_port=0",
+        "--gateway_grpc_port=0",
+        "--tokenizer=",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:
-        port = None
+        port = http_port = None
         lines = []
         deadline = time.monotonic() + 120
-        while port is None and time.monotonic() < deadline:
+        while http_port is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
             lines.append(line)
             if line.startswith("meshserve listening on"):
                 port = int(line.split()[3].rsplit(":", 1)[1])
-        assert port, "".join(lines)
+            if line.startswith("gateway listening on"):
+                http_port = int(line.split("http_port=")[1].split()[0])
+        assert port and http_port, "".join(lines)
         threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
@@ -521,10 +530,31 @@ def test_sigterm_during_load_drains_and_exits_zero(tmp_path):
                 results[i] = e
             finished_at[i] = time.monotonic()
 
+        model = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", timeout=RPC_TIMEOUT).json()["data"][0]["id"]
+
+        def call_http(i: int) -> None:
+            body = {"model": model, "prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream": True}
+            text, done = [], False
+            try:
+                url = f"http://127.0.0.1:{http_port}/v1/completions"
+                with httpx.stream("POST", url, json=body, timeout=90) as response:
+                    for raw in response.iter_lines():
+                        done = done or raw == "data: [DONE]"
+                        text.append(raw)
+                results[i] = (response.status_code, done, text)
+            except httpx.HTTPError as e:
+                results[i] = e
+            finished_at[i] = time.monotonic()
+
         threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+        threads.append(threading.Thread(target=call_http, args=(6,)))
         for t in threads:
             t.start()
-        wait_for(lambda: stub.GetLoad(pb.GetLoadRequest(), timeout=RPC_TIMEOUT).slots_used == 2, what="load")
+        def load() -> int:
+            now = stub.GetLoad(pb.GetLoadRequest(), timeout=RPC_TIMEOUT)
+            return now.slots_used + now.waiting_requests
+
+        wait_for(lambda: load() == 7, what="load")  # the gateway's request too
         sigterm_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: status() == NOT_SERVING, what="NOT_SERVING after SIGTERM")
@@ -538,6 +568,8 @@ def test_sigterm_during_load_drains_and_exits_zero(tmp_path):
         for i in range(6):
             assert not isinstance(results[i], grpc.RpcError), results[i]
             assert results[i].finish_reason == "length" and len(results[i].token_ids) == 200
+        status_code, done, events = results[6]
+        assert status_code == 200 and done, events[-3:]
         assert max(finished_at.values()) > sigterm_at, "the load ended before SIGTERM; nothing was drained"
     finally:
         if proc.poll() is None:
