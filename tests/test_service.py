@@ -550,6 +550,7 @@ def test_sigterm_during_load_drains_and_exits_zero(tmp_path):
         threads.append(threading.Thread(target=call_http, args=(6,)))
         for t in threads:
             t.start()
+
         def load() -> int:
             now = stub.GetLoad(pb.GetLoadRequest(), timeout=RPC_TIMEOUT)
             return now.slots_used + now.waiting_requests
