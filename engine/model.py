@@ -216,6 +216,7 @@ class Block(nn.Module):
     attend: Callable | None = None  # decode attention, `paged_decode_attention_xla`'s contract; None: that function
     fuse_qkv: bool = False  # q, k and v as one product (`wqkv`, see fuse_qkv_layer)
     packed: Packed | None = None  # linear weights packed for a hand-written product (needs fuse_qkv)
+    prefill_attend: Callable | None = None  # paged prefill attention, `prefill_attention_xla`'s contract; None: it
 
     @nn.compact
     def __call__(self, x, rope, pool=None, table=None, lengths=None, segment_ids=None, paging=None):
@@ -291,7 +292,8 @@ class Block(nn.Module):
                 kv_out = (k_pool, v_pool)
             else:
                 k_pool, v_pool = write_prefill_kv(pool[0], pool[1], k_new[0], v_new[0], paging)
-                out = prefill_attention_xla(q[0], k_new[0], v_new[0], segment_ids[0], k_pool, v_pool, paging)[None]
+                prefill_attend = self.prefill_attend or prefill_attention_xla
+                out = prefill_attend(q[0], k_new[0], v_new[0], segment_ids[0], k_pool, v_pool, paging)[None]
                 kv_out = (k_pool, v_pool)
             x = product("wo", out.reshape(b * t, n, h).transpose(1, 2, 0).reshape(n * h, b * t), residual=x)
 
@@ -333,6 +335,9 @@ class Transformer(nn.Module):
     """q, k and v as one product (`wqkv`, see `fuse_qkv_layer`); the engine sets it where no mesh axis splits heads."""
     packed: Packed | None = None
     """Linear weights packed for a hand-written product (see Packed, `pack_layer`); needs fuse_qkv."""
+    prefill_attend: Callable | None = None
+    """Prefill attention with `prefill_attention_xla`'s contract for the paged case (the pools already hold the pack's
+    K/V); None runs that function. The engine passes a hand-written kernel here where it has one."""
 
     @nn.compact
     def __call__(
@@ -375,9 +380,10 @@ class Transformer(nn.Module):
             rope = rope_angles(positions, c)
         kv = []
         for i in range(c.num_layers):
-            x, layer_kv = Block(c, self.dtype, self.attend, self.fuse_qkv, self.packed, name=layer_name(i))(
-                x, rope, None if pool is None else pool[i], table, lengths, segment_ids, paging
+            block = Block(
+                c, self.dtype, self.attend, self.fuse_qkv, self.packed, self.prefill_attend, name=layer_name(i)
             )
+            x, layer_kv = block(x, rope, None if pool is None else pool[i], table, lengths, segment_ids, paging)
             kv.append(layer_kv)
         x = x.reshape(c.dim, b, t)
         if logits_index is not None:

@@ -19,6 +19,7 @@ rename it into place.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -32,17 +33,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
+from engine.attention import PrefillPaging
 from engine.paths import cache_root
 
 log = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "meshserve_decode_attention"
+PREFILL_ATTENTION = "meshserve_prefill_attention"
 LINEAR = "meshserve_linear"
 PANEL_ROWS = 6
 """Weight rows per packed panel (`kRows` in linear.cc)."""
 _DIR = Path(__file__).parent
-_SOURCES = (_DIR / "decode_attention.cc", _DIR / "linear.cc")
+_SOURCES = (_DIR / "decode_attention.cc", _DIR / "prefill_attention.cc", _DIR / "linear.cc")
 _HEADERS = (_DIR / "common.h",)
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _lock = threading.Lock()
@@ -112,6 +116,7 @@ def load() -> Path:
             _build(cxx, path)
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(lib.MeshserveDecodeAttention), platform="cpu")
+        jax.ffi.register_ffi_target(PREFILL_ATTENTION, jax.ffi.pycapsule(lib.MeshservePrefillAttention), platform="cpu")
         jax.ffi.register_ffi_target(LINEAR, jax.ffi.pycapsule(lib.MeshserveLinear), platform="cpu")
         _loaded = (lib, path)
         return path
@@ -142,6 +147,41 @@ def decode_attention(
         input_output_aliases={5: 1, 6: 2},
     )
     return call(q, k_new, v_new, lengths.astype(jnp.int32), table.astype(jnp.int32), k_pool, v_pool)
+
+
+def prefill_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    paging: PrefillPaging,
+) -> jax.Array:
+    """The paged case of `engine.attention.prefill_attention_xla`: q [T, K, G, H] (pre-scaled), k / v [T, K, H] of
+    one packed row attend to the earlier keys of their own segment (segment_ids [T], -1: padding) and to the cached
+    positions `paging` lets their segment see, read from k_pool [Np, K, H, P] / v_pool [Np, K, P, H] -> [T, K, G, H].
+    The pools must already hold the pack's own K/V (`write_prefill_kv`); this only reads them. float32 on CPU; call
+    `load()` first."""
+    if any(a.dtype != jnp.float32 for a in (q, k, v, k_pool, v_pool)):
+        raise TypeError(
+            f"the CPU prefill-attention kernel takes float32, got {q.dtype}, {k.dtype}, {v.dtype}, {k_pool.dtype}, "
+            f"{v_pool.dtype}"
+        )
+    i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+    return jax.ffi.ffi_call(PREFILL_ATTENTION, jax.ShapeDtypeStruct(q.shape, q.dtype))(
+        q,
+        k,
+        v,
+        i32(segment_ids),
+        k_pool,
+        v_pool,
+        i32(paging.ctx_pages),
+        i32(paging.ctx_rows),
+        i32(paging.ctx_valid),
+        i32(paging.ctx_blocks).reshape(()),
+        block_pages=np.int64(paging.block_pages),
+    )
 
 
 def linear(wp: jax.Array, x: jax.Array, n: int, *, residual: jax.Array | None = None, gated: bool = False) -> jax.Array:

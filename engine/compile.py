@@ -1,0 +1,171 @@
+"""Ahead-of-time compilation: the table of shapes the engine runs, each step lowered with abstract arguments in their
+shardings and compiled once, and a parallel warm-up that compiles them all before the first request.
+
+A shape is (kind, size): a prefill bucket, a decode window, the insert of a bucket's row count, the host tier's
+fixed copy size. `StepCompiler.shapes` lists exactly what the engine dispatches, so after `warmup()` nothing
+compiles, whatever requests come and go.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from engine import steps
+from engine.api import EngineConfig
+from engine.attention import K_POOL_AXES, V_POOL_AXES, PrefillPaging, context_block_pages
+from engine.model import Transformer
+from engine.placement import named, state_shardings
+from engine.prefill import prefill_rows
+from engine.sampling import SlotSampling
+from engine.steps import DecodeState, DevicePrefix
+from sharding.rules import MeshAxes
+
+log = logging.getLogger(__name__)
+
+HOST_COPY_PAGES = 32
+"""Pages one copy between the device pool and the host tier moves (a fixed shape: one compiled gather and one
+scatter; fewer pages are padded with the sink)."""
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shardings)
+
+
+class StepCompiler:
+    """The engine's compiled executables, one per (kind, size), each compiled on first use or by `warmup()`."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        config: EngineConfig,
+        dtype: jnp.dtype,
+        mesh: Mesh,
+        rules: dict[str, MeshAxes],
+        kv_pages: int,
+        params: Any,
+        *,
+        host_tier: bool,
+    ) -> None:
+        """`params`: the engine's weights (only their shapes and shardings are read); `host_tier`: whether the
+        host KV tier's spill and restore copies run."""
+        self.model, self.config, self.dtype, self.mesh, self.rules = model, config, dtype, mesh, rules
+        self.host_tier = host_tier
+        self.state_shardings = state_shardings(model.config.num_layers, mesh, rules)
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.init_state = functools.partial(steps.init_state, model.config, config, kv_pages, dtype)
+        self.state_abstract: DecodeState = _abstract(jax.eval_shape(self.init_state), self.state_shardings)
+        self.params_abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params
+        )
+        self.compiled: dict[tuple[str, int], Any] = {}
+
+    @property
+    def shapes(self) -> list[tuple[str, int]]:
+        """Every (step, size) the engine runs: warm-up compiles exactly these."""
+        e = self.config
+        rows = sorted({prefill_rows(e, t) for t in e.prefill_buckets})
+        inserts = {r: t for t in reversed(e.prefill_buckets) for r in [prefill_rows(e, t)]}
+        return (
+            [("prefill", t) for t in e.prefill_buckets]
+            + [("generate", w) for w in e.windows]
+            + [("insert", inserts[r]) for r in rows]
+            + [("release", 0), ("init", 0)]
+            + ([("spill", HOST_COPY_PAGES), ("restore", HOST_COPY_PAGES)] if self.host_tier else [])
+        )
+
+    def get(self, kind: str, size: int):
+        """The compiled executable for one shape (compiled now if warm-up did not)."""
+        key = (kind, size)
+        if key not in self.compiled:
+            self.compiled[key] = self.lower(kind, size).compile()
+        return self.compiled[key]
+
+    def warmup(self, max_workers: int | None = None) -> float:
+        """Compiles every shape not compiled yet; returns seconds taken. Shapes compile in parallel threads (XLA
+        compiles outside the GIL), one per core by default."""
+        start = time.perf_counter()
+        todo = [s for s in self.shapes if s not in self.compiled]
+        with concurrent.futures.ThreadPoolExecutor(max_workers or os.cpu_count() or 1) as pool:
+            compiled = list(pool.map(lambda shape: self.lower(*shape).compile(), todo))
+        self.compiled.update(zip(todo, compiled, strict=True))
+        elapsed = time.perf_counter() - start
+        log.info("warm-up compiled %d shapes in %.1f s", len(todo), elapsed)
+        return elapsed
+
+    def _rows_abstract(self, r: int) -> tuple:
+        rep = self.replicated
+        sampling_abs = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), SlotSampling.empty(r)
+        )
+        per_row = jax.ShapeDtypeStruct((r,), jnp.int32, sharding=rep)
+        return per_row, jax.ShapeDtypeStruct((r,), bool, sharding=rep), sampling_abs
+
+    def lower(self, kind: str, size: int):
+        """One step jitted with its shardings (the state donated where the step returns it) and lowered with
+        abstract arguments."""
+        rep, e, c = self.replicated, self.config, self.model.config
+        i32 = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+        state_abs, params_abs = self.state_abstract, self.params_abstract
+        if kind == "prefill":
+            r = prefill_rows(e, size)
+            per_row, want_abs, sampling_abs = self._rows_abstract(r)
+            prefix_sh = DevicePrefix(rep, rep, rep, rep, jax.tree.map(lambda _: rep, SlotSampling.empty(1)))
+            fn = jax.jit(
+                functools.partial(steps.prefill, self.model),
+                donate_argnums=(1,),
+                out_shardings=(self.state_shardings, prefix_sh, rep),
+            )
+            row_abs = jax.ShapeDtypeStruct((1, size), jnp.int32, sharding=rep)
+            per_token = jax.ShapeDtypeStruct((size,), jnp.int32, sharding=rep)
+            per_ctx = jax.ShapeDtypeStruct((e.context_pages,), jnp.int32, sharding=rep)
+            paging = PrefillPaging(per_token, per_token, per_ctx, per_ctx, per_ctx, i32,
+                                   block_pages=context_block_pages(e.page_size))  # fmt: skip
+            args = (params_abs, state_abs, row_abs, row_abs, row_abs, paging, per_row, per_row, per_row, per_row,
+                    per_row, want_abs, sampling_abs)  # fmt: skip
+        elif kind == "insert":
+            fn = jax.jit(steps.insert, donate_argnums=(1,), out_shardings=self.state_shardings)
+            per_row, want_abs, sampling_abs = self._rows_abstract(prefill_rows(e, size))
+            args = (DevicePrefix(per_row, per_row, per_row, want_abs, sampling_abs), state_abs, i32, i32, i32)
+        elif kind == "init":
+            fn = jax.jit(self.init_state, out_shardings=self.state_shardings)
+            args = ()
+        elif kind == "release":
+            fn = jax.jit(steps.release, donate_argnums=(0,), out_shardings=self.state_shardings)
+            args = (state_abs, i32)
+        elif kind in ("spill", "restore"):
+            pages = jax.ShapeDtypeStruct((size,), jnp.int32, sharding=rep)
+            k_sh = named((None, *K_POOL_AXES), self.mesh, self.rules)
+            v_sh = named((None, *V_POOL_AXES), self.mesh, self.rules)
+            if kind == "spill":
+                fn = jax.jit(steps.spill, out_shardings=(k_sh, v_sh))
+                args = (state_abs, pages)
+            else:
+                fn = jax.jit(steps.restore, donate_argnums=(0,), out_shardings=self.state_shardings)
+                k_abs = jax.ShapeDtypeStruct(
+                    (c.num_layers, size, c.num_kv_heads, c.head_dim, e.page_size), self.dtype, sharding=k_sh
+                )
+                v_abs = jax.ShapeDtypeStruct(
+                    (c.num_layers, size, c.num_kv_heads, e.page_size, c.head_dim), self.dtype, sharding=v_sh
+                )
+                args = (state_abs, pages, k_abs, v_abs)
+        elif kind == "generate":
+            fn = jax.jit(
+                functools.partial(steps.generate, self.model, e, window=size),
+                donate_argnums=(1,),
+                out_shardings=(self.state_shardings, rep),
+            )
+            table_sh = named(("slots", None), self.mesh, self.rules)
+            table = jax.ShapeDtypeStruct((e.num_slots, size), jnp.int32, sharding=table_sh)
+            args = (params_abs, state_abs, table, i32)
+        else:
+            raise KeyError(kind)
+        return fn.lower(*args)
