@@ -1,8 +1,11 @@
 """Continuous batching: a bounded priority queue of requests admitted into free slots as others finish.
 
-The scheduler talks to the engine only through `open_prompt` / `prefill_batch` / `insert` / `generate` / `release`
-(all in `Executor`), and to the outside only through `submit`, `cancel`, `step` and each request's output sink, so
-the offline batch job and the gRPC service drive it the same way. It knows nothing of the network.
+The scheduler talks to the engine only through `engine.api.EngineLike`: it calls `open_prompt` / `prefill_batch` /
+`insert` / `generate` / `release` (all in `Executor`) and reads the page counts it plans admission and preemption
+with. `engine.engine.Engine` implements it on a model; `engine.mock_engine.MockEngine` without one, with tokens one
+can compute by hand, which is what tests/test_scheduler_mock.py runs it against. To the outside the scheduler talks
+only through `submit`, `cancel`, `step` and each request's output sink, so the offline batch job and the gRPC
+service drive it the same way. It knows nothing of the network.
 
 One `step()`:
 1. decides (`plan`): which finished or cancelled slots to release, which waiting requests to admit into free slots -
@@ -32,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from engine.engine import Engine, Prefix, StepOutput, TokenLogprobs
+from engine.api import EngineLike, Prefix, StepOutput, TokenLogprobs
 from engine.sampling import SamplingParams
 from engine.text import IncrementalDetokenizer, StopStringMatcher
 from engine.tokenizer import Tokenizer
@@ -148,7 +151,7 @@ class Executor:
 
     Holds the prompts still being read in chunks (admitted, slot taken, not yet inserted)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineLike) -> None:
         self.engine = engine
         self.reading: list[tuple[Admission, Prefix]] = []
 
@@ -263,7 +266,7 @@ class Scheduler:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineLike,
         tokenizer: Tokenizer,
         *,
         max_waiting: int | None = None,
@@ -316,8 +319,21 @@ class Scheduler:
         self.engine.check_prompt(prompt_tokens, params)
 
     def submit(self, request: Request) -> None:
-        """Queues a validated request; raises QueueFullError at the bound, ValueError for bad input."""
+        """Queues a validated request; raises QueueFullError at the bound, ValueError for bad input.
+
+        A request may arrive with `generated` already holding tokens: what an earlier attempt of it produced before
+        its stream was cut (failover to this replica). It continues from there exactly as a preempted request resumes
+        (the sampler's random stream goes on after them); they count toward max_tokens and are not streamed again."""
         self.validate(request.prompt_tokens, request.params)
+        if request.generated:
+            if len(request.generated) >= request.params.max_tokens:
+                raise ValueError(
+                    f"resumed_tokens is {len(request.generated)}; it must be below max_tokens "
+                    f"({request.params.max_tokens}): nothing would be left to generate"
+                )
+            self.engine.check_prompt(
+                [*request.prompt_tokens, *request.generated], dataclasses.replace(request.params, max_tokens=1)
+            )
         with self._lock:
             if request.request_id in self._by_id:
                 raise ValueError(f"request id {request.request_id!r} is already in flight; use a unique id")
@@ -536,6 +552,10 @@ class Scheduler:
                 req.detok = IncrementalDetokenizer(
                     self.tokenizer, prompt_ids=req.prompt_tokens, skip_special_tokens=True
                 )
+                # tokens that came with the request were streamed by an earlier attempt: read them into the text
+                # state without emitting, so the text goes on where that stream stopped (a character whose bytes
+                # straddle the cut is completed here, as it would have been there)
+                req.detok.add(req.generated)
                 req.stops = StopStringMatcher(req.params.stop) if req.params.stop else None
             first = [prefix.logprobs] if prefix.logprobs else None
             self._emit(req, [prefix.token], first, device_done=prefix.finished)

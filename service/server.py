@@ -303,6 +303,17 @@ class MeshServeService(pb_grpc.MeshServeServicer):
             raise _InvalidRequest("token_ids.ids is empty; send at least one token id")
         return ids
 
+    @staticmethod
+    def _resumed(request: pb.GenerateRequest, input_len: int) -> int:
+        r = request.resumed_tokens
+        if r == 0:
+            return 0
+        if request.WhichOneof("input") != "token_ids":
+            raise _InvalidRequest("resumed_tokens needs the prompt as token_ids (the prompt + the tokens resumed)")
+        if not 0 < r < input_len:
+            raise _InvalidRequest(f"resumed_tokens is {r}; it must be in [0, {input_len - 1}] (len(token_ids) - 1)")
+        return r
+
     def _params(self, options: pb.SamplingOptions, prompt_len: int) -> SamplingParams:
         defaults = SamplingParams()
         context_left = self.engine.config.max_seq_len - prompt_len
@@ -343,6 +354,8 @@ class MeshServeService(pb_grpc.MeshServeServicer):
             self._reject(context, grpc.StatusCode.UNAVAILABLE, "server is warming up (compiling); retry shortly")
         try:
             prompt = self._prompt(request)
+            resumed = self._resumed(request, len(prompt))
+            prompt, earlier = prompt[: len(prompt) - resumed], prompt[len(prompt) - resumed :]
             params = self._params(request.sampling, len(prompt))  # (the scheduler validates both on submit)
         except ValueError as e:
             self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -352,7 +365,9 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         with self._lock:
             if self.draining:
                 self._reject(context, grpc.StatusCode.UNAVAILABLE, "server is draining for shutdown; retry elsewhere")
-            scheduled = Request(stream.request_id, prompt, params, stream.sink, priority=request.priority)
+            scheduled = Request(
+                stream.request_id, prompt, params, stream.sink, priority=request.priority, generated=earlier
+            )
             stream.arrival = scheduled.arrival
             try:
                 self.loop.submit(scheduled)

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from engine.config import tiny_config
 from engine.model import init_params, stack_layers
 from engine.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams
+from engine.text import IncrementalDetokenizer
 from protos.meshserve.v1 import meshserve_pb2 as pb
 from protos.meshserve.v1 import meshserve_pb2_grpc as pb_grpc
 from service.server import RETRY_PUSHBACK_KEY, SERVICE_NAME
@@ -226,6 +227,51 @@ INVALID = [
     (pb.GenerateRequest(chat=_chat(*[("user", "x")] * 300)), "chat.messages has 300 messages; the limit is 256"),
     (pb.GenerateRequest(text="y" * 10_000), "text has 10000 characters; the limit is 2048"),
 ]
+
+
+def test_resumed_tokens_continue_a_cut_stream_exactly(tiny):
+    """Failover: a stream cut after k tokens, resent as prompt + those k tokens with resumed_tokens=k, continues with
+    exactly the tokens (and text) the uninterrupted request gave, greedy and seeded; usage counts the whole
+    completion; bad values are INVALID_ARGUMENT naming the field."""
+    engine, tok = tiny
+    prompt = tok.encode("resume me")
+    settings = [dict(max_tokens=21, ignore_eos=True), dict(max_tokens=21, ignore_eos=True, temperature=0.9, seed=7)]
+    with running_server(engine, tok) as r:
+        for options in settings:
+            whole = collect(
+                r.generate(
+                    pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingOptions(**options))
+                )
+            )
+            assert len(whole.token_ids) == 21
+            for k in (1, 6, 13):
+                ids = prompt + whole.token_ids[:k]
+                msgs = r.generate(
+                    pb.GenerateRequest(
+                        token_ids=pb.TokenIds(ids=ids), resumed_tokens=k, sampling=pb.SamplingOptions(**options)
+                    )
+                )
+                rest = collect(msgs)
+                assert whole.token_ids[:k] + rest.token_ids == whole.token_ids, (options, k)
+                # what the cut stream had shown: its text deltas hold back a character's incomplete bytes
+                seen = IncrementalDetokenizer(tok, prompt_ids=prompt, skip_special_tokens=True).add(whole.token_ids[:k])
+                assert seen + rest.text == whole.text, (options, k)
+                assert msgs[0].prompt_tokens == len(prompt)
+                assert msgs[-1].usage.prompt_tokens == len(prompt) and msgs[-1].usage.completion_tokens == 21
+        bad = [
+            (pb.GenerateRequest(text="abc", resumed_tokens=1), "resumed_tokens needs the prompt as token_ids"),
+            (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]), resumed_tokens=2), "must be in [0, 1]"),
+            (
+                pb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=[5, 6, 7]), resumed_tokens=2, sampling=pb.SamplingOptions(max_tokens=2)
+                ),
+                "resumed_tokens is 2; it must be below max_tokens (2)",
+            ),
+        ]
+        for request, needle in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                r.generate(request)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
 
 
 def test_invalid_requests_are_invalid_argument_naming_the_field(tiny):

@@ -55,6 +55,11 @@ class MeshServeStub:
                 request_serializer=protos_dot_meshserve_dot_v1_dot_meshserve__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=protos_dot_meshserve_dot_v1_dot_meshserve__pb2.Load.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/meshserve.v1.MeshServe/Feedback',
+                request_serializer=protos_dot_meshserve_dot_v1_dot_meshserve__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=protos_dot_meshserve_dot_v1_dot_meshserve__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class MeshServeServicer:
@@ -90,6 +95,14 @@ class MeshServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Rates an earlier response (served by the gateway, which keeps the ledger; an engine replica answers
+        UNIMPLEMENTED). Only the key that made the request may rate it; any other caller gets NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeshServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +125,11 @@ def add_MeshServeServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=protos_dot_meshserve_dot_v1_dot_meshserve__pb2.GetLoadRequest.FromString,
                     response_serializer=protos_dot_meshserve_dot_v1_dot_meshserve__pb2.Load.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=protos_dot_meshserve_dot_v1_dot_meshserve__pb2.FeedbackRequest.FromString,
+                    response_serializer=protos_dot_meshserve_dot_v1_dot_meshserve__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +241,33 @@ class MeshServe:
             '/meshserve.v1.MeshServe/GetLoad',
             protos_dot_meshserve_dot_v1_dot_meshserve__pb2.GetLoadRequest.SerializeToString,
             protos_dot_meshserve_dot_v1_dot_meshserve__pb2.Load.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.MeshServe/Feedback',
+            protos_dot_meshserve_dot_v1_dot_meshserve__pb2.FeedbackRequest.SerializeToString,
+            protos_dot_meshserve_dot_v1_dot_meshserve__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,
