@@ -9,8 +9,11 @@ Differences from talking to a replica directly:
 - A request above `max_request_bytes` is INVALID_ARGUMENT naming the limit.
 - Prompts given as token ids are refused (the gate's policy reads text); `priority` keeps the proto's meaning (lower
   runs first).
-- The first response echoes the client's request_id; the gateway's own id (the one `/v1/feedback` refers to) is
-  the `x-request-id` initial metadata. GetModelInfo names the served model.
+- The first response echoes the client's request_id; the gateway's own id (the one `Feedback` and `/v1/feedback`
+  refer to) is the `x-request-id` initial metadata. GetModelInfo names the served model.
+- `Feedback` is the gateway's own (a replica answers UNIMPLEMENTED): the gate's `feedback`, as `POST /v1/feedback`;
+  only the key that made the request may rate it (NOT_FOUND for any other, as for an unknown id).
+- Every RPC is counted in the gateway's metrics (gateway/metrics.py) by method and status code.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -29,6 +33,8 @@ from grpc_reflection.v1alpha import reflection
 from gateway import flow
 from gateway.backend import Replica
 from gateway.gate import ChatTurn, Gate, GateError, PreparedRequest, Principal
+from gateway.metrics import GatewayMetrics
+from gateway.openai_api import ticket_id
 from protos.meshserve.v1 import meshserve_pb2 as pb
 from protos.meshserve.v1 import meshserve_pb2_grpc as pb_grpc
 
@@ -37,6 +43,10 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MeshServe"].full_name
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 """Largest serialized request accepted by default (INVALID_ARGUMENT beyond)."""
+MAX_REQUEST_ID_CHARS = 200
+MAX_STARS = 5
+
+T = TypeVar("T")
 
 _CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -88,10 +98,12 @@ class GatewayServicer(pb_grpc.MeshServeServicer):
         *,
         served_model_name: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.replica, self.gate = replica, gate
         self.served_model_name = served_model_name
         self.max_request_bytes = max_request_bytes
+        self.metrics = metrics or GatewayMetrics(gate)
 
     async def _abort(self, context: grpc.aio.ServicerContext, error: GateError) -> None:
         trailing = ()
@@ -145,54 +157,117 @@ class GatewayServicer(pb_grpc.MeshServeServicer):
             client_address=_client_address(context),
         )
 
+    async def _unary(
+        self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
+    ) -> T | None:
+        """Runs one unary RPC's `work`, answering a GateError with its status; counts the RPC by its status."""
+        started, code = time.monotonic(), grpc.StatusCode.OK
+        try:
+            return await work()
+        except GateError as e:
+            code = status_of(e)
+            await self._abort(context, e)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.UNKNOWN  # what grpc answers for an exception escaping a handler
+            raise
+        finally:
+            self.metrics.answered("grpc", method, code.name, time.monotonic() - started)
+        return None
+
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        received = time.monotonic()
+        received, code = time.monotonic(), grpc.StatusCode.OK
+        run: flow.Run | None = None
         try:
-            principal = await self._authenticate(request, context)
-            prepared = await self._prepared(request, context)
-            run = await flow.admit(
-                self.gate, self.replica, principal, prepared, served_model=None, received_at=received
-            )
-        except GateError as e:
-            await self._abort(context, e)
-            return
-        try:
-            await context.send_initial_metadata((("x-request-id", run.ticket.request_id),))
-            await run.wait_started()
+            try:
+                principal = await self._authenticate(request, context)
+                prepared = await self._prepared(request, context)
+                run = await flow.admit(
+                    self.gate, self.replica, principal, prepared, served_model=None, received_at=received
+                )
+                self.metrics.running("grpc", run)
+                await context.send_initial_metadata((("x-request-id", run.ticket.request_id),))
+                await run.wait_started()
+            except GateError as e:
+                self.metrics.refusal("grpc", e)
+                raise
+            self.metrics.started("grpc")
             async for _, message in run.events():
                 if message.request_id:
                     message.request_id = request.request_id or run.ticket.request_id
                 yield message
         except GateError as e:
+            code = status_of(e)
             await self._abort(context, e)
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED  # the client went away
+            raise
+        except Exception:
+            code = grpc.StatusCode.UNKNOWN
+            raise
         finally:
-            run.cancel()  # the client went away (the handler is cancelled), or a no-op after the end
+            if run is not None:
+                run.cancel()  # the client went away (the handler is cancelled), or a no-op after the end
+            self.metrics.answered("grpc", "Generate", code.name, time.monotonic() - received)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        try:
+        async def work() -> pb.TokenizeResponse:
             await self._authenticate(request, context)
             return await self.replica.tokenize(request)
-        except GateError as e:
-            await self._abort(context, e)
+
+        return await self._unary("Tokenize", context, work)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        try:
+        async def work() -> pb.ModelInfo:
             await self._authenticate(request, context)
             info = pb.ModelInfo()
             info.CopyFrom(await self.replica.model_info())
             info.model_name = await self._served_model()
             return info
-        except GateError as e:
-            await self._abort(context, e)
+
+        return await self._unary("GetModelInfo", context, work)
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.Load:
-        try:
+        async def work() -> pb.Load:
             await self._authenticate(request, context)
             return await self.replica.load()
-        except GateError as e:
-            await self._abort(context, e)
+
+        return await self._unary("GetLoad", context, work)
+
+    async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
+        """Rates an earlier request of the calling key through the gate (see the module docstring)."""
+
+        async def work() -> pb.FeedbackResponse:
+            principal = await self._authenticate(request, context)
+            if not request.request_id:
+                raise GateError(400, "request_id is empty; send the id of the rated request", param="request_id")
+            if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+                raise GateError(
+                    400,
+                    f"request_id has {len(request.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}",
+                    param="request_id",
+                )
+            kind = request.WhichOneof("rating")
+            if kind is None:
+                raise GateError(400, "rating is missing: set thumbs_up or stars", param="rating")
+            if kind == "stars" and not 1 <= request.stars <= MAX_STARS:
+                raise GateError(400, f"stars must be in [1, {MAX_STARS}], got {request.stars}", param="stars")
+            rating = request.thumbs_up if kind == "thumbs_up" else request.stars
+            await asyncio.to_thread(
+                self.gate.feedback,
+                principal,
+                ticket_id(request.request_id),
+                rating,
+                request.comment or None,
+                list(request.tags),
+            )
+            return pb.FeedbackResponse(status="recorded")
+
+        return await self._unary("Feedback", context, work)
 
 
 class GrpcFront:
@@ -207,10 +282,11 @@ class GrpcFront:
         port: int = 0,
         served_model_name: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.address = f"{host}:{port}"
         self.servicer = GatewayServicer(
-            replica, gate, served_model_name=served_model_name, max_request_bytes=max_request_bytes
+            replica, gate, served_model_name=served_model_name, max_request_bytes=max_request_bytes, metrics=metrics
         )
         self.health = health.aio.HealthServicer()
         # gRPC's own size limit sits above ours, so an oversized request still reaches the handler and gets the

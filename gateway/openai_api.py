@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP front door: `create_app(replica, gate)` is a FastAPI app serving
 
   POST /v1/chat/completions   POST /v1/completions   GET /v1/models[/{model}]   POST /v1/feedback   GET /health
+  GET /metrics (the gateway's own Prometheus metrics, gateway/metrics.py; no key needed: they name no caller)
 
 over one `Replica`, with the `Gate` deciding who may do what (see gateway/gate.py and gateway/flow.py for the flow).
 
@@ -30,6 +31,7 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -46,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway import flow
 from gateway.backend import Replica, retry_after_header
 from gateway.gate import ChatTurn, Gate, GateError, PreparedRequest, Principal
+from gateway.metrics import CONTENT_TYPE, GatewayMetrics, HttpMetrics
 from protos.meshserve.v1 import meshserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -324,13 +327,33 @@ def _rename_param(error: GateError, chat: bool) -> GateError:
 
 class BodyLimit:
     """ASGI middleware: 413 for a request body above `max_bytes`, judged from Content-Length before reading and from
-    the bytes read so far while reading, before anything parses it; the accepted body is replayed to the app."""
+    the bytes read so far while reading, before anything parses it; the accepted body is replayed to the app.
+
+    Before the 413 goes out, the rest of the body is read and thrown away (up to `DRAIN_BYTES` beyond the limit, for
+    at most `DRAIN_SECONDS`): closing a connection with unread request bytes makes the kernel send a reset, which
+    destroys the 413 in the client's receive buffer before the client (still sending) reads it."""
+
+    DRAIN_BYTES = 64 * 1024 * 1024
+    DRAIN_SECONDS = 5.0
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _refuse(self, send, size: str) -> None:
+    async def _drain(self, receive, more_body: bool) -> None:
+        """Reads and discards the rest of the request body (bounded, see the class docstring)."""
+        left = self.DRAIN_BYTES
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.DRAIN_SECONDS):
+                while more_body and left > 0:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client went away
+                    left -= len(message.get("body", b""))
+                    more_body = message.get("more_body", False)
+
+    async def _refuse(self, receive, send, size: str, more_body: bool = True) -> None:
+        await self._drain(receive, more_body)
         body = json.dumps(
             error_body(
                 f"the request body is {size} bytes; the limit is {self.max_bytes} bytes (max_body_bytes)",
@@ -347,15 +370,16 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        for key, value in scope.get("headers", ()):
-            if key == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = 0
-                if length > self.max_bytes:
-                    await self._refuse(send, str(length))
-                    return
+        headers = dict(scope.get("headers", ()))
+        try:
+            length = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            length = 0
+        if length > self.max_bytes:
+            # a client waiting for "100 Continue" has sent no body: refuse without asking for it
+            waiting = headers.get(b"expect", b"").lower() == b"100-continue"
+            await self._refuse(receive, send, str(length), more_body=not waiting)
+            return
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -364,7 +388,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(send, f"more than {self.max_bytes}")
+                await self._refuse(receive, send, f"more than {self.max_bytes}", message.get("more_body", False))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -503,8 +527,8 @@ def _bearer(header: str | None) -> str | None:
 
 
 class _Api:
-    def __init__(self, replica: Replica, gate: Gate, served_model_name: str | None) -> None:
-        self.replica, self.gate = replica, gate
+    def __init__(self, replica: Replica, gate: Gate, served_model_name: str | None, metrics: GatewayMetrics) -> None:
+        self.replica, self.gate, self.metrics = replica, gate, metrics
         self._served = served_model_name
         self.created = int(time.time())
 
@@ -540,6 +564,13 @@ class _Api:
                 return
 
     async def complete(self, request: Request, chat: bool) -> Response:
+        try:
+            return await self._complete(request, chat)
+        except GateError as e:
+            self.metrics.refusal("http", e)
+            raise
+
+    async def _complete(self, request: Request, chat: bool) -> Response:
         received = time.monotonic()
         principal = await self.authenticate(request)
         body = await self.parse(request, ChatCompletionRequest if chat else CompletionRequest)
@@ -560,6 +591,7 @@ class _Api:
             )
         except GateError as e:
             raise _rename_param(e, chat) from None
+        self.metrics.running("http", run)
         response_id = ("chatcmpl-" if chat else "cmpl-") + run.ticket.request_id
         headers = {"x-request-id": response_id}
         watcher = asyncio.create_task(self._watch_disconnect(request, run))
@@ -568,7 +600,9 @@ class _Api:
             try:
                 await run.wait_started()
             except GateError as e:
+                self.metrics.refusal("http", e)
                 return error_response(_rename_param(e, chat), headers)
+            self.metrics.started("http")
             admitted = run.ticket.prepared  # after the gate's policy
             logprobs = admitted.sampling.get("logprobs") is not None
             choices = _Choices(self.replica, chat, len(run.requests), logprobs)
@@ -677,12 +711,15 @@ def create_app(
     *,
     served_model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics: GatewayMetrics | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible API over `replica`, guarded by `gate`. `served_model_name`: the model name clients send
-    (None: the replica's own); `max_body_bytes`: larger request bodies get 413."""
-    api = _Api(replica, gate, served_model_name)
+    (None: the replica's own); `max_body_bytes`: larger request bodies get 413; `metrics`: where to count (the
+    gateway's, shared with its gRPC front; None: the app's own), served at /metrics."""
+    metrics = metrics or GatewayMetrics(gate)
+    api = _Api(replica, gate, served_model_name, metrics)
     app = FastAPI(title="meshserve gateway", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.api = api
+    app.state.api, app.state.metrics = api, metrics
 
     @app.exception_handler(GateError)
     async def _gate_error(request: Request, error: GateError) -> JSONResponse:
@@ -732,5 +769,10 @@ def create_app(
     async def health() -> JSONResponse:
         return await api.health()
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(HttpMetrics, metrics=metrics)  # outermost: 413s and errors are counted too
     return app

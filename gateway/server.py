@@ -1,6 +1,7 @@
 """One gateway process: the OpenAI HTTP API (uvicorn) and the gRPC front (grpc.aio) on one event loop, over one
 replica and one gate, with a graceful stop: both stop accepting, open streams finish (up to `drain_timeout`), every
-admitted request is settled with the gate, then the gate's `shutdown()` (or `close()`) runs if it has one.
+admitted request is settled with the gate, then the gate's `shutdown()` (or `close()`) runs if it has one. Both fronts
+count into one `GatewayMetrics` (gateway/metrics.py), served at the HTTP port's `GET /metrics`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gateway import flow
 from gateway.backend import Replica
 from gateway.gate import Gate
 from gateway.grpc_front import GrpcFront
+from gateway.metrics import GatewayMetrics
 from gateway.openai_api import DEFAULT_MAX_BODY_BYTES, create_app
 
 log = logging.getLogger(__name__)
@@ -75,8 +77,14 @@ class Gateway:
         self.config = config = config or GatewayConfig()
         config.validate()
         self.replica, self.gate = replica, gate
+        self.metrics = GatewayMetrics(gate)
+        """The gateway's own metrics, one registry for both fronts (served at the HTTP front's /metrics)."""
         self.app = create_app(
-            replica, gate, served_model_name=config.served_model_name, max_body_bytes=config.max_body_bytes
+            replica,
+            gate,
+            served_model_name=config.served_model_name,
+            max_body_bytes=config.max_body_bytes,
+            metrics=self.metrics,
         )
         self.grpc = GrpcFront(
             replica,
@@ -85,6 +93,7 @@ class Gateway:
             port=config.grpc_port,
             served_model_name=config.served_model_name,
             max_request_bytes=config.max_body_bytes,
+            metrics=self.metrics,
         )
         self._http = _Uvicorn(
             uvicorn.Config(
