@@ -420,6 +420,67 @@ class ChatRun:
     load: dict[str, Any]
 
 
+class GrpcChat:
+    """W4's turns as MeshServe Generate calls."""
+
+    def __init__(self, target: str) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = pb_grpc.MeshServeStub(self._channel)
+
+    def send(self, messages: Sequence[Mapping[str, str]], max_tokens: int, seed: int, ex: Exchange, timeout: float):
+        stream_exchange(self._stub, chat_request(ex.record.request_id, messages, max_tokens, seed), ex, timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class HttpChat:
+    """W4's turns as streamed OpenAI chat completions (bench/openai_client.py). The API returns text, not token ids:
+    the reply's ids (what the ideal counts as seen) are the reply text tokenized with `tokenizer`, and its tokens are
+    spread evenly over its deltas."""
+
+    def __init__(self, target: str, tokenizer: Tokenizer, *, model: str | None = None, api_key: str | None = None):
+        from bench import openai_client
+
+        self._oc, self._tokenizer = openai_client, tokenizer
+        self._model = model or openai_client.model_info(target, api_key)["model_name"]
+        self._loop = openai_client.LoopThread("w4-http")
+        self._client = openai_client.async_client(target, 600.0, api_key)
+
+    def send(self, messages: Sequence[Mapping[str, str]], max_tokens: int, seed: int, ex: Exchange, timeout: float):
+        body = self._oc.chat_body(list(messages), self._model, max_tokens, seed)
+        result = self._loop.call(self._oc.stream_request(self._client, self._oc.CHAT_PATH, body, ex.record))
+        ex.text = result.text
+        ex.server_prompt_tokens = None if result.usage is None else ex.record.prompt_tokens
+        ex.cached_tokens = ex.record.cached_tokens
+        ex.completion_ids = self._tokenizer.encode(result.text, add_special_tokens=False) if result.text else []
+
+    def close(self) -> None:
+        self._loop.call(self._client.aclose())
+        self._loop.close()
+
+
+class _NoPoller:
+    """Stands in for LoadPoller where no gRPC API answers GetLoad (an OpenAI target alone)."""
+
+    def __enter__(self) -> _NoPoller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "polls": 0,
+            "poll_interval_s": None,
+            "errors": 0,
+            "max": {},
+            "min": {},
+            "kv_pages": None,
+            "most_kv_pages_resident": None,
+        }
+
+
 def run_chat(
     target: str,
     tokenizer: Tokenizer,
@@ -428,14 +489,26 @@ def run_chat(
     timeout: float = 600.0,
     poll_interval: float = LOAD_POLL_S,
     on_done: Callable[[Exchange], None] | None = None,
+    api: str = "grpc",
+    load_target: str | None = None,
+    model: str | None = None,
+    api_key: str | None = None,
 ) -> ChatRun:
-    """Runs W4 against the server at `target` ("host:port"); `tokenizer` must be the server's (for the ideal)."""
+    """Runs W4 against the server at `target`; `tokenizer` must be the server's (for the ideal). `api`: "grpc"
+    (`target` is "host:port" of a MeshServe server) or "openai" (`target` is the base URL of an OpenAI-compatible
+    API, such as the gateway's; `model` the name to send, default its first). GetLoad is polled on `load_target`
+    (default: `target` over gRPC; none over OpenAI unless given)."""
+    if api not in ("grpc", "openai"):
+        raise ValueError(f"api must be 'grpc' or 'openai', got {api!r}")
     script = chat_script(spec, tokenizer)
     exchanges: list[Exchange] = []
     skipped: list[tuple[int, int]] = []
     lock = threading.Lock()
-    channel = grpc.insecure_channel(target)
-    stub = pb_grpc.MeshServeStub(channel)
+    if api == "grpc":
+        transport: GrpcChat | HttpChat = GrpcChat(target)
+        load_target = load_target or target
+    else:
+        transport = HttpChat(target, tokenizer, model=model, api_key=api_key)
     start = time.perf_counter()
 
     def converse(user: int) -> None:
@@ -447,10 +520,9 @@ def run_chat(
         for turn, message in enumerate(script[user], 1):
             history.append({"role": "user", "content": message})
             limit = turn_max_tokens(user, turn, spec.seed, spec.max_tokens)
-            request = chat_request(f"u{user}-t{turn}", history, limit, spec.seed + 1000 * user + turn)
-            record = RequestRecord(request.request_id, sent_at=time.perf_counter() - start)
+            record = RequestRecord(f"u{user}-t{turn}", sent_at=time.perf_counter() - start)
             ex = Exchange(record, tuple(history), user=user, turn=turn, app=app, max_tokens=limit)
-            stream_exchange(stub, request, ex, timeout)
+            transport.send(list(history), limit, spec.seed + 1000 * user + turn, ex, timeout)
             with lock:
                 exchanges.append(ex)
             if on_done is not None:
@@ -461,15 +533,16 @@ def run_chat(
                 return
             history.append({"role": "assistant", "content": ex.text})
 
+    poller = LoadPoller(load_target, poll_interval) if load_target else _NoPoller()
     try:
-        with LoadPoller(target, poll_interval) as poller:
+        with poller:
             threads = [threading.Thread(target=converse, args=(u,), daemon=True) for u in range(spec.users)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
     finally:
-        channel.close()
+        transport.close()
     exchanges.sort(key=lambda e: e.record.sent_at)
     for ex in exchanges:
         try:
@@ -746,17 +819,36 @@ def client_tokenizer(opts: Options) -> Tokenizer:
     return load_tokenizer(resolve_checkpoint(opts.checkpoint))
 
 
-def run_workload(opts: Options, target: str, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
-    """W4 or W5 (`opts.workload`) against `target`, with the server's tokenizer (loaded from the options if None)."""
+def run_workload(
+    opts: Options,
+    target: str,
+    tokenizer: Tokenizer | None = None,
+    *,
+    api: str = "grpc",
+    load_target: str | None = None,
+    api_key: str | None = None,
+) -> dict[str, Any]:
+    """W4 or W5 (`opts.workload`) against `target`, with the server's tokenizer (loaded from the options if None).
+    `api` "openai" (W4 only): `target` is the base URL of an OpenAI-compatible API, GetLoad polled on `load_target`."""
     tokenizer = tokenizer or client_tokenizer(opts)
     if opts.workload == "w4":
         spec = ChatSpec(
             users=opts.users, turns=opts.turns, stagger_s=opts.w4_stagger_s, max_tokens=opts.max_tokens, seed=opts.seed
         )
         bar = tqdm(total=spec.users * spec.turns, desc="W4", file=sys.stderr, disable=not opts.progress, leave=False)
-        run = run_chat(target, tokenizer, spec, on_done=lambda _: bar.update(1))
+        run = run_chat(
+            target,
+            tokenizer,
+            spec,
+            on_done=lambda _: bar.update(1),
+            api=api,
+            load_target=load_target,
+            api_key=api_key,
+        )
         bar.close()
-        return {"workload": "W4", **chat_report(run)}
+        return {"workload": "W4", "api": api, **chat_report(run)}
+    if api != "grpc":
+        raise ValueError(f"{opts.workload.upper()} runs over the gRPC API only (--api=grpc)")
     if opts.workload == "w5":
         bar = tqdm(total=W5_STREAMS + 1, desc="W5", file=sys.stderr, disable=not opts.progress, leave=False)
         figures = run_long_prompt(

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench import roofline as rl
-from bench import stats, workloads
+from bench import stats, step_profile, workloads
 from bench.workloads import Prompt
 from engine.config import ModelConfig, llama_1b_config, tiny_config
 from engine.engine import CapacityError, Engine, EngineConfig, default_dtype
@@ -99,7 +99,35 @@ class Options:
     """Throughput: "hf" also runs HF transformers' generate on the same ids."""
     hf_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
     target: str | None = None
-    """Serve: host:port of a running server; None starts one in this process."""
+    """Serve: host:port of a running server (the base URL of the OpenAI API with `api` openai / both); None starts
+    one in this process (and the gateway in front of it)."""
+    api: str = "grpc"
+    """Serve: "grpc" (MeshServe's API), "openai" (the gateway's OpenAI HTTP API, streamed) or "both" (the W3 request
+    set each way on the same server: the gateway's overhead)."""
+    replica_target: str | None = None
+    """Serve with an OpenAI `target`: host:port of the gRPC API behind it (the direct runs of "both"; GetLoad in W4)."""
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    """Serve over OpenAI: the key sent as a bearer token (never written to the results)."""
+    gateway_rounds: int = 1
+    """Serve "both": rounds of (direct, gateway) back to back, the order alternating between rounds."""
+    gateway_tcp_nodelay: bool = False
+    """Experiment: TCP_NODELAY on the in-process gateway's listening socket (bench/gateway_load.set_tcp_nodelay)."""
+    auth_duration_s: float = 10.0
+    """gateway_auth: seconds of timed load (after one second of warm-up)."""
+    auth_connections: int = 8
+    """gateway_auth: client connections kept busy at once."""
+    auth_limits: str = "all"
+    """gateway_auth: "all" (the user has every limit, set too high to trip) or "none"."""
+    auth_gate: str = "store"
+    """gateway_auth: "store" (StoreGate, keys required) or "open" (OpenGate: the gateway without its store)."""
+    gateway_profile: str | None = None
+    """gateway_auth: profile the gateway process with "py-spy" or "cprofile"."""
+    py_spy: str | None = None
+    """gateway_auth: the py-spy binary (default: the one on PATH)."""
+    gateway_loop: str = "asyncio"
+    """gateway_auth: the gateway process's event loop, "asyncio" (as scripts/gateway.py) or "uvloop"."""
+    gateway_pythonpath: tuple[str, ...] = ()
+    """gateway_auth: folders put first on the gateway process's import path (e.g. one holding httptools)."""
     request_rates: tuple[float, ...] = (1.0, math.inf)
     concurrency: tuple[int, ...] = ()
     """Serve: fixed concurrencies instead of rates."""
@@ -593,78 +621,231 @@ def hf_figures(
 
 # ----- serve (W3) -------------------------------------------------------------------------------------------------
 
+APIS = ("grpc", "openai", "both")
+GATEWAY_TTFT_GOAL = 1.05
+"""`serve --api=both`: the gateway's TTFT p50 over the direct gRPC one that issue 15 asks for at most."""
+
+
+@dataclasses.dataclass
+class _Targets:
+    """Where `serve` sends its requests: the MeshServe gRPC API and / or an OpenAI HTTP API (the gateway's)."""
+
+    grpc: str | None
+    http: str | None
+    server: Any = None
+    gateway: Any = None
+
+    def close(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+        if self.server is not None:
+            self.server.drain(timeout=0)
+            self.server.stop(grace=0)
+
+
+def _serve_targets(opts: Options) -> tuple[_Targets, Tokenizer | None]:
+    """The targets `opts` name; without `target`, an engine server started here and (for openai / both) the open
+    gateway in front of it, both on loopback."""
+    if opts.api not in APIS:
+        raise ValueError(f"api must be one of {', '.join(APIS)}, got {opts.api!r}")
+    if opts.target is not None:
+        if opts.api == "grpc":
+            return _Targets(opts.target, None), None
+        if opts.api == "both" and not opts.replica_target:
+            raise ValueError("--api=both with --target (the gateway's URL) needs --replica_target (host:port of the "
+                             "replica behind it) for the direct runs")  # fmt: skip
+        return _Targets(opts.replica_target, opts.target), None
+    from service.server import MeshServeServer, ServerConfig
+
+    engine, tokenizer = load_model(opts)
+    server = MeshServeServer(
+        engine,
+        tokenizer,
+        ServerConfig(
+            port=0,
+            prefills_per_step=opts.prefills_per_step,
+            prefill_token_budget=opts.prefill_token_budget,
+            max_waiting=4096,
+        ),
+    )
+    server.start()
+    targets = _Targets(f"127.0.0.1:{server.port}", None, server=server)
+    try:
+        if not server.wait_until_ready(1800):
+            raise RuntimeError("in-process server did not finish warm-up")
+        if opts.api != "grpc":
+            from bench.gateway_load import gateway_for
+
+            targets.gateway = gateway_for(targets.grpc, nodelay=opts.gateway_tcp_nodelay).start()
+            targets.http = targets.gateway.base_url
+    except BaseException:
+        targets.close()
+        raise
+    return targets, tokenizer
+
+
+def _load_run(opts: Options, api: str, targets: _Targets, prompt_set: Sequence[Prompt], kind: str, value: float,
+              on_done: Callable[[Any], None]) -> Any:  # fmt: skip
+    """One timed run of the prompt set at one load over one API (serve_client.LoadResult)."""
+    from bench import openai_client, serve_client
+
+    load = {
+        "num_requests": opts.num_requests,
+        "rate": value if kind == "rate" else None,
+        "concurrency": int(value) if kind == "concurrency" else None,
+        "burstiness": opts.burstiness,
+        "warmup": opts.warmup_requests,
+        "seed": opts.seed,
+        "on_done": on_done,
+    }
+    if api == "grpc":
+        return serve_client.run_load(targets.grpc, prompt_set, **load)
+    return openai_client.run_load(targets.http, prompt_set, api_key=opts.api_key, **load)
+
+
+def _prime_prefix_cache(target: str, prompt_set: Sequence[Prompt]) -> int:
+    """Sends every prompt once for one token, so that every timed run that follows finds the same prompts cached
+    (without it, whichever API ran second would find the first one's prompts cached). Returns the failures."""
+    from bench import serve_client
+
+    once = [dataclasses.replace(p, max_tokens=1) for p in prompt_set]
+    result = serve_client.run_load(
+        target, once, num_requests=len(once), concurrency=min(len(once), 16), warmup=0, seed=0
+    )
+    return sum(not r.ok for r in result.records)
+
+
+def _run_json(api: str, result: Any, slo: stats.SLO, round_: int | None) -> dict[str, Any]:
+    out = {
+        "api": api,
+        "rate": result.rate,
+        "concurrency": result.concurrency,
+        "burstiness": result.burstiness,
+        "seed": result.seed,
+        "summary": stats.serving_summary(result.records, result.duration_s, slo),
+        "records": [r.to_json() for r in result.records],
+    }
+    if round_ is not None:
+        out["round"] = round_
+    return out
+
+
+def _p50(records: Sequence[stats.RequestRecord], field: str) -> float:
+    return stats.percentile([v for r in records if r.ok and (v := getattr(r, field)) is not None], 50)
+
+
+def gateway_overhead(results: Sequence[tuple[int, str, Any]]) -> dict[str, Any]:
+    """The gateway's cost at one load from the (round, api, LoadResult) runs of `serve --api=both`: TTFT, TPOT and
+    e2e p50 each way (pooled over rounds) and their ratios (gateway over direct), the median of the rounds' TTFT
+    ratios, and output tokens/s each way (mean over rounds)."""
+    by_api: dict[str, list[Any]] = {"grpc": [], "openai": []}
+    rounds: dict[int, dict[str, Any]] = {}
+    for round_, api, result in results:
+        by_api[api].append(result)
+        rounds.setdefault(round_, {})[api] = result
+
+    def pooled(api: str, field: str) -> float:
+        return _p50([r for res in by_api[api] for r in res.records], field) * 1e3
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else math.nan
+
+    def tokens_per_s(res: Any) -> float:
+        ok = [r for r in res.records if r.ok]
+        return sum(r.output_tokens for r in ok) / res.duration_s if res.duration_s > 0 else math.nan
+
+    per_round = []
+    for i, pair in sorted(rounds.items()):
+        ttft = {api: _p50(pair[api].records, "ttft") * 1e3 for api in ("grpc", "openai")}
+        per_round.append(
+            {
+                "round": i,
+                "order": [api for r, api, _ in results if r == i],
+                "ttft_p50_ms": ttft,
+                "ttft_p50_ratio": ratio(ttft["openai"], ttft["grpc"]),
+                "output_tokens_per_s": {api: tokens_per_s(pair[api]) for api in ("grpc", "openai")},
+            }
+        )
+    out: dict[str, Any] = {"rounds": per_round}
+    for field in ("ttft", "tpot", "e2e"):
+        ms = {api: pooled(api, field) for api in ("grpc", "openai")}
+        out[f"{field}_p50_ms"] = ms
+        out[f"{field}_p50_ratio"] = ratio(ms["openai"], ms["grpc"])
+    out["ttft_p50_ratio_median_of_rounds"] = float(np.median([r["ttft_p50_ratio"] for r in per_round]))
+    throughput = {api: float(np.mean([tokens_per_s(res) for res in by_api[api]])) for api in ("grpc", "openai")}
+    out["output_tokens_per_s"] = throughput
+    out["throughput_ratio"] = ratio(throughput["openai"], throughput["grpc"])
+    out["failed"] = {api: sum(not r.ok for res in by_api[api] for r in res.records) for api in ("grpc", "openai")}
+    out["goal_ttft_ratio"] = GATEWAY_TTFT_GOAL
+    out["meets_goal"] = bool(out["ttft_p50_ratio"] <= GATEWAY_TTFT_GOAL)
+    return out
+
 
 def serve(opts: Options) -> dict[str, Any]:
     """W3: the prompt set sent to a server at each request rate (or concurrency); one summary per run. W4 and W5
-    (`workload`) run their own clients (bench/multiturn.py) against the same server."""
-    from bench import multiturn, serve_client
+    (`workload`) run their own clients (bench/multiturn.py) against the same server.
 
-    server, tokenizer = None, None
-    if opts.target is None:
-        from service.server import MeshServeServer, ServerConfig
+    `api`: "grpc" (MeshServe's API, `target` host:port), "openai" (the gateway's OpenAI HTTP API, streamed; `target`
+    its base URL), or "both": the same request set directly over gRPC and through the gateway, on the same server,
+    in `gateway_rounds` rounds of the two back to back (the order alternating), after every prompt was sent once so
+    both find the same prompts cached; `gateway_overhead` compares them. Without `target` an engine server (and a
+    gateway in front of it) is started here."""
+    from bench import multiturn, openai_client, serve_client
 
-        engine, tokenizer = load_model(opts)
-        server = MeshServeServer(
-            engine,
-            tokenizer,
-            ServerConfig(
-                port=0,
-                prefills_per_step=opts.prefills_per_step,
-                prefill_token_budget=opts.prefill_token_budget,
-                max_waiting=4096,
-            ),
-        )
-        server.start()
-        if not server.wait_until_ready(1800):
-            raise RuntimeError("in-process server did not finish warm-up")
-        target = f"127.0.0.1:{server.port}"
-    else:
-        target = opts.target
+    multi = opts.workload in multiturn.WORKLOADS
+    if opts.api == "both" and multi:
+        raise ValueError("--api=both compares the W3 request set; run W4 / W5 with --api=grpc or --api=openai")
+    if opts.gateway_rounds < 1:
+        raise ValueError(f"--gateway_rounds must be >= 1, got {opts.gateway_rounds}")
+    targets, tokenizer = _serve_targets(opts)
+    where = opts.target or "in-process"
     try:
-        info = serve_client.model_info(target)
-        if opts.workload in multiturn.WORKLOADS:
-            figures = multiturn.run_workload(opts, target, tokenizer)
-            return {**figures, "target": opts.target or "in-process", "server": info}
-        prompt_set = prompts(opts, int(info["vocab_size"]))
+        info = serve_client.model_info(targets.grpc) if targets.grpc else {}
+        if targets.http:
+            info["openai"] = openai_client.model_info(targets.http, opts.api_key)
+        if multi:
+            target = targets.grpc if opts.api == "grpc" else targets.http
+            figures = multiturn.run_workload(
+                opts, target, tokenizer, api=opts.api, load_target=targets.grpc, api_key=opts.api_key
+            )
+            return {**figures, "target": where, "server": info}
+        if targets.grpc is None and opts.random_prompt_lens:
+            raise ValueError("random token prompts need the gRPC API (the OpenAI API takes text)")
+        prompt_set = prompts(opts, int(info.get("vocab_size") or 0))
         loads = [("rate", r) for r in opts.request_rates] if not opts.concurrency else []
         loads += [("concurrency", c) for c in opts.concurrency]
-        runs = []
-        bar = _bar(opts, len(loads) * opts.num_requests, "serve")
+        rounds = opts.gateway_rounds if opts.api == "both" else 1
+        per_load = 2 * rounds if opts.api == "both" else 1
+        runs, overheads, primed = [], [], None
+        if opts.api == "both":
+            primed = {"prompts": len(prompt_set), "failed": _prime_prefix_cache(targets.grpc, prompt_set)}
+        bar = _bar(opts, len(loads) * opts.num_requests * per_load, "serve")
         for kind, value in loads:
-            result = serve_client.run_load(
-                target,
-                prompt_set,
-                num_requests=opts.num_requests,
-                rate=value if kind == "rate" else None,
-                concurrency=int(value) if kind == "concurrency" else None,
-                burstiness=opts.burstiness,
-                warmup=opts.warmup_requests,
-                seed=opts.seed,
-                on_done=lambda _: bar.update(1),
-            )
-            runs.append(
-                {
-                    "rate": result.rate,
-                    "concurrency": result.concurrency,
-                    "burstiness": result.burstiness,
-                    "seed": result.seed,
-                    "summary": stats.serving_summary(result.records, result.duration_s, opts.slo),
-                    "records": [r.to_json() for r in result.records],
-                }
-            )
+            results = []
+            for round_ in range(rounds):
+                order = [opts.api] if opts.api != "both" else ["grpc", "openai"][:: 1 if round_ % 2 == 0 else -1]
+                for api in order:
+                    result = _load_run(opts, api, targets, prompt_set, kind, value, lambda _: bar.update(1))
+                    results.append((round_, api, result))
+                    runs.append(_run_json(api, result, opts.slo, round_ if opts.api == "both" else None))
+            if opts.api == "both":
+                overheads.append({kind: value, **gateway_overhead(results)})
         bar.close()
     finally:
-        if server is not None:
-            server.drain(timeout=0)
-            server.stop(grace=0)
+        targets.close()
     # W3 sends W2's prompts to a server: the same set under either name
     name = workload_name(opts)
-    return {
+    out = {
         "workload": "W3" if name in ("W2", "W3") else name,
-        "target": opts.target or "in-process",
+        "api": opts.api,
+        "target": where,
         "server": info,
         "runs": runs,
     }
+    if opts.api == "both":
+        out["prefix_cache_primed"] = primed
+        out["gateway_overhead"] = overheads
+    return out
 
 
 # ----- sweep ------------------------------------------------------------------------------------------------------
@@ -747,12 +928,39 @@ def sweep(opts: Options) -> dict[str, Any]:
     }
 
 
+# ----- gateway_auth -----------------------------------------------------------------------------------------------
+
+
+def gateway_auth(opts: Options) -> dict[str, Any]:
+    """The gateway's requests/s with keys and limits checked in its store, in front of a replica that answers at
+    once (bench/gateway_load.py)."""
+    from bench import gateway_load
+
+    if opts.auth_limits not in ("all", "none"):
+        raise ValueError(f"--auth_limits must be 'all' or 'none', got {opts.auth_limits!r}")
+    if opts.auth_gate not in ("store", "open"):
+        raise ValueError(f"--auth_gate must be 'store' or 'open', got {opts.auth_gate!r}")
+    return gateway_load.gateway_auth(
+        duration_s=opts.auth_duration_s,
+        connections=opts.auth_connections,
+        limits=None if opts.auth_limits == "all" else {},
+        profiler=opts.gateway_profile,
+        py_spy=opts.py_spy,
+        loop=opts.gateway_loop,
+        extra_path=opts.gateway_pythonpath,
+        gate=opts.auth_gate,
+        nodelay=opts.gateway_tcp_nodelay,
+    )
+
+
 COMMANDS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "roofline": roofline,
     "latency": latency,
     "throughput": throughput,
     "serve": serve,
     "sweep": sweep,
+    "gateway_auth": gateway_auth,
+    "profile": step_profile.profile,
 }
 
 
@@ -772,6 +980,10 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, np.generic):
         return _json_safe(value.item())
     return value
+
+
+def _redacted(secret: str | None) -> str | None:
+    return None if not secret else "<redacted>"
 
 
 def _roofline_from(result: dict[str, Any]) -> rl.Roofline:
@@ -799,7 +1011,15 @@ def plot(command: str, result: dict[str, Any], stem: str) -> list[str]:
             )
         ]
     if command in ("serve", "sweep") and result.get("runs"):
-        return [plots.latency_vs_rate(result["runs"], f"{stem}-latency.png", title=f"W3 latency vs load ({name})")]
+        apis = sorted({r.get("api", "grpc") for r in result["runs"]})
+        return [
+            plots.latency_vs_rate(
+                [r for r in result["runs"] if r.get("api", "grpc") == api and not r.get("round")],
+                f"{stem}-latency{'' if len(apis) == 1 else '-' + api}.png",
+                title=f"W3 latency vs load ({name}{'' if api == 'grpc' else ', ' + api})",
+            )
+            for api in apis
+        ]
     if command == "sweep":
         return [
             plots.throughput_vs_slots(
@@ -840,8 +1060,8 @@ def run_command(
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "elapsed_s": time.time() - started,
             "machine": machine(),
-            "options": dataclasses.asdict(opts),
-            "flags": flags or {},
+            "options": {**dataclasses.asdict(opts), "api_key": _redacted(opts.api_key)},
+            "flags": {k: _redacted(v) if k == "api_key" else v for k, v in (flags or {}).items()},
             "figures": figures,
             "plots": [os.path.basename(p) for p in pngs],
         }

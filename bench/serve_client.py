@@ -90,6 +90,8 @@ def stream_one(
                 record.output_tokens += len(msg.token_ids)
             if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                 record.finish_reason = _FINISH_NAMES.get(msg.finish_reason, str(msg.finish_reason))
+            if msg.HasField("usage"):
+                record.cached_tokens = msg.usage.cached_tokens
             if on_message is not None:
                 on_message(msg, record)
         record.e2e = time.perf_counter() - start

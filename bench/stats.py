@@ -65,6 +65,8 @@ class RequestRecord:
     """gRPC status code name ("OK" on success)."""
     error: str | None = None
     finish_reason: str | None = None
+    cached_tokens: int | None = None
+    """Prompt tokens the server read from its prefix cache (its usage report; None when it sent none)."""
 
     @property
     def ok(self) -> bool:
@@ -135,6 +137,8 @@ def serving_summary(records: Sequence[RequestRecord], duration: float, slo: SLO)
         "request_throughput_per_s": len(ok) / duration if duration > 0 else math.nan,
         "output_tokens_per_s": output_tokens / duration if duration > 0 else math.nan,
         "output_tokens": output_tokens,
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "cached_tokens": sum(r.cached_tokens or 0 for r in ok),
         "ttft_ms": summarize((r.ttft for r in ok), 1e3),
         "tpot_ms": summarize((r.tpot for r in ok), 1e3),
         "itl_ms": summarize((g for r in ok for g in r.itl()), 1e3),

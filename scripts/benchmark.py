@@ -7,11 +7,20 @@
     python scripts/benchmark.py serve --workload=w4 --users=16 --turns=8       # W4 multi-turn chat: reuse vs ideal
     python scripts/benchmark.py serve --workload=w5 --max_tokens=256           # W5: a 6,000-token prompt mid-decode
     python scripts/benchmark.py sweep --slot_counts=8,16,32,64 --slo_tpot_ms=200
+    python scripts/benchmark.py serve --api=openai --workload=w4               # through the gateway's OpenAI API
+    python scripts/benchmark.py serve --api=both --request_rates=1 --gateway_rounds=3   # gateway TTFT / direct
+    python scripts/benchmark.py gateway_auth --auth_duration_s=10              # requests/s with keys + limits
+    python scripts/benchmark.py profile --num_slots=16 --max_seq_len=2048 --contexts=512,1536   # step times: fleet sim
 
 Every run writes <output_dir>/<command>-<time>.json (machine, versions, flags, figures) and its PNG plots, and
 prints the headline figures. Prompts: the synthetic --workload (w1, w2, w3), a --prompts_file JSONL, or random token
 prompts of --random_prompt_lens; `serve` also runs the W4 and W5 workloads (bench/multiturn.py). Formulas and
 workload definitions: shared/PERFORMANCE.md; the logic lives in `bench/` (importable, tested on the tiny model).
+
+`serve --api` picks the client: grpc (MeshServe's API), openai (the gateway's OpenAI HTTP API, streamed with usage;
+bench/openai_client.py; W3 and W4), or both: the W3 request set directly and through the gateway on the same server
+(`gateway_overhead`: TTFT p50 via gateway / direct, goal <= 1.05x, and throughput both ways). `gateway_auth` drives a
+gateway with the real StoreGate (keys, every limit) in front of an instant stub replica (bench/gateway_load.py).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
-from bench import multiturn
+from bench import gateway_load, multiturn
 from bench.runner import COMMANDS, Options, run_command
 from checkpoints.errors import CheckpointError
 from engine.engine import default_dtype
@@ -73,7 +82,56 @@ _BANDWIDTH_MB = flags.DEFINE_integer("bandwidth_mb", 512, "Size of the bandwidth
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the FLOP/s-measuring square matmul.")
 _BASELINE = flags.DEFINE_enum("baseline", None, ["hf"], "Throughput: also run HF transformers generate.")
 _HF_BATCH_SIZES = flags.DEFINE_list("hf_batch_sizes", ["8", "16", "32", "64"], "HF static batch sizes (best wins).")
-_TARGET = flags.DEFINE_string("target", None, "Serve: host:port of a running server (default: start one here).")
+_TARGET = flags.DEFINE_string(
+    "target",
+    None,
+    "Serve: host:port of a running server, or the gateway's base URL with --api=openai|both "
+    "(default: start a server, and a gateway in front of it, here).",
+)
+_API = flags.DEFINE_enum(
+    "api",
+    "grpc",
+    ["grpc", "openai", "both"],
+    "Serve: MeshServe's gRPC API, the gateway's OpenAI HTTP API "
+    "(streamed), or both: the W3 requests directly and through the gateway, on one server (the gateway's overhead).",
+)
+_REPLICA_TARGET = flags.DEFINE_string(
+    "replica_target",
+    None,
+    "Serve with an OpenAI --target: host:port of the gRPC API behind it (the direct runs of "
+    "--api=both; GetLoad polls in W4).",
+)
+_API_KEY = flags.DEFINE_string(
+    "api_key",
+    os.environ.get("MESHSERVE_API_KEY"),
+    "Serve over OpenAI: the API key (default $MESHSERVE_API_KEY); never written to the results.",
+)
+_GATEWAY_ROUNDS = flags.DEFINE_integer(
+    "gateway_rounds", 1, "Serve --api=both: rounds of (direct, gateway) runs, the order alternating."
+)
+_GATEWAY_TCP_NODELAY = flags.DEFINE_bool(
+    "gateway_tcp_nodelay",
+    False,
+    "Experiment: TCP_NODELAY on the gateway's listening socket (serve in-process, gateway_auth).",
+)
+_AUTH_DURATION_S = flags.DEFINE_float("auth_duration_s", 10.0, "gateway_auth: seconds of timed load.")
+_AUTH_CONNECTIONS = flags.DEFINE_integer("auth_connections", 8, "gateway_auth: client connections kept busy.")
+_AUTH_LIMITS = flags.DEFINE_enum(
+    "auth_limits", "all", ["all", "none"], "gateway_auth: the user's limits: all five, set too high to trip, or none."
+)
+_AUTH_GATE = flags.DEFINE_enum(
+    "auth_gate", "store", ["store", "open"], "gateway_auth: StoreGate (keys required) or OpenGate (no store)."
+)
+_GATEWAY_PROFILE = flags.DEFINE_enum(
+    "gateway_profile", None, ["py-spy", "cprofile"], "gateway_auth: profile the gateway process."
+)
+_PY_SPY = flags.DEFINE_string("py_spy", None, "gateway_auth: the py-spy binary (default: on PATH).")
+_GATEWAY_LOOP = flags.DEFINE_enum(
+    "gateway_loop", "asyncio", ["asyncio", "uvloop"], "gateway_auth: the gateway process's event loop."
+)
+_GATEWAY_PYTHONPATH = flags.DEFINE_list(
+    "gateway_pythonpath", [], "gateway_auth: folders first on the gateway process's path (e.g. holding httptools)."
+)
 _REQUEST_RATES = flags.DEFINE_list("request_rates", ["1", "inf"], "Serve: requests/s ('inf': all at once).")
 _CONCURRENCY = flags.DEFINE_list("concurrency", [], "Serve: fixed concurrencies instead of rates.")
 _BURSTINESS = flags.DEFINE_float("burstiness", 1.0, "Gamma shape of arrival gaps: 1 Poisson, <1 burstier.")
@@ -148,6 +206,19 @@ def options() -> Options:
         baseline=_BASELINE.value,
         hf_batch_sizes=_ints(_HF_BATCH_SIZES.value, "hf_batch_sizes"),
         target=_TARGET.value,
+        api=_API.value,
+        replica_target=_REPLICA_TARGET.value,
+        api_key=_API_KEY.value or None,
+        gateway_rounds=_GATEWAY_ROUNDS.value,
+        gateway_tcp_nodelay=_GATEWAY_TCP_NODELAY.value,
+        auth_duration_s=_AUTH_DURATION_S.value,
+        auth_connections=_AUTH_CONNECTIONS.value,
+        auth_limits=_AUTH_LIMITS.value,
+        auth_gate=_AUTH_GATE.value,
+        gateway_profile=_GATEWAY_PROFILE.value,
+        py_spy=_PY_SPY.value,
+        gateway_loop=_GATEWAY_LOOP.value,
+        gateway_pythonpath=tuple(_GATEWAY_PYTHONPATH.value),
         request_rates=rates,
         concurrency=_ints(_CONCURRENCY.value, "concurrency"),
         burstiness=_BURSTINESS.value,
@@ -226,14 +297,29 @@ def headline(command: str, figures: dict) -> list[str]:
         lines.append(f"recommended slots: {figures['recommended_slots']} ({figures['rule']})")
     if command == "serve":
         lines += multiturn.headline(figures)
+    if command == "gateway_auth":
+        lines += gateway_load.headline(figures)
     if command in ("serve", "sweep") and figures.get("runs"):
         for run in figures["runs"]:
             s = run["summary"]
             load = f"rate {run['rate']}" if run["rate"] is not None else f"concurrency {run['concurrency']}"
+            api = "" if run.get("api", "grpc") == "grpc" else f"[{run['api']}] "
+            if "round" in run:
+                api = f"[{run['api']}, round {run['round']}] "
             lines.append(
-                f"  {load}: {s['completed']}/{s['requests']} ok, {_f(s['output_tokens_per_s'])} tok/s, "
+                f"  {api}{load}: {s['completed']}/{s['requests']} ok, {_f(s['output_tokens_per_s'])} tok/s, "
                 f"TTFT p50 {_f(s['ttft_ms']['p50'])} ms, TPOT p50 {_f(s['tpot_ms']['p50'])} ms, "
                 f"goodput {_f(s['goodput_requests_per_s'], '.2f')} req/s"
+            )
+        for o in figures.get("gateway_overhead", []):
+            load = f"rate {o['rate']}" if "rate" in o else f"concurrency {o['concurrency']}"
+            ttft, tok = o["ttft_p50_ms"], o["output_tokens_per_s"]
+            lines.append(
+                f"gateway overhead at {load}: TTFT p50 {_f(ttft['openai'])} ms via gateway / {_f(ttft['grpc'])} ms "
+                f"direct = {_f(o['ttft_p50_ratio'], '.3f')}x (goal <= {o['goal_ttft_ratio']}x: "
+                f"{'met' if o['meets_goal'] else 'NOT met'}; median of {len(o['rounds'])} rounds "
+                f"{_f(o['ttft_p50_ratio_median_of_rounds'], '.3f')}x); TPOT p50 {_f(o['tpot_p50_ratio'], '.3f')}x; "
+                f"output {_f(tok['openai'])} / {_f(tok['grpc'])} tok/s = {_f(o['throughput_ratio'], '.3f')}x"
             )
         if "recommended_rate" in figures:
             lines.append(f"recommended rate: {figures['recommended_rate']} ({figures['rule']})")
