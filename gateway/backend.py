@@ -9,6 +9,7 @@ many replicas (a later issue) implements the same `Replica` interface.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -27,6 +28,12 @@ RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 UNARY_TIMEOUT = 30.0
 """Deadline of the replica's unary calls (tokenize, model info, load), seconds."""
 
+route_key: contextvars.ContextVar[str] = contextvars.ContextVar("route_key", default="")
+"""Routing hint: the caller's key id, set by the front door before `generate`; a router over several replicas uses it
+for fairness between keys in its queue (a single replica ignores it)."""
+client_region: contextvars.ContextVar[str] = contextvars.ContextVar("client_region", default="")
+"""Routing hint: the caller's region ("": the router's own), set by the front door before `generate`."""
+
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a Tokenize reply on a long prompt carries every token's text
 # Retry hint for UNAVAILABLE (warming up, draining, unreachable): the replica gives none.
 _UNAVAILABLE_RETRY_SECONDS = 1.0
@@ -41,6 +48,9 @@ class Generation(Protocol):
     async def __anext__(self) -> pb.GenerateResponse: ...
 
     def cancel(self) -> None: ...
+
+    # A router's generation may also carry `replica: str`, the replica that served it ("a>b" after a failover from
+    # a to b), which the ledger records instead of the router's name.
 
 
 class Replica(Protocol):

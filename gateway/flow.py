@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import ClassVar
 
-from gateway.backend import Generation, Replica
+from gateway.backend import Generation, Replica, route_key
 from gateway.gate import Gate, GateError, Outcome, PreparedRequest, Principal, Ticket
 from protos.meshserve.v1 import meshserve_pb2 as pb
 
@@ -166,6 +166,7 @@ class ChoiceState:
     usage: pb.Usage | None = None
     timings: pb.Timings | None = None
     first_at: float | None = None
+    replica: str | None = None  # the replica that served it, where the stream names one (a router's)
 
 
 _END = object()
@@ -238,6 +239,7 @@ class Run:
             self._fail(GateError(502, f"replica {self.replica.name} failed: {type(e).__name__}", kind="server_error"))
         finally:
             if stream is not None:
+                state.replica = getattr(stream, "replica", None)
                 stream.cancel()  # no-op after a normal end; otherwise the engine frees the slot
 
     def _fail(self, error: GateError) -> None:
@@ -281,7 +283,7 @@ class Run:
             texts = ["".join(c.text) for c in self.choices]
             completion_text = texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False)
         return Outcome(
-            replica=self.replica.name,
+            replica=next((c.replica for c in self.choices if c.replica), None) or self.replica.name,
             prompt_tokens=sum(c.usage.prompt_tokens if c.usage else self.prompt_tokens for c in self.choices),
             cached_tokens=sum(c.usage.cached_tokens if c.usage else 0 for c in self.choices),
             completion_tokens=sum(c.completion_tokens for c in self.choices),
@@ -358,6 +360,9 @@ async def admit(
         # The caller went away (a gRPC deadline, a shutdown) while the gate admitted: settle what it admits.
         admitting.add_done_callback(lambda task: _settle_orphan(task, gate, replica.name, prompt_tokens))
         raise
+    # routing hints for a router over several replicas (its generate() runs in the Run's tasks, which copy this
+    # context)
+    route_key.set(principal.key_id or "")
     try:
         return Run(gate, replica, ticket, prompt_tokens, received_at=received_at)
     except BaseException as e:

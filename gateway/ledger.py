@@ -81,6 +81,9 @@ class Prices:
             return cls.from_dict(json.load(f))
 
     def device_cost(self, replica: str, device_seconds: float) -> float:
+        """`replica` may name a failover path ("a>b", see fleet.router): priced at its last replica, which served
+        the rest of the request."""
+        replica = replica.rsplit(">", 1)[-1]
         price = self.replicas.get(replica) or self.replicas.get(DEFAULT) or ReplicaPrice()
         return device_seconds * price.chips * price.per_chip_hour / 3600.0
 

@@ -1,7 +1,13 @@
-"""Runs the gateway in front of one meshserve replica: the OpenAI HTTP API and the MeshServe gRPC API, one process.
+"""Runs the gateway in front of one meshserve replica, or a fleet of them: the OpenAI HTTP API and the MeshServe gRPC
+API, one process.
 
 python scripts/gateway.py                                  # replica 127.0.0.1:50051; HTTP :8000, gRPC :50052 (loopback)
 python scripts/gateway.py --served_model_name smollm2 --max_body_bytes 1048576
+python scripts/gateway.py --replicas fleet.toml --routing_policy cache_aware --fleet_metrics_port 9091
+
+With --replicas the gateway serves over the fleet router (fleet/router.py): every replica of the file, watched
+(health and load every 0.5 s), routed by --routing_policy, failed over and resumed, a full fleet queued then refused
+with 429; the file is re-read when it changes.
 
 Without --db and --keys_required the gateway runs the open gate: no keys, no limits, nothing recorded. That is only
 allowed on loopback: binding another address needs --keys_required (the store's gate, on --db or the store's default
@@ -25,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 
 import gateway_flags
+from fleet.router import Router
 from gateway.backend import GrpcReplica
 from gateway.server import Gateway, GatewayConfig, is_loopback
 
@@ -42,12 +49,20 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-async def _serve(replica: GrpcReplica, gate, config: GatewayConfig) -> None:
+async def _serve(replica, gate, config: GatewayConfig) -> None:
     gateway = Gateway(replica, gate, config)  # built in the loop that serves it (grpc.aio binds to it)
     try:
         await gateway.start()
     except (RuntimeError, OSError) as e:
         _fail(f"cannot start the gateway: {e}")
+    if isinstance(replica, Router):
+        await replica.start()  # watches every replica from now on (one probe round first)
+        try:
+            port = gateway_flags.serve_fleet_metrics(replica, config.host)
+        except OSError as e:
+            _fail(f"cannot serve the fleet metrics: {e}")
+        if port is not None:
+            print(f"fleet metrics on port {port}", flush=True)
     try:
         info = await replica.model_info()
         logging.info("replica %s serves %s (context %d)", replica.name, info.model_name, info.context_length)
@@ -85,7 +100,10 @@ def main(argv: list[str]) -> None:
         gate, store = gateway_flags.gate()
     except Exception as e:
         _fail(str(e))
-    replica = GrpcReplica(_REPLICA.value, vocab=vocab)
+    try:
+        replica = gateway_flags.router(vocab) or GrpcReplica(_REPLICA.value, vocab=vocab)
+    except ValueError as e:  # a bad replicas file: one line naming the field
+        _fail(str(e))
     try:
         asyncio.run(_serve(replica, gate, config))
     finally:

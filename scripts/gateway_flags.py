@@ -43,6 +43,31 @@ _MAX_BODY_BYTES = flags.DEFINE_integer(
 _SERVED_MODEL_NAME = flags.DEFINE_string(
     "served_model_name", "", "Model name clients send and see (default: the replica's own)."
 )
+_REPLICAS = flags.DEFINE_string(
+    "replicas",
+    "",
+    "Replicas file (TOML or JSON, see fleet/config.py): the gateway routes over every replica it names (health and "
+    "load watched, failover, the gateway queue) and re-reads it on change; empty: the one --replica.",
+)
+_ROUTING_POLICY = flags.DEFINE_enum(
+    "routing_policy",
+    "cache_aware",
+    ["cache_aware", "least_load", "round_robin"],
+    "With --replicas: where requests go (see fleet/policy.py); cache_aware: where the prompt's pages are cached, "
+    "bounded by load.",
+)
+_FLEET_REGION = flags.DEFINE_string(
+    "fleet_region", "", "With --replicas: this gateway's region (its clients prefer replicas there)."
+)
+_FLEET_QUEUE = flags.DEFINE_integer(
+    "fleet_max_queued", 256, "With --replicas: most requests waiting in the gateway for a replica with room."
+)
+_FLEET_WAIT = flags.DEFINE_float(
+    "fleet_max_wait", 10.0, "With --replicas: seconds a request may wait for a replica with room before a 429."
+)
+_FLEET_METRICS_PORT = flags.DEFINE_integer(
+    "fleet_metrics_port", -1, "With --replicas: Prometheus port of the fleet's metrics (0 picks one; -1: none)."
+)
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer",
     "bundled",
@@ -104,6 +129,32 @@ def gate():
     store = Store(_DB.value or default_url())
     logging.info("running the store's gate on %r (keys required: %s)", store, _KEYS_REQUIRED.value)
     return StoreGate(store, keys_required=_KEYS_REQUIRED.value, prices=prices), store
+
+
+def router(tokens: TokenVocab | None):
+    """The fleet router the flags ask for (--replicas), or None for a single replica. Raises ConfigError (one line
+    naming the file and the field) for a bad replicas file."""
+    if not _REPLICAS.value:
+        return None
+    from fleet.admission import AdmissionConfig
+    from fleet.router import Router, RouterConfig
+
+    config = RouterConfig(
+        policy=_ROUTING_POLICY.value,
+        region=_FLEET_REGION.value,
+        admission=AdmissionConfig(max_queued=_FLEET_QUEUE.value, max_wait=_FLEET_WAIT.value),
+    )
+    return Router(os.path.abspath(os.path.expanduser(_REPLICAS.value)), config, vocab=tokens)
+
+
+def serve_fleet_metrics(fleet, host: str) -> int | None:
+    """Serves the router's Prometheus registry on --fleet_metrics_port; returns the port (None: disabled)."""
+    if _FLEET_METRICS_PORT.value < 0:
+        return None
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(_FLEET_METRICS_PORT.value, addr=host, registry=fleet.metrics.registry)
+    return server.server_port
 
 
 class GatewayThread:
