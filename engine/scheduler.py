@@ -143,6 +143,7 @@ class StepResult:
     decode_failed: str | None = None  # the dispatch failed: the engine was reset, every request in it is lost
     prefill_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # each request's share of prefill
     decode_seconds: float = 0.0  # the decode dispatch's wall time
+    busy_seconds: float = 0.0  # wall time of this step's engine calls (prefill and decode)
 
 
 class Executor:
@@ -181,7 +182,9 @@ class Executor:
             start = time.perf_counter()
             try:
                 engine.prefill_batch([p for _, p in self.reading], plan.prefill_budget)
-                self._share_prefill(result, before, time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                self._share_prefill(result, before, seconds)
+                result.busy_seconds += seconds
             except Exception as exc:  # an engine failure fails these requests only (their pages were given back)
                 log.exception("prefill failed for %s", ", ".join(a.request_id for a, _ in self.reading))
                 result.prefill_failed = (tuple(a.request_id for a, _ in self.reading), str(exc))
@@ -209,6 +212,7 @@ class Executor:
             try:
                 result.decoded = engine.generate(plan.decode_steps)
                 result.decode_seconds = time.perf_counter() - start
+                result.busy_seconds += result.decode_seconds
             except Exception as exc:
                 log.exception("decode dispatch failed; resetting the engine (every request in it fails)")
                 result.decode_failed = str(exc)
@@ -248,6 +252,9 @@ class SchedulerStats:
     """Admitted prompts still being read in chunks."""
     preemptions: int = 0
     """Running requests preempted to free KV memory (cumulative; admission 'grow')."""
+    busy_seconds: float = 0.0
+    """Wall time of the engine's prefill and decode calls since start-up (cumulative): what the requests' device
+    seconds add up to."""
     prefix_cache_host_hit_tokens: int = 0
     """Of prefix_cache_hit_tokens, those restored from the host tier (cumulative)."""
     kv_host_pages: int = 0
@@ -310,6 +317,7 @@ class Scheduler:
         self._rng = random.Random()
         self._steps = 0
         self._preemptions = 0
+        self._busy_seconds = 0.0
         self._last_dispatch = (0.0, 0, 0)
 
     # ----- called from any thread -------------------------------------------------------------------------------
@@ -389,6 +397,7 @@ class Scheduler:
             kv_evictions=pool.stats.evictions,
             prefilling=len(self.executor.reading),
             preemptions=self._preemptions,
+            busy_seconds=self._busy_seconds,
             **self._host_stats(),
         )
 
@@ -519,6 +528,7 @@ class Scheduler:
                 req.device_seconds += result.prefill_seconds.get(req.request_id, 0.0)
         self._stream_prefills(plan, result)  # first tokens go out before the decode dispatch
         self.executor.decode(plan, result)
+        self._busy_seconds += result.busy_seconds
         if result.decoded is not None:
             valid = result.decoded.valid.sum(axis=0)  # [B] tokens per slot
             self._last_dispatch = (result.decode_seconds, int(valid.sum()), self.engine.last_window)

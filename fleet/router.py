@@ -26,7 +26,8 @@ nor does an engine failure on one request (INTERNAL: passed to the client, not r
 replicas join, removed ones finish their streams and leave.
 
 Who sent a request (the key, for fairness) and from where (the region) are read from the context variables
-`route_key` and `client_region`, which the front door sets; the router's own `RouterConfig.region` is the default.
+`gateway.backend.route_key` and `client_region`, which the front door sets; the router's own `RouterConfig.region`
+is the default.
 """
 
 from __future__ import annotations

@@ -170,6 +170,11 @@ class ServerMetrics:
             "Cached KV pages reclaimed for new sequences (least recently used first).",
             registry=r,
         )
+        self.busy = Counter(
+            "meshserve_engine_busy_seconds",
+            "Wall time of the engine's prefill and decode calls; the requests' Usage.device_seconds add up to it.",
+            registry=r,
+        )
         self.preemptions = Counter(
             "meshserve_preemptions",
             "Running requests preempted to free KV pages (admission 'grow'); each resumes from the prefix cache.",
@@ -191,7 +196,7 @@ class ServerMetrics:
             "meshserve_engine_loop_errors", "Exceptions that escaped a scheduler step.", registry=r
         )
         self._last_step = -1
-        self._prefix_seen: tuple[int, ...] | None = None
+        self._prefix_seen: tuple[float, ...] | None = None
         self._evictions_seen: int | None = None
         self._http: Any = None
         self._lock = threading.Lock()
@@ -271,6 +276,7 @@ class ServerMetrics:
             stats.kv_host_spilled_pages,
             stats.kv_host_restored_pages,
             stats.preemptions,
+            stats.busy_seconds,
         )
         if self._prefix_seen is not None:
             up = [max(now - before, 0) for now, before in zip(seen, self._prefix_seen, strict=True)]
@@ -280,6 +286,7 @@ class ServerMetrics:
             self.kv_host_pages.labels("spilled").inc(up[3])
             self.kv_host_pages.labels("restored").inc(up[4])
             self.preemptions.inc(up[5])
+            self.busy.inc(up[6])
         self._prefix_seen = seen
         self.kv_host_bytes.labels("used").set(stats.kv_host_bytes)
         self.kv_host_bytes.labels("capacity").set(stats.kv_host_capacity_bytes)

@@ -1105,6 +1105,8 @@ def test_device_seconds_add_up_to_the_engine_busy_time(engine, monkeypatch):
     shares = [o[-1].device_seconds for o in outs.values()]
     assert all(x > 0 for x in shares)
     assert sum(shares) == pytest.approx(sum(busy), rel=0.05)
+    # the scheduler's own count (the meshserve_engine_busy_seconds_total counter) measures the same calls
+    assert scheduler.stats().busy_seconds == pytest.approx(sum(busy), rel=0.05)
 
 
 # ----- logprobs ---------------------------------------------------------------------------------------------------

@@ -436,6 +436,7 @@ def test_metrics_move_as_requests_run(tiny, monkeypatch):
     assert after["meshserve_request_latency_seconds_count"] == 3
     assert after["meshserve_queue_time_seconds_count"] == 3
     assert 0 < during["meshserve_decode_batch_occupancy"] <= 1
+    assert 0 < during["meshserve_engine_busy_seconds_total"] <= after["meshserve_engine_busy_seconds_total"]
     assert during["meshserve_step_arithmetic_intensity"] > 0 and during["meshserve_bandwidth_utilization"] > 0
 
 
