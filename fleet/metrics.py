@@ -1,5 +1,6 @@
 """Prometheus metrics of the fleet, per replica and region, in a registry of their own (one per router, so tests and
-several routers in one process never collide). `scripts/gateway.py --fleet_metrics_port` serves it.
+several routers in one process never collide). A gateway over the router serves it with its own at `GET /metrics`
+(gateway/openai_api.py); `scripts/gateway.py --fleet_metrics_port` also serves it alone on a port of its own.
 
 Series (every replica series carries `replica` and `region` labels; sum by region for a region's figure):
   meshserve_fleet_replica_up                    1 while the router routes to it (healthy, not draining)

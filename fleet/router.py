@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import importlib.resources
 import logging
 import random
 import time
@@ -143,6 +144,8 @@ class _Member:
         self.routed_at: collections.deque[float] = collections.deque()
         self.routed = 0
         self.failures = 0
+        self.prompt_tokens = 0  # of the streams it finished: their hit rate is cached / prompt
+        self.cached_tokens = 0
         self.last_error = ""
 
     @property
@@ -211,6 +214,7 @@ class Router:
         self._started: asyncio.Future | None = None
         self._queue_wake: asyncio.Event | None = None
         self._shed: collections.Counter[str] = collections.Counter()
+        self._shed_regions: collections.Counter[str] = collections.Counter()  # by the refused client's region
         self._shed_at: collections.deque[float] = collections.deque()
         self._failovers: collections.Counter[str] = collections.Counter()
         self._closed = False
@@ -403,6 +407,7 @@ class Router:
 
     def _refuse(self, refusal: Refusal, region: str) -> GateError:
         self._shed[refusal.reason] += 1
+        self._shed_regions[region] += 1
         self._shed_at.append(time.monotonic())
         self.metrics.shed.labels(refusal.reason, region).inc()
         return GateError(
@@ -573,8 +578,9 @@ class Router:
     # ----- the fleet view -----
 
     def snapshot(self) -> dict[str, Any]:
-        """The fleet as JSON-able data for a dashboard: each replica (by region) with its health, load, KV use,
-        requests/s and cost; per-region and fleet totals; the queue and what was shed."""
+        """The fleet as JSON-able data for a dashboard (`fleet/dashboard.html`, served by the gateway at /fleet.json):
+        each replica with its health, load, KV use, prefix-cache hit rate, requests/s and cost; per-region and fleet
+        totals; the queue and what was shed. Regions and replicas are sorted by name."""
         now = time.monotonic()
         replicas = []
         for m in [*self._members.values(), *self._retiring]:
@@ -598,6 +604,9 @@ class Router:
                     "kv_pages_used": v.kv_pages_used,
                     "kv_pages_cached": v.kv_pages_cached,
                     "kv_used": round(v.kv_pages_used / v.kv_pages_total, 4) if v.kv_pages_total else 0.0,
+                    "prompt_tokens": m.prompt_tokens,
+                    "cached_tokens": m.cached_tokens,
+                    "hit_rate": _ratio(m.cached_tokens, m.prompt_tokens),
                     "requests_per_s": round(m.rate(now), 3),
                     "routed": m.routed,
                     "failures": m.failures,
@@ -607,31 +616,63 @@ class Router:
             )
         regions: dict[str, dict[str, Any]] = {}
         for r in replicas:
-            g = regions.setdefault(
-                r["region"],
-                {"replicas": 0, "up": 0, "slots": 0, "slots_used": 0, "requests_per_s": 0.0, "cost_per_hour": 0.0},
-            )
-            g["replicas"] += 1
-            g["up"] += r["state"] == "up"
-            g["slots"] += r["slots"] if r["state"] == "up" else 0
-            g["slots_used"] += r["slots_used"] if r["state"] == "up" else 0
-            g["requests_per_s"] = round(g["requests_per_s"] + r["requests_per_s"], 3)
-            g["cost_per_hour"] = round(g["cost_per_hour"] + r["cost_per_hour"], 4)
+            g = regions.setdefault(r["region"], _totals())
+            _add(g, r)
+        for region, shed in self._shed_regions.items():
+            regions.setdefault(region, _totals())["shed"] = shed
         while self._shed_at and self._shed_at[0] < now - _RATE_WINDOW:
             self._shed_at.popleft()
+        fleet = _totals()
+        for r in replicas:
+            _add(fleet, r)
+        fleet["shed"] = sum(self._shed.values())
         return {
             "policy": self.policy.name,
             "model": self._info.model_name if self._info is not None else None,
             "replicas": sorted(replicas, key=lambda r: (r["region"], r["name"])),
-            "regions": regions,
+            "regions": dict(sorted(regions.items())),
+            "totals": fleet,
             "queue": {"length": len(self.queue), "max": self.config.admission.max_queued},
             "shed": dict(self._shed),
             "shed_per_s": round(len(self._shed_at) / _RATE_WINDOW, 3),
             "failovers": dict(self._failovers),
-            "requests_per_s": round(sum(r["requests_per_s"] for r in replicas), 3),
-            "cost_per_hour": round(sum(r["cost_per_hour"] for r in replicas), 4),
+            "requests_per_s": fleet["requests_per_s"],
+            "cost_per_hour": fleet["cost_per_hour"],
             "config_error": self._watcher.error if self._watcher is not None else None,
         }
+
+    def dashboard_html(self) -> str:
+        """The fleet's dashboard page (`fleet/dashboard.html`): static HTML that polls `/fleet.json` every second."""
+        return _DASHBOARD.read_text(encoding="utf-8")
+
+
+_DASHBOARD = importlib.resources.files("fleet") / "dashboard.html"
+
+
+def _ratio(part: float, whole: float) -> float:
+    return round(part / whole, 4) if whole else 0.0
+
+
+def _totals() -> dict[str, Any]:
+    """A region's or the fleet's sums; capacity (slots, KV pages) counts the replicas that are up."""
+    keys = ("replicas", "up", "slots", "slots_used", "waiting", "in_flight", "kv_pages_total", "kv_pages_used")
+    out: dict[str, Any] = dict.fromkeys(keys, 0)
+    out.update(prompt_tokens=0, cached_tokens=0, hit_rate=0.0, routed=0, requests_per_s=0.0, cost_per_hour=0.0)
+    out["shed"] = 0
+    return out
+
+
+def _add(g: dict[str, Any], r: dict[str, Any]) -> None:
+    up = r["state"] == "up"
+    g["replicas"] += 1
+    g["up"] += up
+    for key in ("slots", "slots_used", "kv_pages_total", "kv_pages_used"):
+        g[key] += r[key] if up else 0
+    for key in ("waiting", "in_flight", "prompt_tokens", "cached_tokens", "routed"):
+        g[key] += r[key]
+    g["hit_rate"] = _ratio(g["cached_tokens"], g["prompt_tokens"])
+    g["requests_per_s"] = round(g["requests_per_s"] + r["requests_per_s"], 3)
+    g["cost_per_hour"] = round(g["cost_per_hour"] + r["cost_per_hour"], 4)
 
 
 def _state(m: _Member) -> str:
@@ -901,4 +942,6 @@ class RoutedGeneration:
                 labels = (member.name, member.view.region)
                 router.metrics.prompt_tokens.labels(*labels).inc(last.usage.prompt_tokens)
                 router.metrics.cached_tokens.labels(*labels).inc(last.usage.cached_tokens)
+                member.prompt_tokens += last.usage.prompt_tokens
+                member.cached_tokens += last.usage.cached_tokens
         self._end_attempt()

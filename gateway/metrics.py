@@ -30,7 +30,16 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 HTTP_ROUTES = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback", "/health", "/metrics"}
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/feedback",
+        "/health",
+        "/metrics",
+        "/fleet",
+        "/fleet.json",
+    }
 )
 """The HTTP routes named in labels; `/v1/models/<name>` is `/v1/models/{model}`, anything else `other`."""
 

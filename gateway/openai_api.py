@@ -4,6 +4,11 @@
   GET /metrics (the gateway's own Prometheus metrics, gateway/metrics.py; no key needed: they name no caller)
 
 over one `Replica`, with the `Gate` deciding who may do what (see gateway/gate.py and gateway/flow.py for the flow).
+When the replica is a fleet (a `FleetView`, such as `fleet.router.Router`), the app also serves the fleet's view:
+
+  GET /fleet (its dashboard page)   GET /fleet.json (its snapshot)   and its metrics inside GET /metrics
+
+with no key, as /metrics: operators' pages, naming replicas and their addresses but no caller.
 
 Decisions:
 - Errors are always OpenAI's `{"error": {"message", "type", "param", "code"}}`: validation 400 naming the field and the
@@ -37,11 +42,13 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -514,6 +521,49 @@ class _Choices:
         return choices
 
 
+# ----- the fleet view -----------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class FleetView(Protocol):
+    """What a replica that is a fleet of replicas (`fleet.router.Router`) shows through the gateway: a dashboard page,
+    the JSON it polls, and a Prometheus registry of its own. The gateway knows nothing else of fleets."""
+
+    metrics: Any
+    """Has `registry`, a `prometheus_client.CollectorRegistry`: the fleet's series."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """The fleet now, JSON-able (served at /fleet.json)."""
+        ...
+
+    def dashboard_html(self) -> str:
+        """A self-contained page (inline CSS and JS, no external assets) that polls /fleet.json."""
+        ...
+
+
+class _Forward(Collector):
+    """Another registry's series, collected at scrape time into this one: the fleet's into the gateway's, so one
+    scrape of /metrics sees both (their names never collide: `meshserve_fleet_*` vs `meshserve_gateway_*`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def describe(self) -> list:
+        return []  # collected lazily: the fleet's series come and go with its replicas
+
+    def collect(self):
+        return self._registry.collect()
+
+
+# the page may run its own inline script and style, and fetch from this gateway only
+_DASHBOARD_HEADERS = {
+    "cache-control": "no-store",
+    "content-security-policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
+    ),
+}
+
+
 # ----- the app ------------------------------------------------------------------------------------------------------
 
 
@@ -712,11 +762,15 @@ def create_app(
     served_model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: GatewayMetrics | None = None,
+    fleet: FleetView | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible API over `replica`, guarded by `gate`. `served_model_name`: the model name clients send
     (None: the replica's own); `max_body_bytes`: larger request bodies get 413; `metrics`: where to count (the
-    gateway's, shared with its gRPC front; None: the app's own), served at /metrics."""
+    gateway's, shared with its gRPC front; None: the app's own), served at /metrics; `fleet`: a fleet whose view is
+    served at /fleet and /fleet.json and whose registry is added to `metrics`' (None: no fleet view)."""
     metrics = metrics or GatewayMetrics(gate)
+    if fleet is not None:
+        metrics.registry.register(_Forward(fleet.metrics.registry))
     api = _Api(replica, gate, served_model_name, metrics)
     app = FastAPI(title="meshserve gateway", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api, app.state.metrics = api, metrics
@@ -772,6 +826,16 @@ def create_app(
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    if fleet is not None:
+
+        @app.get("/fleet")
+        async def fleet_page() -> HTMLResponse:
+            return HTMLResponse(fleet.dashboard_html(), headers=_DASHBOARD_HEADERS)
+
+        @app.get("/fleet.json")
+        async def fleet_json() -> JSONResponse:
+            return JSONResponse(fleet.snapshot(), headers={"cache-control": "no-store"})
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(HttpMetrics, metrics=metrics)  # outermost: 413s and errors are counted too

@@ -1,7 +1,9 @@
 """One gateway process: the OpenAI HTTP API (uvicorn) and the gRPC front (grpc.aio) on one event loop, over one
 replica and one gate, with a graceful stop: both stop accepting, open streams finish (up to `drain_timeout`), every
 admitted request is settled with the gate, then the gate's `shutdown()` (or `close()`) runs if it has one. Both fronts
-count into one `GatewayMetrics` (gateway/metrics.py), served at the HTTP port's `GET /metrics`.
+count into one `GatewayMetrics` (gateway/metrics.py), served at the HTTP port's `GET /metrics`. Over a fleet (a replica
+that is an `openai_api.FleetView`, such as `fleet.router.Router`) the HTTP port also serves the fleet's dashboard at
+`GET /fleet`, its snapshot at `GET /fleet.json`, and the fleet's metrics inside `GET /metrics`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from gateway.backend import Replica
 from gateway.gate import Gate
 from gateway.grpc_front import GrpcFront
 from gateway.metrics import GatewayMetrics
-from gateway.openai_api import DEFAULT_MAX_BODY_BYTES, create_app
+from gateway.openai_api import DEFAULT_MAX_BODY_BYTES, FleetView, create_app
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,17 @@ class _Uvicorn(uvicorn.Server):
 class Gateway:
     """Both fronts over one replica and gate; `start()` and `stop()` run in the event loop that serves them."""
 
-    def __init__(self, replica: Replica, gate: Gate, config: GatewayConfig | None = None) -> None:
+    def __init__(
+        self, replica: Replica, gate: Gate, config: GatewayConfig | None = None, *, fleet: FleetView | None = None
+    ) -> None:
+        """`fleet`: whose view the HTTP front serves (/fleet, /fleet.json, its metrics in /metrics); default the
+        replica itself when it is a `FleetView` (a fleet router), else none."""
         self.config = config = config or GatewayConfig()
         config.validate()
         self.replica, self.gate = replica, gate
+        if fleet is None and isinstance(replica, FleetView):
+            fleet = replica
+        self.fleet = fleet
         self.metrics = GatewayMetrics(gate)
         """The gateway's own metrics, one registry for both fronts (served at the HTTP front's /metrics)."""
         self.app = create_app(
@@ -85,6 +94,7 @@ class Gateway:
             served_model_name=config.served_model_name,
             max_body_bytes=config.max_body_bytes,
             metrics=self.metrics,
+            fleet=fleet,
         )
         self.grpc = GrpcFront(
             replica,

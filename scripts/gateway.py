@@ -3,11 +3,13 @@ API, one process.
 
 python scripts/gateway.py                                  # replica 127.0.0.1:50051; HTTP :8000, gRPC :50052 (loopback)
 python scripts/gateway.py --served_model_name smollm2 --max_body_bytes 1048576
-python scripts/gateway.py --replicas fleet.toml --routing_policy cache_aware --fleet_metrics_port 9091
+python scripts/gateway.py --replicas fleet.toml --routing_policy cache_aware
 
 With --replicas the gateway serves over the fleet router (fleet/router.py): every replica of the file, watched
 (health and load every 0.5 s), routed by --routing_policy, failed over and resumed, a full fleet queued then refused
-with 429; the file is re-read when it changes.
+with 429; the file is re-read when it changes. The HTTP port then also serves the fleet's dashboard at /fleet (its
+JSON at /fleet.json) and the fleet's Prometheus series with the gateway's at /metrics; --fleet_metrics_port serves
+the fleet's series alone on a port of their own as well.
 
 Without --db and --keys_required the gateway runs the open gate: no keys, no limits, nothing recorded. That is only
 allowed on loopback: binding another address needs --keys_required (the store's gate, on --db or the store's default
@@ -63,6 +65,7 @@ async def _serve(replica, gate, config: GatewayConfig) -> None:
             _fail(f"cannot serve the fleet metrics: {e}")
         if port is not None:
             print(f"fleet metrics on port {port}", flush=True)
+        print(f"fleet dashboard at http://{config.host}:{gateway.http_port}/fleet", flush=True)
     try:
         info = await replica.model_info()
         logging.info("replica %s serves %s (context %d)", replica.name, info.model_name, info.context_length)

@@ -66,7 +66,10 @@ _FLEET_WAIT = flags.DEFINE_float(
     "fleet_max_wait", 10.0, "With --replicas: seconds a request may wait for a replica with room before a 429."
 )
 _FLEET_METRICS_PORT = flags.DEFINE_integer(
-    "fleet_metrics_port", -1, "With --replicas: Prometheus port of the fleet's metrics (0 picks one; -1: none)."
+    "fleet_metrics_port",
+    -1,
+    "With --replicas: a Prometheus port of its own for the fleet's metrics (0 picks one; -1: none; the gateway's "
+    "/metrics serves them anyway).",
 )
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer",
