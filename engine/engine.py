@@ -223,8 +223,8 @@ class HostBook:
 
     def _attach(self, p: Prefix, sharers: dict[int, int]) -> None:
         """Takes a prompt's cached opening: matching full pages shared as they are (each one less to allocate), then
-        a partly matching page taken over when nobody holds it and no other prompt of this call wants it, else
-        copied into a page of the prompt's own (copy-on-write). `sharers`: prompts of this call per partial page."""
+        a partly matching page taken over when it is a partly filled page nobody holds and no other prompt of this
+        call wants (`PagePool.adoptable`), else copied into a page of the prompt's own (copy-on-write). `sharers`: prompts of this call per partial page."""
         p.attached = True
         match = self._peek(p)
         for page in match.pages:
@@ -248,8 +248,10 @@ class HostBook:
                 self.host.stats.hit_tokens += p.host_cached
                 self.prefix_stats.host_hit_tokens += p.host_cached
                 self._index(p.tokens[:cached], p.pages)  # later prompts of this call find them on the device
-        if copy is not None and self.pool.refs[copy] == 0 and sharers.get(copy, 0) <= 1:
-            self.pool.adopt(copy)  # an evictable page becomes this prompt's: one page less to allocate
+        if copy is not None and self.pool.adoptable(copy) and sharers.get(copy, 0) <= 1:
+            # an evictable partial page (typically the end of this conversation's previous turn) becomes this
+            # prompt's: one page less to allocate and no copy
+            self.pool.adopt(copy)
             self.pool.unreserve(1)
             p.reserved -= 1
             p.pages.append(copy)

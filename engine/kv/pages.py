@@ -171,11 +171,19 @@ class PagePool:
             self._lru.pop(page, None)  # a cached page in use again
         self.refs[page] += 1
 
+    def adoptable(self, page: int) -> bool:
+        """Whether `adopt` may take `page`: a cached, partly filled page nobody holds. Never a full page: other
+        sequences' later pages hang below it in the chain, and adopting it would drop them all from the index (a
+        new user of an app, diverging inside the page after the shared system prompt, would wipe every idle
+        conversation of that app); a full page is copied instead."""
+        node = self._node_of_page.get(page)
+        return node is not None and not node.full and self.refs[page] == 0 and page in self._lru
+
     def adopt(self, page: int) -> None:
-        """Takes a cached page no sequence holds as a sequence's own (one reference), un-indexing it and its
-        descendants: the new holder will overwrite it past the positions it shares (no copy needed)."""
-        if self.refs[page] != 0 or page not in self._lru:
-            raise ValueError(f"page {page} is not a cached page that nobody holds")
+        """Takes a cached, partly filled page no sequence holds (see `adoptable`) as a sequence's own (one
+        reference), un-indexing it: the new holder will overwrite it past the positions it shares (no copy)."""
+        if not self.adoptable(page):
+            raise ValueError(f"page {page} is not a cached, partly filled page that nobody holds")
         self.refs[page] = 1
         del self._lru[page]
         self._forget(self._node_of_page[page], spill=True)
