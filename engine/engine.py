@@ -224,7 +224,8 @@ class HostBook:
     def _attach(self, p: Prefix, sharers: dict[int, int]) -> None:
         """Takes a prompt's cached opening: matching full pages shared as they are (each one less to allocate), then
         a partly matching page taken over when it is a partly filled page nobody holds and no other prompt of this
-        call wants (`PagePool.adoptable`), else copied into a page of the prompt's own (copy-on-write). `sharers`: prompts of this call per partial page."""
+        call wants (`PagePool.adoptable`), else copied into a page of the prompt's own (copy-on-write).
+        `sharers`: prompts of this call per partial page."""
         p.attached = True
         match = self._peek(p)
         for page in match.pages:
