@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fleet.policy import ReplicaView, available
@@ -197,3 +197,28 @@ class AdmissionQueue:
     def queued_by_priority(self) -> dict[int, int]:
         """Queued requests per priority band."""
         return {p: sum(len(q) for q in band.values()) for p, band in self._bands.items()}
+
+
+def enqueue(queue: AdmissionQueue, item: Any, *, key: str, priority: int, now: float) -> tuple[Waiter | None, list]:
+    """Queues `item` for a replica: (its waiter, or None when it is refused; the waiters shed to make room for it,
+    which the caller refuses). The router and the simulator both admit through this and `drain`."""
+    waiter = queue.push(item, key=key, priority=priority, now=now)
+    return waiter, queue.take_shed()
+
+
+def drain(
+    queue: AdmissionQueue, pick: Callable[[Any], Any | None], gone: Callable[[Any], bool] = lambda item: False
+) -> Iterator[tuple[Waiter, Any]]:
+    """Hands queued requests to replicas in the queue's order (priority bands, keys in turn): yields (waiter, what
+    `pick(item)` chose) for each, popped, while the next one in turn finds room; stops at the first that finds none,
+    so nothing overtakes it. Waiters whose item is `gone` (the caller went away) are dropped on the way. Lazy: the
+    caller dispatches each before the next pick sees the replicas."""
+    while (waiter := queue.peek()) is not None:
+        if gone(waiter.item):
+            queue.remove(waiter)
+            continue
+        chosen = pick(waiter.item)
+        if chosen is None:
+            return
+        queue.pop()
+        yield waiter, chosen

@@ -428,9 +428,11 @@ class Router:
             raise self._refuse(admission.refusal(views, self.config.admission), route.region)
         future: asyncio.Future[_Member] = asyncio.get_running_loop().create_future()
         now = time.monotonic()
-        waiter = self.queue.push((future, route, exclude), key=route.key, priority=route.priority, now=now)
-        for shed in self.queue.take_shed():
-            self._fail_waiter(shed, now)
+        waiter, shed = admission.enqueue(
+            self.queue, (future, route, exclude), key=route.key, priority=route.priority, now=now
+        )
+        for dropped in shed:
+            self._fail_waiter(dropped, now)
         if waiter is None:
             refusal = admission.refusal(views, self.config.admission, queued=len(self.queue))
             raise self._refuse(refusal, route.region)
@@ -457,16 +459,10 @@ class Router:
 
     def _dispatch(self) -> None:
         """Hands queued requests to replicas while the next one in turn finds room."""
-        while (waiter := self.queue.peek()) is not None:
-            future, route, exclude = waiter.item
-            if future.done():
-                self.queue.remove(waiter)
-                continue
-            m = self._pick(route, exclude)
-            if m is None:
-                break
-            self.queue.pop()
-            future.set_result(m)
+        for waiter, m in admission.drain(
+            self.queue, lambda item: self._pick(item[1], item[2]), gone=lambda item: item[0].done()
+        ):
+            waiter.item[0].set_result(m)
         self.metrics.queue.set(len(self.queue))
 
     async def _expire_loop(self) -> None:

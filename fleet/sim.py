@@ -233,9 +233,9 @@ class FleetSim:
         if view is not None:
             self._dispatch(pending, view, now)
             return
-        waiter = self.queue.push(pending, key=pending.route.key, priority=pending.route.priority, now=now)
-        for shed in self.queue.take_shed():
-            self._refuse(shed.item, self._reason(waited=now - shed.enqueued_at), now)
+        waiter, shed = adm.enqueue(self.queue, pending, key=pending.route.key, priority=pending.route.priority, now=now)
+        for dropped in shed:
+            self._refuse(dropped.item, self._reason(waited=now - dropped.enqueued_at), now)
         if waiter is None:
             self._refuse(pending, self._reason(waited=0.0), now)
             return
@@ -259,14 +259,7 @@ class FleetSim:
 
     def _drain_queue(self, now: float) -> None:
         """Admits queued requests while some replica has room (after a request ended or a load report)."""
-        while True:
-            waiter = self.queue.peek()
-            if waiter is None:
-                return
-            view = self.policy.pick(waiter.item.route, self.views, now)
-            if view is None:
-                return
-            self.queue.pop()
+        for waiter, view in adm.drain(self.queue, lambda pending: self.policy.pick(pending.route, self.views, now)):
             waiter.item.record.queued_s = now - waiter.enqueued_at
             self._dispatch(waiter.item, view, now)
 

@@ -325,3 +325,26 @@ def test_config_watcher_reloads_on_change_and_keeps_the_last_good(tmp_path):
     os.utime(path, (2e9, 2e9))
     assert watcher.poll() is None and "replicas[0].address" in watcher.error
     assert [s.address for s in watcher.specs] == ["h:1", "h:2"]
+
+
+def test_enqueue_and_drain_hand_out_in_turn_and_never_let_the_head_be_overtaken():
+    """The glue the router and the simulator share: drain yields lazily in the queue's order, drops items whose
+    caller went away, and stops at the first item that finds no room even if a later one would."""
+    q = AdmissionQueue(AdmissionConfig(max_queued=3, max_wait=10.0))
+    assert admission.enqueue(q, "free-a", key="a", priority=0, now=0.0)[1] == []
+    admission.enqueue(q, "free-newest", key="b", priority=0, now=0.5)
+    admission.enqueue(q, "paid", key="c", priority=2, now=0.0)
+    waiter, shed = admission.enqueue(q, "paid-2", key="d", priority=2, now=0.0)  # full: sheds the newest free one
+    assert waiter is not None and [w.item for w in shed] == ["free-newest"]
+    rooms = iter(["r0", "r1"])
+    picked = []
+    for w, room in admission.drain(q, lambda item: next(rooms, None)):
+        picked.append((w.item, room))
+        assert len(q) == 3 - len(picked)  # popped before the caller sees it
+    assert picked == [("paid", "r0"), ("paid-2", "r1")] and len(q) == 1
+    # the head finds no room: nothing behind it is handed out
+    admission.enqueue(q, "free-b", key="b", priority=0, now=1.0)
+    assert list(admission.drain(q, lambda item: None if item == "free-a" else "r2")) == [] and len(q) == 2
+    # a head whose caller went away is dropped, and the next one goes
+    out = list(admission.drain(q, lambda item: "r3", gone=lambda item: item == "free-a"))
+    assert [(w.item, room) for w, room in out] == [("free-b", "r3")] and len(q) == 0
