@@ -331,7 +331,11 @@ class Scheduler:
 
         A request may arrive with `generated` already holding tokens: what an earlier attempt of it produced before
         its stream was cut (failover to this replica). It continues from there exactly as a preempted request resumes
-        (the sampler's random stream goes on after them); they count toward max_tokens and are not streamed again."""
+        (the sampler's random stream goes on after them); they count toward max_tokens and are not streamed again.
+        Their text is taken as streamed exactly as this scheduler would have streamed it: stop strings are matched
+        over it too, so the text a stream held back because it might begin a stop string comes out here (or the
+        stop string it began ends the request); if it already holds a whole stop string, the request ends at once
+        with finish reason "stop" and nothing more."""
         self.validate(request.prompt_tokens, request.params)
         if request.generated:
             if len(request.generated) >= request.params.max_tokens:
@@ -565,8 +569,19 @@ class Scheduler:
                 # tokens that came with the request were streamed by an earlier attempt: read them into the text
                 # state without emitting, so the text goes on where that stream stopped (a character whose bytes
                 # straddle the cut is completed here, as it would have been there)
-                req.detok.add(req.generated)
                 req.stops = StopStringMatcher(req.params.stop) if req.params.stop else None
+                if req.stops is None:
+                    req.detok.add(req.generated)
+                elif req.generated:
+                    # and into the stop-string matcher, one token at a time as `_feed_stops` fed that stream, so both
+                    # end in the state that stream's had: what they let through is what it emitted; what they hold
+                    # back (bytes of an unfinished character, text that may begin a stop string) it never emitted:
+                    # that comes out here, or a stop string straddling the cut is found
+                    self._feed_stops(req, req.generated, None)
+                    if req.stops.stopped:
+                        # a stop string was complete before the cut: that stream ended there; emit nothing again
+                        self._finish(req, FINISH_STOP)
+                        continue
             first = [prefix.logprobs] if prefix.logprobs else None
             self._emit(req, [prefix.token], first, device_done=prefix.finished)
 

@@ -14,8 +14,10 @@ Policies (`POLICIES`, default `DEFAULT_POLICY`):
   just sent - and its KV page fraction, over its weight).
 - `cache_aware`: the replica holding most of the prompt's leading blocks (judged from a bounded per-replica LRU of
   the block hashes routed to it, and of the conversations it served), but only among replicas whose load is within
-  `RoutingConfig.load_slack` of the least loaded one; without a hit, least-load. One hot system prompt therefore fills
-  its replica only up to the slack, then spreads (and the next replica becomes a holder of that prompt too).
+  `RoutingConfig.load_slack` of the least loaded one, and only where the blocks held are a large enough part of the
+  prompt (`RoutingConfig.min_cached_share`, `min_cached_blocks`); without such a hit, least-load. One hot system
+  prompt therefore fills its replica only up to the slack, then spreads (and the next replica becomes a holder of
+  that prompt too); a short one shared by every user, a small part of each prompt, does not count at all.
 Every policy prefers the client's region (`RouteRequest.region`) while a replica there has room and spills to any
 region with room before giving up (`pick` returns None: the caller queues or refuses, see `fleet.admission`).
 """
@@ -106,6 +108,12 @@ class RoutingConfig:
     """Prefer the client's region while a replica there has room."""
     cache_blocks: int = 16384
     """Bound of each replica's LRU of block hashes (also bounded by its KV pages when they are known)."""
+    min_cached_share: float = 0.5
+    """cache_aware: the leading blocks a replica holds count as affinity only when they are at least this fraction of
+    the prompt's full blocks; fewer count as none (least-load decides). A short system prompt every user shares saves
+    little prefill on a long prompt and would otherwise draw requests away from less loaded replicas."""
+    min_cached_blocks: int = 1
+    """cache_aware: and only when they are at least this many blocks."""
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_TOKENS) -> tuple[int, ...]:
@@ -255,7 +263,8 @@ class _BlockLru:
 
 
 class CacheAware(Policy):
-    """Most cached leading blocks among the replicas within `load_slack` of the least load; else least-load."""
+    """Most cached leading blocks (a large enough share of the prompt's, see `affinity`) among the replicas within
+    `load_slack` of the least load; else least-load."""
 
     name = "cache_aware"
 
@@ -267,16 +276,23 @@ class CacheAware(Policy):
         lru = self._lru.get(replica.name)
         return 0 if lru is None else lru.leading(request.block_hashes)
 
+    def affinity(self, request: RouteRequest, replica: ReplicaView) -> int:
+        """`cached_blocks`, or 0 when they are fewer than `min_cached_blocks` or than `min_cached_share` of the
+        request's blocks: the blocks that make `replica` worth preferring over a less loaded one."""
+        hits = self.cached_blocks(request, replica)
+        needed = max(self.config.min_cached_blocks, self.config.min_cached_share * len(request.block_hashes))
+        return hits if hits >= needed else 0
+
     def _choose(self, request: RouteRequest, candidates: list[ReplicaView], now: float) -> ReplicaView:
         least = _least_loaded(candidates)
         if not request.block_hashes:
             return least
         ceiling = load_of(least) + self.config.load_slack
-        best, best_hits = least, self.cached_blocks(request, least)
+        best, best_hits = least, self.affinity(request, least)
         for r in candidates:
             if load_of(r) > ceiling:
                 continue  # bounded by load: a hot prefix may not pile onto one replica
-            hits = self.cached_blocks(request, r)
+            hits = self.affinity(request, r)
             if hits > best_hits or (hits == best_hits and hits > 0 and load_of(r) < load_of(best)):
                 best, best_hits = r, hits
         return best

@@ -12,18 +12,23 @@ What it does for each request (`Router.generate`):
   seed when the request has none, so a resumed sampled stream continues as it would have). The consumer sees one
   stream: one first message, no token twice. Messages that carry tokens but no text yet (the replica holds back an
   incomplete character) are held until their text comes, so a cut always falls where the text streamed so far is
-  exactly the text of the tokens streamed so far. Where a resume is impossible - a request with stop strings (the
-  replica may hold back text that could start one), no replica left, too many attempts - the consumer gets a 503
-  (UNAVAILABLE) saying how many tokens were completed.
+  exactly the text of the tokens streamed so far. A request with stop strings resumes too: the replica matches them
+  over the resumed tokens' text as well, so the text the cut stream held back (it might have begun a stop string)
+  comes out there, or the stop string it began ends the request. Where a resume is impossible - no replica left, too
+  many attempts, a request with stop strings cut after its last token (the text the lost finish message carried
+  cannot be asked for again) - the consumer gets a 503 (UNAVAILABLE) saying how many tokens were completed.
 
 What it watches, per replica, every `RouterConfig.poll_period` seconds (0.5 by default): grpc.health.v1 Check and,
-while SERVING, GetLoad (slots, waiting, KV pages, draining). A replica is ejected (no new work; its streams go on) on
-NOT_SERVING, or after `EjectionConfig.failures_to_eject` consecutive failures (failed probes; requests failing with
-UNAVAILABLE, DEADLINE_EXCEEDED or a connection error) and readmitted after its cooldown by consecutive SERVING
-probes (`fleet.policy.Ejector`). A client's bad request (INVALID_ARGUMENT, any 4xx) never counts against a replica,
-nor does an engine failure on one request (INTERNAL: passed to the client, not retried). A replica reporting
-`draining` gets no new work. The replicas file is re-read when it changes (`fleet.config.ConfigWatcher`): new
-replicas join, removed ones finish their streams and leave.
+while SERVING, GetLoad (slots, waiting, KV pages, draining). A replica is ejected (no new work) on NOT_SERVING (its
+streams go on), or after `EjectionConfig.failures_to_eject` consecutive failures (probes unanswered within
+`probe_timeout`; requests failing with UNAVAILABLE, DEADLINE_EXCEEDED or a connection error), and readmitted after its
+cooldown by consecutive SERVING probes (`fleet.policy.Ejector`). Ejected for failures, a replica may be frozen (a
+stopped process keeps its connections open, so its streams would hang): its streams are cut and resumed or retried
+elsewhere as for a dead one. A stream whose replica, once it has sent a message, sends nothing for
+`RouterConfig.stall_timeout` seconds is cut the same way, and the stall counts as a failure. A client's bad request
+(INVALID_ARGUMENT, any 4xx) never counts against a replica, nor does an engine failure on one request (INTERNAL:
+passed to the client, not retried). A replica reporting `draining` gets no new work. The replicas file is re-read
+when it changes (`fleet.config.ConfigWatcher`): new replicas join, removed ones finish their streams and leave.
 
 Who sent a request (the key, for fairness) and from where (the region) are read from the context variables
 `gateway.backend.route_key` and `client_region`, which the front door sets; the router's own `RouterConfig.region`
@@ -83,6 +88,11 @@ class RouterConfig:
     """The gateway's own region: the clients' region unless `client_region` says otherwise."""
     max_resumes: int = 4
     """Most mid-stream resumes of one request (each on another replica)."""
+    stall_timeout: float | None = 30.0
+    """Seconds a stream under way (its current replica has sent it a message) may wait for the next message before
+    the replica is deemed stalled: the stream is cut and resumed elsewhere, and the stall counts as a replica failure.
+    None: no limit. No limit applies before an attempt's first message (the request may be waiting in the replica's
+    own queue); a replica that stops answering altogether is ejected by its probes, which cuts every stream on it."""
     name: str = "fleet"
     """The router's name (`Replica.name`)."""
 
@@ -147,6 +157,14 @@ class _Member:
         self.prompt_tokens = 0  # of the streams it finished: their hit rate is cached / prompt
         self.cached_tokens = 0
         self.last_error = ""
+        self.streams: set[RoutedGeneration] = set()  # attempts running there: cut when it stops answering
+        self.device_seconds = 0.0  # of the attempts it finished, and the tokens they generated there: the rate
+        self.generated_tokens = 0  # at which a cut attempt's device time is estimated (see RoutedGeneration)
+
+    def device_rate(self) -> float:
+        """Device-seconds per generated token over the attempts it finished (prefill shares included); 0 before
+        any."""
+        return self.device_seconds / self.generated_tokens if self.generated_tokens else 0.0
 
     @property
     def name(self) -> str:
@@ -336,6 +354,13 @@ class Router:
         if not reason.startswith("health: NOT_SERVING"):
             # unreachable or failing: it may come back as a fresh process with an empty cache
             self.policy.forget(m.name)
+            # and its streams may never move again (a frozen process keeps its connections open): cut them, so they
+            # resume (or, without a token yet, retry) elsewhere. A NOT_SERVING replica still answers; its streams go
+            # on, and the stall limit guards them.
+            if m.streams:
+                log.warning("fleet: cutting %d stream(s) on %s to resume them elsewhere", len(m.streams), m.name)
+            for stream in list(m.streams):
+                stream.cut(f"{m.name} was ejected ({reason})")
 
     def _failure(self, m: _Member, reason: str) -> None:
         """A request failed for a reason that is the replica's."""
@@ -732,8 +757,19 @@ class RoutedGeneration:
         self._attempts = 0
         self._resumes = 0
         self._served: list[str] = []
+        self._attempt_messages = 0  # messages the current attempt has sent (the stall limit applies after the first)
+        self._cut: str | None = None  # why the current attempt was cut by the router (its replica was ejected)
+        self._deadline: asyncio.Timeout | None = None  # of the read in progress: a cut expires it at once
+        self._attempt_tokens = 0  # tokens the current attempt sent (handed on or held)
+        self._attempt_resumed = 0  # tokens the current attempt was sent as already generated
+        self._attempt_device: float | None = None  # device-seconds a failing attempt reported (a drain's last word)
+        self._cut_attempts: list[tuple[_Member, int, float | None]] = []  # (replica, tokens sent, reported seconds)
         self.replica: str | None = None
         """The replica(s) that served this stream, "a>b" after a failover (None before any)."""
+        self.device_seconds_by_replica: dict[str, float] = {}
+        """Once the stream has finished (or been given up with a 503): the device-seconds each replica spent on it,
+        the cut attempts' included (their sum is the final message's `usage.device_seconds`; see
+        `_count_device_seconds`). A ledger can price each replica's share at its own price from it."""
 
     def __aiter__(self) -> RoutedGeneration:
         return self
@@ -748,7 +784,7 @@ class RoutedGeneration:
             if self._stream is None:
                 await self._start()
             try:
-                message = await self._stream.__anext__()
+                message = await self._read()
             except StopAsyncIteration:
                 # the replica closed the stream without a finish message (not a meshserve server's way)
                 self._end_attempt()
@@ -757,7 +793,7 @@ class RoutedGeneration:
                     return self._deliver(self._held_out())
                 raise
             except GateError as e:
-                await self._failed(e)
+                await self._failed(e, counted=self._cut is None)  # an ejection that cuts was counted already
                 continue
             out = self._accept(message)
             if out is not None:
@@ -767,6 +803,39 @@ class RoutedGeneration:
         """Ends the stream on its replica (or leaves the queue); idempotent."""
         self._cancelled = True
         self._end_attempt()
+
+    def cut(self, why: str) -> None:
+        """Ends the current attempt as its replica's failure (the router ejected the replica as unresponsive): the
+        read in progress, or the next one, raises a 503 that resumes the stream elsewhere (or retries it when no token
+        was streamed yet), without counting another failure against the replica. A no-op between attempts."""
+        if self._stream is None or self._cut is not None:
+            return
+        self._cut = why
+        if self._deadline is not None:
+            self._deadline.reschedule(asyncio.get_running_loop().time())
+
+    async def _read(self) -> pb.GenerateResponse:
+        """The current attempt's next message. GateError 503 when the attempt was cut (`cut`) or, once under way,
+        sent nothing for `RouterConfig.stall_timeout` seconds; the replica's own errors as they come."""
+        name = self._member.name if self._member is not None else "the replica"
+        if self._cut is None:
+            limit = self._router.config.stall_timeout if self._attempt_messages else None
+            try:
+                async with asyncio.timeout(limit) as self._deadline:
+                    message = await self._stream.__anext__()
+                self._attempt_messages += 1
+                return message
+            except TimeoutError:
+                if self._cut is None:
+                    raise GateError(
+                        503,
+                        f"{name} sent nothing for {limit:g} s: stalled",
+                        kind="server_error",
+                        code="unavailable",
+                    ) from None
+            finally:
+                self._deadline = None
+        raise GateError(503, f"the stream was cut: {self._cut}", kind="server_error", code="unavailable")
 
     # ----- attempts -----
 
@@ -808,7 +877,10 @@ class RoutedGeneration:
         self._member = member
         self._served.append(member.name)
         self.replica = ">".join(self._served)
+        self._cut, self._attempt_messages = None, 0
+        self._attempt_tokens, self._attempt_resumed, self._attempt_device = 0, len(self._delivered), None
         self._stream = member.replica.generate(self._attempt_request())
+        member.streams.add(self)
 
     def _attempt_request(self) -> pb.GenerateRequest:
         if not self._delivered:
@@ -829,16 +901,22 @@ class RoutedGeneration:
             self._stream = None
         if self._member is not None:
             member, self._member = self._member, None
+            member.streams.discard(self)
             self._router._release(member)
 
-    async def _failed(self, error: GateError) -> None:
+    async def _failed(self, error: GateError, counted: bool = True) -> None:
+        """The current attempt failed with `error`: raised to the consumer when it is the client's or final;
+        otherwise the replica's failure (counted against it unless `counted` is False) and the stream is retried or
+        resumed elsewhere by the next `_start`, or given up with a 503."""
         member = self._member
         kind = classify(error)
+        if member is not None:  # the work it did happened (and costs money): counted into the final usage
+            self._cut_attempts.append((member, self._attempt_tokens, self._attempt_device))
         self._end_attempt()
         if kind in (CLIENT, FINAL) or self._cancelled:
             raise error
         router = self._router
-        if kind == REPLICA:
+        if kind == REPLICA and counted:
             router._failure(member, error.message)
         self._tried.add(member.name)
         self._held.clear()  # their tokens are generated again by the next replica
@@ -853,10 +931,14 @@ class RoutedGeneration:
             )
             return
         reason = None
-        if self._request.sampling.stop:
-            reason = "a request with stop strings cannot resume exactly (the replica may hold back text)"
-        elif self._resumes >= router.config.max_resumes:
+        s = self._request.sampling
+        all_streamed = s.HasField("max_tokens") and len(self._delivered) >= s.max_tokens
+        if self._resumes >= router.config.max_resumes:
             reason = f"resumed {self._resumes} times already"
+        elif all_streamed and s.stop:
+            # nothing is left to generate, so no replica can be asked for the end of the text, which the lost last
+            # message may have carried (text held back while it might have begun a stop string)
+            reason = "every token was streamed, but the end of the text held back for the stop strings was lost"
         else:
             try:
                 self._prompt = self._prompt or await router.prompt_ids(self._request)
@@ -876,10 +958,10 @@ class RoutedGeneration:
             member.name,
             error.message,
         )
-        s = self._request.sampling
-        self._all_streamed = s.HasField("max_tokens") and len(self._delivered) >= s.max_tokens
+        self._all_streamed = all_streamed
 
     def _give_up(self, why: str) -> GateError:
+        self._count_device_seconds(pb.Usage(), None)  # what the attempts spent, for `device_seconds_by_replica`
         return GateError(
             503,
             f"the stream was cut after {len(self._delivered)} completed tokens and could not be resumed: {why}",
@@ -890,16 +972,38 @@ class RoutedGeneration:
 
     def _synthesized_end(self) -> pb.GenerateResponse:
         self._end_attempt()
-        return pb.GenerateResponse(
-            finish_reason=pb.FINISH_REASON_LENGTH,
-            usage=pb.Usage(prompt_tokens=len(self._prompt or ()), completion_tokens=len(self._delivered)),
-        )
+        usage = pb.Usage(prompt_tokens=len(self._prompt or ()), completion_tokens=len(self._delivered))
+        self._count_device_seconds(usage, None)
+        return pb.GenerateResponse(finish_reason=pb.FINISH_REASON_LENGTH, usage=usage)
+
+    def _count_device_seconds(self, usage: pb.Usage, member: _Member | None) -> None:
+        """Makes `usage.device_seconds` (the finishing attempt's, on `member`; None: no attempt finished) the whole
+        request's: plus every cut attempt's. A cut attempt's is what its replica reported when it ended the request
+        (a drain timeout), else an estimate, since a replica that died or froze reports nothing: the tokens it sent
+        times this request's own device-seconds per token on the replica that finished it, or, when that one
+        generated none, the cut replica's rate over the attempts it finished (`_Member.device_rate`)."""
+        by_replica: dict[str, float] = {}
+        rate = None
+        if member is not None:
+            by_replica[member.name] = usage.device_seconds
+            generated = usage.completion_tokens - self._attempt_resumed
+            if generated > 0:
+                rate = usage.device_seconds / generated
+        for cut, tokens, reported in self._cut_attempts:
+            if reported is None:
+                reported = tokens * (rate if rate is not None else cut.device_rate())
+            by_replica[cut.name] = by_replica.get(cut.name, 0.0) + reported
+        self.device_seconds_by_replica = by_replica
+        usage.device_seconds = sum(by_replica.values())
 
     # ----- messages -----
 
     def _accept(self, message: pb.GenerateResponse) -> pb.GenerateResponse | None:
         """The message to hand on (None: held back, or dropped)."""
+        self._attempt_tokens += len(message.token_ids)
         if message.finish_reason in (pb.FINISH_REASON_CANCELLED, pb.FINISH_REASON_ERROR):
+            if message.HasField("usage"):
+                self._attempt_device = message.usage.device_seconds
             return None  # the replica ended the request (drain timeout, engine failure); its error status follows
         if self._first_sent:
             message.ClearField("request_id")  # the consumer already has the first message
@@ -935,6 +1039,10 @@ class RoutedGeneration:
                 blocks = policy.block_hashes([*self._prompt, *self._delivered], block)
                 router.policy.observe(member.view, blocks, time.monotonic())
             if last.HasField("usage"):
+                generated = last.usage.completion_tokens - self._attempt_resumed
+                member.device_seconds += last.usage.device_seconds
+                member.generated_tokens += max(generated, 0)
+                self._count_device_seconds(last.usage, member)
                 labels = (member.name, member.view.region)
                 router.metrics.prompt_tokens.labels(*labels).inc(last.usage.prompt_tokens)
                 router.metrics.cached_tokens.labels(*labels).inc(last.usage.cached_tokens)

@@ -81,6 +81,35 @@ def test_cache_aware_follows_the_conversation_while_load_allows():
     assert third is not first
 
 
+def test_a_short_shared_prefix_is_no_affinity_but_a_large_enough_share_is():
+    """A one-page system prompt every user shares is 1 of a 6-block prompt's blocks: below `min_cached_share` it does
+    not draw the request to a busier replica holding it; a conversation whose history is most of the prompt does."""
+    system = prompt(0, 1)
+    holder, idle, other = views(3)
+    p = policy.make_policy("cache_aware")
+    p.observe(holder, policy.block_hashes(system), 0.0)
+    holder.active_slots, other.active_slots = 2, 4  # the holder is not the least loaded, but within the slack
+    user = RouteRequest(block_hashes=policy.block_hashes(system + prompt(1, 5)))
+    assert p.cached_blocks(user, holder) == 1 and p.affinity(user, holder) == 0
+    assert p.pick(user, [holder, idle, other], 1.0) is idle
+    # without the threshold, the one shared block wins over load (the trap this guards against)
+    blind = policy.make_policy("cache_aware", RoutingConfig(min_cached_share=0.0))
+    blind.observe(holder, policy.block_hashes(system), 0.0)
+    assert blind.pick(user, [holder, idle, other], 1.0) is holder
+    # a conversation's next turn: 4 of its 6 blocks held (>= half) is affinity, within the slack
+    history = system + prompt(2, 3)
+    p.observe(other, policy.block_hashes(history), 2.0)
+    turn = RouteRequest(block_hashes=policy.block_hashes(history + prompt(3, 2)))
+    assert p.affinity(turn, other) == 4
+    assert p.pick(turn, [holder, idle, other], 3.0) is other
+    # and a minimum number of blocks: a whole 2-block prompt held is not enough when 3 are required
+    few = policy.make_policy("cache_aware", RoutingConfig(min_cached_blocks=3))
+    short = policy.block_hashes(prompt(4, 2))
+    few.observe(holder, short, 0.0)
+    assert few.affinity(RouteRequest(block_hashes=short), holder) == 0
+    assert few.pick(RouteRequest(block_hashes=short), [holder, idle, other], 4.0) is idle
+
+
 def test_simultaneous_picks_see_each_other():
     """Two picks in the same instant, with no load report in between, land on different replicas."""
     for name in ("least_load", "cache_aware", "round_robin"):

@@ -9,6 +9,7 @@ finish). The destructive tests run last. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
@@ -20,12 +21,13 @@ import time
 
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2
 
 from fleet import admission
 from fleet.admission import AdmissionConfig
 from fleet.config import ReplicaSpec
-from fleet.policy import RoutingConfig
-from fleet.router import Router, RouterConfig
+from fleet.policy import EjectionConfig, RoutingConfig
+from fleet.router import RoutedGeneration, Router, RouterConfig
 from gateway.gate import GateError
 from gateway.open_gate import OpenGate
 from gateway.server import Gateway, GatewayConfig
@@ -103,6 +105,36 @@ async def reference(router: Router) -> dict[str, tuple[list[int], str]]:
         for p, messages in zip(PROMPTS, results, strict=True):
             _REFERENCE[p] = (ids_of(messages), text_of(messages))
     return _REFERENCE
+
+
+_STOPS: dict[str, tuple[str, list[int], str]] = {}
+
+
+def _stop_for(text: str, matching: bool) -> str:
+    """A stop string for a greedy text: `matching`, the two characters that first occur latest in it (the random
+    model's text soon repeats itself); otherwise one that never matches but begins at its most frequent character, so
+    the replica keeps holding that character back (the text a cut must not lose)."""
+    if matching:
+        firsts = {text[j : j + 2]: j for j in range(len(text) - 2, -1, -1) if "\ufffd" not in text[j : j + 2]}
+        return max(firsts, key=firsts.get)
+    common = collections.Counter(c for c in text if c != "\ufffd").most_common(1)[0][0]
+    return next(common + c for c in map(chr, range(1, 128)) if common + c not in text)
+
+
+async def stop_reference(router: Router) -> dict[str, tuple[str, list[int], str]]:
+    """Per prompt: a stop string (`_stop_for`: a matching one for every other prompt) and the uninterrupted greedy
+    (token ids, text) with it, computed once through the router: the greedy text up to the stop string."""
+    if not _STOPS:
+        ref = await reference(router)
+        stops = {p: _stop_for(ref[p][1], matching=i % 2 == 0) for i, p in enumerate(PROMPTS)}
+        results = await asyncio.gather(*(run_stream(router.generate(greedy(p, stop=[s]))) for p, s in stops.items()))
+        for (p, stop), messages in zip(stops.items(), results, strict=True):
+            text = ref[p][1]
+            assert text_of(messages) == (text[: text.find(stop)] if stop in text else text), (p, stop)
+            stopped = pb.FINISH_REASON_STOP if stop in text else pb.FINISH_REASON_LENGTH
+            assert messages[-1].finish_reason == stopped
+            _STOPS[p] = (stop, ids_of(messages), text_of(messages))
+    return _STOPS
 
 
 # ----- routing ------------------------------------------------------------------------------------------------------
@@ -244,6 +276,199 @@ def test_replicas_file_is_reloaded_without_dropping_streams(replicas, tmp_path):
     asyncio.run(main())
 
 
+# ----- device-seconds of cut attempts (scripted replicas, no processes) ---------------------------------------------
+
+
+class _Health:
+    async def Check(self, request, timeout=None):
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+class _Scripted:
+    """A Generation that yields its messages (the first after `delay` seconds), then raises its error (if any;
+    `_HANG`: never answers again)."""
+
+    def __init__(self, messages: list[pb.GenerateResponse], error: GateError | None, delay: float = 0.0) -> None:
+        self._messages, self._error, self._delay = list(messages), error, delay
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> pb.GenerateResponse:
+        await asyncio.sleep(self._delay)
+        self._delay = 0.0
+        if self._messages:
+            return self._messages.pop(0)
+        if self._error is _HANG:
+            await asyncio.Event().wait()
+        if self._error is not None:
+            raise self._error
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        pass
+
+
+class _ScriptedReplica:
+    """Stands for a replica's gRPC client: each Generate plays the next script."""
+
+    def __init__(self, scripts: list[tuple]) -> None:
+        """`scripts`: one (messages, error[, delay]) per Generate call, as `_Scripted` takes them."""
+        self.scripts, self.requests = list(scripts), []
+
+    async def load(self) -> pb.Load:
+        return pb.Load(slots_total=4, free_slots=4, kv_page_size=16)
+
+    async def model_info(self) -> pb.ModelInfo:
+        return pb.ModelInfo(model_name="scripted", vocab_size=256, context_length=128, num_slots=4)
+
+    def generate(self, request: pb.GenerateRequest) -> _Scripted:
+        self.requests.append(request)
+        return _Scripted(*self.scripts.pop(0))
+
+    async def close(self) -> None:
+        pass
+
+
+def _tokens(*ids: int, **fields) -> pb.GenerateResponse:
+    return pb.GenerateResponse(token_ids=list(ids), text="x" * len(ids), **fields)
+
+
+def _last(*ids: int, completion: int, device: float) -> pb.GenerateResponse:
+    usage = pb.Usage(prompt_tokens=3, completion_tokens=completion, device_seconds=device)
+    return _tokens(*ids, finish_reason=pb.FINISH_REASON_LENGTH, usage=usage)
+
+
+_DIED = GateError(503, "the model is unavailable (connection reset)", kind="server_error", code="unavailable")
+_HANG = GateError(0, "never raised: the stream stops answering")
+
+
+async def _scripted_router(*replicas: _ScriptedReplica, config: RouterConfig | None = None) -> Router:
+    names = [f"r{i}" for i in range(len(replicas))]
+    config = config or RouterConfig(policy="round_robin")
+    router = Router([ReplicaSpec(name=n, address="127.0.0.1:9") for n in names], config)
+    for name, replica in zip(names, replicas, strict=True):
+        router._members[name].replica = replica
+        router._members[name]._health = _Health()
+    await router.start()
+    return router
+
+
+def test_a_resumed_requests_usage_counts_the_cut_attempts_device_seconds():
+    """The final usage's device-seconds is every attempt's: a cut attempt's as its replica reported it (a drain
+    timeout's last message), else estimated at the request's own rate on the replica that finished it."""
+    request = pb.GenerateRequest(request_id="d", token_ids=pb.TokenIds(ids=[7, 8, 9]), sampling=pb.SamplingOptions())
+    request.sampling.max_tokens = 6
+
+    async def run(cut_end: list[pb.GenerateResponse]) -> tuple[RoutedGeneration, list[pb.GenerateResponse], list]:
+        died = _ScriptedReplica([([_tokens(1), _tokens(2), *cut_end], _DIED)])
+        # the resumed hop generates 4 tokens for 1.2 s: 0.3 s per token
+        finisher = _ScriptedReplica([([_tokens(3), _last(4, 5, 6, completion=6, device=1.2)], None)])
+        router = await _scripted_router(died, finisher)
+        try:
+            stream = router.generate(request)
+            messages = await run_stream(stream, timeout=10)
+            return stream, messages, finisher.requests
+        finally:
+            await router.close()
+
+    async def main():
+        stream, messages, resumed = await run([])  # died: no word from it
+        assert ids_of(messages) == [1, 2, 3, 4, 5, 6] and stream.replica == "r0>r1"
+        assert resumed[0].resumed_tokens == 2 and list(resumed[0].token_ids.ids) == [7, 8, 9, 1, 2]
+        assert stream.device_seconds_by_replica == pytest.approx({"r0": 2 * 0.3, "r1": 1.2})
+        assert messages[-1].usage.device_seconds == pytest.approx(1.8)
+
+        drained = pb.GenerateResponse(
+            finish_reason=pb.FINISH_REASON_CANCELLED, usage=pb.Usage(completion_tokens=2, device_seconds=0.25)
+        )
+        stream, messages, _ = await run([drained])  # drained: it said what it spent
+        assert ids_of(messages) == [1, 2, 3, 4, 5, 6] and stream.replica == "r0>r1"
+        assert messages[-1].usage.device_seconds == pytest.approx(1.2 + 0.25)
+
+        # every token streamed before the cut (only the finish was lost): priced at the cut replica's own rate
+        only = _ScriptedReplica(
+            [([_last(1, 2, 3, 4, completion=4, device=0.4)], None), ([_tokens(1), _tokens(2)], _DIED)]
+        )
+        router = await _scripted_router(only)
+        try:
+            await run_stream(router.generate(request), timeout=10)  # 0.1 s per token on r0
+            two = pb.GenerateRequest()
+            two.CopyFrom(request)
+            two.sampling.max_tokens = 2
+            stream = router.generate(two)
+            messages = await run_stream(stream, timeout=10)
+            assert ids_of(messages) == [1, 2] and messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            assert messages[-1].usage.device_seconds == pytest.approx(0.2)
+        finally:
+            await router.close()
+
+    asyncio.run(main())
+
+
+def test_a_stop_string_stream_cut_after_its_last_token_is_not_faked():
+    """Without stop strings a stream cut after its last token ends as `length` (its text was all streamed); with
+    them the lost finish message may have carried held-back text that no replica can be asked for: a 503."""
+
+    async def main():
+        for stop in ([], ["zz"]):
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[7, 8]), sampling=pb.SamplingOptions(stop=stop))
+            request.sampling.max_tokens = 2
+            router = await _scripted_router(_ScriptedReplica([([_tokens(1), _tokens(2)], _DIED)]))
+            try:
+                stream = router.generate(request)
+                if not stop:
+                    messages = await run_stream(stream, timeout=10)
+                    assert ids_of(messages) == [1, 2] and messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+                    continue
+                with pytest.raises(GateError, match=r"after 2 completed tokens .* held back") as info:
+                    await run_stream(stream, timeout=10)
+                assert info.value.status == 503
+            finally:
+                await router.close()
+
+    asyncio.run(main())
+
+
+def test_a_stalled_stream_is_cut_after_the_stall_limit_and_resumed():
+    """A replica that stops sending mid-stream (its probes still answered) is cut after `stall_timeout`: the stream
+    resumes elsewhere and the stall counts against the replica. Before an attempt's first message no limit applies
+    (the request may be queued there)."""
+    request = pb.GenerateRequest(request_id="s", token_ids=pb.TokenIds(ids=[7, 8, 9]), sampling=pb.SamplingOptions())
+    request.sampling.max_tokens = 4
+
+    async def main():
+        stalls = _ScriptedReplica([([_tokens(1)], _HANG)])
+        finisher = _ScriptedReplica([([_last(2, 3, 4, completion=4, device=0.3)], None)])
+        config = RouterConfig(policy="round_robin", stall_timeout=0.3)
+        router = await _scripted_router(stalls, finisher, config=config)
+        try:
+            started = time.monotonic()
+            stream = router.generate(request)
+            messages = await run_stream(stream, timeout=10)
+            took = time.monotonic() - started
+            assert ids_of(messages) == [1, 2, 3, 4] and stream.replica == "r0>r1"
+            assert 0.3 <= took < 3, took
+            assert finisher.requests[0].resumed_tokens == 1
+            snap = router.snapshot()
+            assert snap["failovers"] == {"resume": 1}
+            assert snap["replicas"][0]["failures"] == 1 and "stalled" in router._members["r0"].last_error
+        finally:
+            await router.close()
+
+        # no message yet: waiting in the replica's queue is not a stall
+        slow = _ScriptedReplica([([_last(1, 2, 3, 4, completion=4, device=0.1)], None, 0.3)])
+        router = await _scripted_router(slow, config=RouterConfig(stall_timeout=0.05))
+        try:
+            stream = router.generate(request)
+            messages = await run_stream(stream, timeout=10)
+            assert ids_of(messages) == [1, 2, 3, 4] and stream.replica == "r0"
+        finally:
+            await router.close()
+
+    asyncio.run(main())
+
+
 # ----- the gateway over a router ------------------------------------------------------------------------------------
 
 
@@ -321,6 +546,80 @@ def test_gateway_script_takes_a_replicas_file(replicas, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# ----- failover -----------------------------------------------------------------------------------------------------
+
+
+def test_sigstop_under_load_cuts_and_resumes_the_hung_replicas_streams_then_readmits_it(replicas):
+    """A frozen replica keeps its connections open, so its streams would hang: once its probes go unanswered it is
+    ejected and every stream on it is cut and resumed (or retried) elsewhere, the texts equal to the uninterrupted
+    ones, with stop strings (matching, or holding text back that the cut must not lose); after SIGCONT it is
+    readmitted and serves again."""
+    victim = replicas[0]
+
+    async def main():
+        config = RouterConfig(
+            poll_period=0.2, probe_timeout=1.0, policy="round_robin", ejection=EjectionConfig(cooldown=0.5)
+        )
+        router = await up_router(replicas, config)
+        stopped = False
+        try:
+            ref = await reference(router)
+            stops = await stop_reference(router)
+            # every stream has a stop string (the SIGKILL test runs without): 4 on each replica
+            streams = [router.generate(greedy(p, stop=[stops[p][0]])) for p in PROMPTS]
+            expected = {p: (stops[p][1], stops[p][2]) for p in PROMPTS}
+            got: list[list[pb.GenerateResponse]] = [[] for _ in streams]
+
+            async def read(i):
+                async for message in streams[i]:
+                    got[i].append(message)
+
+            tasks = [asyncio.create_task(read(i)) for i in range(len(streams))]
+            await wait_until(
+                lambda: sum(1 for s, g in zip(streams, got, strict=True) if s.replica == "r0" and g) >= 2,
+                30,
+                "streams under way on r0",
+            )
+            on_victim = [i for i, s in enumerate(streams) if s.replica == "r0"]
+            # far from their end: no finish message can be on its way when the process stops
+            cut = [i for i in on_victim if len(ids_of(got[i])) < min(MAX_TOKENS // 2, len(expected[PROMPTS[i]][0]) - 8)]
+            under_way = [i for i in cut if got[i]]
+            victim.process.send_signal(signal.SIGSTOP)
+            stopped, frozen_at = True, time.monotonic()
+            await wait_until(lambda: router.snapshot()["replicas"][0]["state"] == "ejected", 15, "r0 ejected")
+            ejected_after = time.monotonic() - frozen_at
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            done_after = time.monotonic() - frozen_at
+            for i, messages in enumerate(got):
+                assert (ids_of(messages), text_of(messages)) == expected[PROMPTS[i]], (i, streams[i].replica)
+                assert sum(1 for m in messages if m.request_id) == 1
+                assert messages[-1].usage.completion_tokens == len(expected[PROMPTS[i]][0])
+            assert under_way, "no stream was under way on r0"
+            moved = [i for i, s in enumerate(streams) if s.replica.startswith("r0>")]
+            assert set(cut) <= set(moved), [s.replica for s in streams]
+            # a stream with no token yet is retried, one under way resumed (one whose first message was on its way
+            # when the process stopped may be either)
+            failovers = router.snapshot()["failovers"]
+            assert failovers.get("resume", 0) >= len(under_way), failovers
+            assert failovers.get("resume", 0) + failovers.get("retry", 0) == len(moved), failovers
+            print(f"r0 frozen: ejected after {ejected_after:.2f} s, {failovers}, all done after {done_after:.2f} s")
+
+            victim.process.send_signal(signal.SIGCONT)
+            stopped = False
+            await wait_until(lambda: router.snapshot()["replicas"][0]["state"] == "up", 20, "r0 readmitted")
+            after = [router.generate(greedy(p)) for p in PROMPTS[:3]]  # round-robin: one each
+            results = await asyncio.gather(*(run_stream(s) for s in after))
+            assert "r0" in {s.replica for s in after}, [s.replica for s in after]
+            for p, messages in zip(PROMPTS[:3], results, strict=True):
+                assert (ids_of(messages), text_of(messages)) == ref[p]
+        finally:
+            if stopped:
+                victim.process.send_signal(signal.SIGCONT)
+            await router.close()
+
+    asyncio.run(main())
 
 
 # ----- failover (destructive: last) ---------------------------------------------------------------------------------

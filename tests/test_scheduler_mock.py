@@ -49,14 +49,16 @@ class Run:
         self.requests: dict[str, Request] = {}
         self.started: list[str] = []  # request ids in the order their first output arrived
 
-    def submit(self, rid: str, prompt: list[int], params: SamplingParams, priority: int = 0) -> Request:
+    def submit(
+        self, rid: str, prompt: list[int], params: SamplingParams, priority: int = 0, generated: list[int] | None = None
+    ) -> Request:
         def sink(out: RequestOutput) -> None:
             if out.request_id not in self.outputs:
                 self.started.append(out.request_id)
             self.outputs.setdefault(out.request_id, []).append(out)
 
         arrival = float(len(self.requests))  # explicit arrival order: ties in priority keep it
-        req = Request(rid, prompt, params, sink, priority=priority, arrival=arrival)
+        req = Request(rid, prompt, params, sink, priority=priority, arrival=arrival, generated=list(generated or ()))
         self.scheduler.submit(req)
         self.requests[rid] = req
         return req
@@ -264,6 +266,60 @@ def test_stop_strings_cut_ids_text_and_usage_exactly(others):
     assert [lp.top[0][0] for lp in lps] == list(range(61, 69)) and all(lp.logprob == 0.0 for lp in lps)
     for i in range(others):
         assert run.tokens(f"busy{i}") == expected([100 + i], 30)
+
+
+def test_a_resumed_stream_matches_stop_strings_across_the_cut():
+    """Failover: a stream cut after k tokens resumes with them as `generated`. The cut stream had held back text that
+    might begin a stop string ("C", "CD" of "CDX"); the resuming scheduler emits it when it turns out not to be one,
+    so the two streams' texts join into the uninterrupted text for every k; and "CD" begun before the cut and
+    completed after it still stops the request."""
+    whole_ids = list(range(61, 73))  # the mock's 12 tokens after 60: "=>?@ABCDEFGH"
+    whole_text = "".join(chr(t) for t in whole_ids)
+    for k in range(1, 12):
+        run = Run()
+        run.submit("r", [60], greedy(12, stop=("CDX",)), generated=whole_ids[:k])
+        run.finish()
+        shown = whole_text[:k]  # what the cut stream showed: all but a tail that may begin "CDX"
+        shown = shown[: -len(held)] if (held := next((h for h in ("CD", "C") if shown.endswith(h)), "")) else shown
+        assert run.tokens("r") == whole_ids[k:], k
+        assert shown + run.text("r") == whole_text, (k, shown, run.text("r"))
+        out = run.last("r")
+        assert out.finish_reason == FINISH_LENGTH and out.completion_tokens == 12
+    # "CD": cut after "C" (held back, never shown), "D" completes it on the resuming replica
+    run = Run()
+    run.submit("r", [60], greedy(40, stop=("CD",)), generated=list(range(61, 68)))
+    run.finish()
+    out = run.last("r")
+    assert run.tokens("r") == [68] and run.text("r") == "" and out.finish_reason == FINISH_STOP
+    assert out.completion_tokens == 8  # as the uninterrupted stream (test_stop_strings_cut_ids_text_and_usage_exactly)
+    # a stop string already whole in the resumed tokens: that stream ended there; nothing is emitted again
+    run = Run()
+    run.submit("r", [60], greedy(40, stop=("CD",)), generated=list(range(61, 69)))
+    run.finish()
+    out = run.last("r")
+    assert run.tokens("r") == [] and run.text("r") == "" and out.finish_reason == FINISH_STOP
+    assert out.completion_tokens == 8
+
+
+def test_a_resumed_stream_with_stop_strings_joins_where_text_was_held_back():
+    """Cut where a router cuts - after a message with text - and resumed there, a stream with a stop string gives the
+    uninterrupted tokens and text, also where the cut stream held back bytes: from 126 on the mock's tokens are "~",
+    DEL, then lone continuation bytes (U+FFFD, held back until a character completes) until they wrap to 0, and "~"
+    may begin the stop string "~X"."""
+    whole = Run()
+    whole.submit("r", [120], greedy(140, stop=("~X",)))
+    whole.finish()
+    outputs = whole.outputs["r"]
+    assert whole.tokens("r") == expected([120], 140) and whole.last("r").finish_reason == FINISH_LENGTH
+    cuts = [i + 1 for i, o in enumerate(outputs[:-1]) if o.text]
+    assert any(outputs[i - 1].token_ids[-1] in range(128, 192) for i in cuts)  # a cut with bytes held back
+    for n in cuts:
+        shown, ids = "".join(o.text for o in outputs[:n]), [t for o in outputs[:n] for t in o.token_ids]
+        run = Run()
+        run.submit("r", [120], greedy(140, stop=("~X",)), generated=ids)
+        run.finish()
+        assert ids + run.tokens("r") == whole.tokens("r"), n
+        assert shown + run.text("r") == whole.text("r"), (n, shown, run.text("r"))
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 4, 5, 9])
