@@ -58,10 +58,10 @@ WARMUP_S = 1.0
 
 
 def set_tcp_nodelay(gateway: Any) -> int:
-    """Experiment: sets TCP_NODELAY on the gateway's listening HTTP sockets (Linux passes it on to every accepted
-    connection). `Gateway.start` binds its socket without naming the protocol (proto 0), so asyncio does not turn
-    Nagle's algorithm off on the connections it accepts, and a response written in two parts (headers, then body;
-    or one SSE event after another) waits for the client's delayed ACK, ~40 ms on Linux. Returns the sockets set."""
+    """Sets TCP_NODELAY on the gateway's listening HTTP sockets (Linux passes it on to every accepted connection);
+    returns the sockets set. Once an experiment, now what `Gateway.start` does itself (a socket bound with proto 0
+    kept Nagle's algorithm on, so a response written in parts waited ~40 ms for the client's delayed ACK): the
+    `--gateway_tcp_nodelay` flag no longer changes anything."""
     count = 0
     for server in getattr(gateway._http, "servers", ()):
         for sock in server.sockets:
@@ -128,13 +128,29 @@ class GatewayThread:
         self.stop()
 
 
+def bundled_vocab() -> Any:
+    """The bundled model's tokenizer as the gateway loads it by default (scripts/gateway.py --tokenizer=bundled), or
+    None when the bundled model is not installed."""
+    from checkpoints.bundled import bundled_gguf_path
+    from engine.tokenizer import Tokenizer
+    from gateway.backend import TokenVocab
+
+    try:
+        return TokenVocab(Tokenizer.from_gguf_file(bundled_gguf_path()))
+    except Exception:
+        return None
+
+
 def gateway_for(replica_address: str, *, nodelay: bool = False) -> GatewayThread:
-    """The open gateway (no keys, loopback) in front of the MeshServe server at `replica_address`; `nodelay`: the
-    `set_tcp_nodelay` experiment."""
+    """The open gateway (no keys, loopback) in front of the MeshServe server at `replica_address`, as
+    scripts/gateway.py runs it: with the bundled tokenizer, so it counts prompts itself when the replica serves the
+    bundled model (checked against the replica's Tokenize; another model is counted by the replica). `nodelay`: see
+    `set_tcp_nodelay`."""
     from gateway.backend import GrpcReplica
     from gateway.open_gate import OpenGate
 
-    return GatewayThread(lambda: GrpcReplica(replica_address), OpenGate(), nodelay=nodelay)
+    vocab = bundled_vocab()
+    return GatewayThread(lambda: GrpcReplica(replica_address, vocab=vocab), OpenGate(), nodelay=nodelay)
 
 
 # ----- a replica that answers at once -----------------------------------------------------------------------------

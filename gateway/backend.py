@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import math
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -21,6 +22,8 @@ import grpc.aio
 from gateway.gate import GateError
 from protos.meshserve.v1 import meshserve_pb2 as pb
 from protos.meshserve.v1 import meshserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
 
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 """The replica's retry hint on RESOURCE_EXHAUSTED (trailing metadata, milliseconds)."""
@@ -66,6 +69,9 @@ class Replica(Protocol):
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         """Token ids of a text or a chat exactly as Generate would see them."""
         ...
+
+    # A replica may also offer `async count_tokens(request: pb.TokenizeRequest) -> int`: the number of tokenize()'s
+    # ids without the round trip (GrpcReplica, with the model's tokenizer); the flow uses it when present.
 
     def generate(self, request: pb.GenerateRequest) -> Generation:
         """Starts one Generate stream."""
@@ -209,6 +215,8 @@ class TokenVocab:
         from engine.tokenizer import bytes_to_unicode
 
         self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
+        """The `engine.tokenizer.Tokenizer` itself (the gateway also counts prompts with it, see PromptCounter)."""
         self._byte_of = {c: b for b, c in bytes_to_unicode().items()}
         self.vocab_size: int = tokenizer.vocab_size
 
@@ -220,6 +228,57 @@ class TokenVocab:
             return bytes(self._byte_of[c] for c in entry)
         except KeyError:  # an added token spelled as its text, not in the byte alphabet
             return entry.encode()
+
+
+LOCAL_COUNT_INLINE_CHARS = 4096
+"""Prompts up to this many characters are counted on the event loop (tens of microseconds); longer ones in a worker
+thread, so a long prompt does not stall other requests."""
+_PROBE_TEXT = "Probe 1: the gateway's tokenizer, ÄÖÜ äöü ß, 12345678, \t tabs,  spaces, 'quotes' and 🤖.\n"
+_PROBE_CHAT = (("system", "You are brief."), ("user", _PROBE_TEXT), ("assistant", "OK."), ("user", "Again?"))
+
+
+def _probes() -> list[pb.TokenizeRequest]:
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in _PROBE_CHAT])
+    return [pb.TokenizeRequest(text=_PROBE_TEXT, add_special_tokens=True), pb.TokenizeRequest(chat=chat)]
+
+
+class PromptCounter:
+    """Counts a prompt's tokens in the gateway process, as the replica's Tokenize would, so admission needs no round
+    trip to the replica. Built by `GrpcReplica` only after the replica's Tokenize agreed with it on probe texts (the
+    gateway's tokenizer is configured separately from the replica's model and may not be the same)."""
+
+    def __init__(self, tokenizer, info: pb.ModelInfo) -> None:
+        self.tokenizer, self.limits = tokenizer, info.limits
+
+    def ids(self, request: pb.TokenizeRequest) -> list[int] | None:
+        """The prompt's token ids; None for an input the replica refuses (empty, too long, a role or conversation
+        its chat template refuses): the replica's Tokenize says why, naming the field and the limit."""
+        kind = request.WhichOneof("input")
+        if kind == "text":
+            if not request.text or len(request.text) > self.limits.max_input_chars:
+                return None
+            return self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        if kind != "chat":
+            return None
+        messages = request.chat.messages
+        if not 0 < len(messages) <= self.limits.max_messages:
+            return None
+        if sum(len(m.content) for m in messages) > self.limits.max_input_chars:
+            return None
+        try:
+            return self.tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages])
+        except ValueError:
+            return None
+
+    def count(self, request: pb.TokenizeRequest) -> int | None:
+        ids = self.ids(request)
+        return None if ids is None else len(ids)
+
+
+def prompt_chars(request: pb.TokenizeRequest) -> int:
+    if request.WhichOneof("input") == "chat":
+        return sum(len(m.content) for m in request.chat.messages)
+    return len(request.text)
 
 
 class GrpcReplica:
@@ -234,6 +293,9 @@ class GrpcReplica:
         self._stub: pb_grpc.MeshServeStub | None = None
         self._info: pb.ModelInfo | None = None
         self._info_lock: asyncio.Lock | None = None
+        self._counter: PromptCounter | None = None
+        self._counter_checked = vocab is None  # without a tokenizer every count is a Tokenize call
+        self._counter_lock: asyncio.Lock | None = None
 
     def _client(self) -> pb_grpc.MeshServeStub:
         if self._stub is None:
@@ -263,6 +325,53 @@ class GrpcReplica:
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         return await self._unary("Tokenize", request)
+
+    @property
+    def counts_locally(self) -> bool:
+        """Whether prompts are counted in this process (the tokenizer was checked and matches the replica's)."""
+        return self._counter is not None
+
+    async def count_tokens(self, request: pb.TokenizeRequest) -> int:
+        """How many tokens the prompt is, as Tokenize would count it: in this process with the gateway's tokenizer
+        once it has been checked against the replica's, else (no tokenizer, a different one, or an input the replica
+        must judge) by a Tokenize call."""
+        counter = self._counter if self._counter_checked else await self._check_counter()
+        count = None
+        if counter is not None:
+            if prompt_chars(request) <= LOCAL_COUNT_INLINE_CHARS:
+                count = counter.count(request)
+            else:
+                count = await asyncio.to_thread(counter.count, request)
+        if count is None:
+            count = len((await self.tokenize(request)).token_ids)
+        return count
+
+    async def _check_counter(self) -> PromptCounter | None:
+        """Builds the PromptCounter when the replica's Tokenize agrees with the gateway's tokenizer on the probes
+        (once; a replica that cannot answer yet is asked again at the next request)."""
+        self._counter_lock = self._counter_lock or asyncio.Lock()
+        async with self._counter_lock:
+            if self._counter_checked:
+                return self._counter
+            try:
+                counter = PromptCounter(self.vocab.tokenizer, await self.model_info())
+                agree = True
+                for probe in _probes():
+                    local = await asyncio.to_thread(counter.ids, probe)
+                    agree = agree and local == list((await self.tokenize(probe)).token_ids)
+            except GateError as e:
+                log.info("replica %s: cannot check the gateway's tokenizer yet (%s)", self.name, e.message)
+                return None
+            self._counter, self._counter_checked = (counter if agree else None), True
+            if agree:
+                log.info("replica %s: prompts are counted in the gateway (its tokenizer matches)", self.name)
+            else:
+                log.warning(
+                    "replica %s: the gateway's tokenizer (--tokenizer) tokenizes differently from the replica's "
+                    "model; every prompt is counted by the replica's Tokenize instead (a round trip per request)",
+                    self.name,
+                )
+            return self._counter
 
     def generate(self, request: pb.GenerateRequest) -> Generation:
         return _GrpcGeneration(self._client().Generate(request), self.name)

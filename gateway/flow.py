@@ -1,13 +1,15 @@
 """The request flow both front doors share, between the caller's principal and the replica's token stream:
 
-  prepare (the gate's policy) -> check against the replica's limits -> count prompt tokens (Tokenize) -> check the
-  context -> admit (the gate's limits) -> `Run` on the replica -> finish(ticket, outcome), exactly once.
+  prepare (the gate's policy) -> check against the replica's limits -> count prompt tokens (in this process when the
+  replica offers `count_tokens`, else its Tokenize) -> check the context -> admit (the gate's limits) -> `Run` on the
+  replica -> finish(ticket, outcome), exactly once.
 
 A `Run` owns an admitted request from admission to settlement. Its producer task reads the n choices' streams into a
 queue the front door reads at its own pace, and settles the ticket when the last stream ends - normally, by an error,
 or because the front door cancelled it (the client went away: every gRPC call is cancelled, so the engine frees the
 slots). The producer is never cancelled itself, so `finish` runs whatever happens to the task that serves the client.
-Gate methods are synchronous (they may hit a database) and run in worker threads.
+Gate methods are synchronous (they may hit a database) and run in worker threads, unless the gate answers from memory
+(`gate_call`: its `*_nowait` methods run on the loop).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from gateway.backend import Generation, Replica, route_key
 from gateway.gate import Gate, GateError, Outcome, PreparedRequest, Principal, Ticket
@@ -46,6 +48,17 @@ def not_found_model(model: str) -> GateError:
     return GateError(
         404, f"The model `{model}` does not exist.", kind="invalid_request_error", param="model", code="model_not_found"
     )
+
+
+async def gate_call(gate: Gate, method: str, *args: Any) -> Any:
+    """`gate.<method>(*args)` without blocking the event loop: the gate's `<method>_nowait` on the loop when it has
+    one and it can answer from memory (see gateway/gate.py), else the blocking method in a worker thread."""
+    nowait = getattr(gate, f"{method}_nowait", None)
+    if nowait is not None:
+        result = nowait(*args)
+        if result is not None:
+            return result
+    return await asyncio.to_thread(getattr(gate, method), *args)
 
 
 # ----- checks before admission ----------------------------------------------------------------------------------
@@ -256,7 +269,7 @@ class Run:
         finally:
             self.outcome = self._outcome()
             try:
-                await asyncio.to_thread(self.gate.finish, self.ticket, self.outcome)
+                await gate_call(self.gate, "finish", self.ticket, self.outcome)
             except Exception:
                 log.exception("request %s: gate.finish failed", self.ticket.request_id)
             self._queue.put_nowait(_END)
@@ -346,20 +359,28 @@ async def admit(
     """prepare -> check -> count -> check the context -> admit -> start the run. Raises GateError for a refusal (the
     ticket, if one was admitted, is settled first). `served_model`: the name the request must resolve to (None: the
     front door has no model field)."""
-    prepared = await asyncio.to_thread(gate.prepare, principal, request)
+    prepared = await gate_call(gate, "prepare", principal, request)
     if served_model is not None and prepared.model != served_model:
         raise not_found_model(prepared.model)
     info = await replica.model_info()
     check_sampling(prepared, info)
-    prompt_tokens = len((await replica.tokenize(tokenize_request(prepared))).token_ids)
+    counting = tokenize_request(prepared)
+    count_tokens = getattr(replica, "count_tokens", None)  # a replica that counts without a round trip
+    if count_tokens is not None:
+        prompt_tokens = await count_tokens(counting)
+    else:
+        prompt_tokens = len((await replica.tokenize(counting)).token_ids)
     check_context(prepared, prompt_tokens, info)
-    admitting = asyncio.ensure_future(asyncio.to_thread(gate.admit, principal, prepared, prompt_tokens))
-    try:
-        ticket = await asyncio.shield(admitting)
-    except asyncio.CancelledError:
-        # The caller went away (a gRPC deadline, a shutdown) while the gate admitted: settle what it admits.
-        admitting.add_done_callback(lambda task: _settle_orphan(task, gate, replica.name, prompt_tokens))
-        raise
+    admit_nowait = getattr(gate, "admit_nowait", None)
+    ticket = None if admit_nowait is None else admit_nowait(principal, prepared, prompt_tokens)
+    if ticket is None:
+        admitting = asyncio.ensure_future(asyncio.to_thread(gate.admit, principal, prepared, prompt_tokens))
+        try:
+            ticket = await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            # The caller went away (a gRPC deadline, a shutdown) while the gate admitted: settle what it admits.
+            admitting.add_done_callback(lambda task: _settle_orphan(task, gate, replica.name, prompt_tokens))
+            raise
     # routing hints for a router over several replicas (its generate() runs in the Run's tasks, which copy this
     # context)
     route_key.set(principal.key_id or "")
@@ -367,7 +388,7 @@ async def admit(
         return Run(gate, replica, ticket, prompt_tokens, received_at=received_at)
     except BaseException as e:
         outcome = Outcome(replica=replica.name, prompt_tokens=prompt_tokens, finish_reason="error", error=str(e))
-        await asyncio.to_thread(gate.finish, ticket, outcome)
+        await gate_call(gate, "finish", ticket, outcome)
         raise
 
 

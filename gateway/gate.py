@@ -8,6 +8,14 @@ Flow of one request through a front door:
   ... the request runs on a replica ...
   gate.finish(ticket, outcome)                                -> settles the limits, writes the ledger row
 `finish` is called exactly once per admitted ticket, also when the client goes away or the replica fails.
+
+The four methods may block (a gate over a database reads it), so the front doors call them in worker threads. A gate
+may also offer `authenticate_nowait`, `prepare_nowait`, `admit_nowait` and `finish_nowait`, with the same arguments,
+that never block: they answer from memory, or return None, having done nothing, when the answer needs I/O. The front
+doors call those on the event loop first (`gateway.flow.gate_call`), which saves a thread hand-off per call.
+
+A gate may also answer `is_operator(principal) -> bool` (and `is_operator_nowait`): whether the caller may open the
+operator pages (the fleet dashboard). A gate without it lets only anonymous callers of an open gateway in.
 """
 
 from __future__ import annotations

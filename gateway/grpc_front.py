@@ -123,7 +123,7 @@ class GatewayServicer(pb_grpc.MeshServeServicer):
                 f"the request is {size} bytes; the limit is {self.max_request_bytes} bytes (max_request_bytes)",
                 code="request_too_large",
             )
-        return await asyncio.to_thread(self.gate.authenticate, _secret(context), _client_address(context))
+        return await flow.gate_call(self.gate, "authenticate", _secret(context), _client_address(context))
 
     async def _served_model(self) -> str:
         return self.served_model_name or (await self.replica.model_info()).model_name

@@ -23,7 +23,7 @@ import time
 
 import sqlalchemy as sa
 
-from gateway.store import Store, TtlCache
+from gateway.store import MISSING, Store, TtlCache
 from gateway.store.models import ApiKey, User
 
 log = logging.getLogger(__name__)
@@ -226,15 +226,22 @@ class KeyStore:
             return None
         return KeyRecord(row.id, row.user_id, row.salt, row.hash, row.revoked_at is not None, bool(row.disabled))
 
-    def verify(self, secret: str) -> KeyRecord | None:
-        """The key a secret belongs to, if it is well formed and matches (revoked or not: the caller decides)."""
+    def verify(self, secret: str, *, blocking: bool = True) -> KeyRecord | object | None:
+        """The key a secret belongs to, if it is well formed and matches (revoked or not: the caller decides).
+        `blocking=False`: answers only from the cache, MISSING when the key would have to be read from the store."""
         parsed = parse_secret(secret)
         if parsed is None:
             return None
-        record = self.lookup(parsed[0])
+        record = self.lookup(parsed[0]) if blocking else self._cache.peek(parsed[0])
+        if record is MISSING:
+            return MISSING
         if record is None or not hmac.compare_digest(hash_secret(record.salt, secret.strip()), record.hash):
             return None
         return record
+
+    def touch_due(self, key_id: str) -> bool:
+        """Whether `touch(key_id)` would write to the store now."""
+        return time.time() - self._touched.get(key_id, 0.0) >= LAST_USED_EVERY
 
     def touch(self, key_id: str) -> None:
         """Writes last_used, at most once per LAST_USED_EVERY seconds per key in this process."""

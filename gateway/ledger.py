@@ -124,6 +124,9 @@ class Entry:
     day: str = ""
 
 
+_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
+
+
 def utc_day(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d")
 
@@ -247,7 +250,8 @@ class Ledger:
     def _write(self, batch: list[Entry]) -> bool:
         try:
             with self.store.write() as s:
-                s.execute(self._insert, [dataclasses.asdict(e) for e in batch])
+                # a shallow copy per row: dataclasses.asdict deep-copies every field, a third of the writer's time
+                s.execute(self._insert, [{name: getattr(e, name) for name in _ENTRY_FIELDS} for e in batch])
         except sa.exc.SQLAlchemyError:
             log.warning("ledger: could not write %d rows (will retry)", len(batch), exc_info=True)
             return False

@@ -30,6 +30,32 @@ class OpenGate:
     def finish(self, ticket: Ticket, outcome: Outcome) -> None:
         pass
 
+    def is_operator(self, principal: Principal) -> bool:
+        """Everyone may open the operator pages of an open (loopback, keyless) gateway."""
+        return True
+
+    # Nothing above blocks, so the front doors may call it on the event loop (see gateway/gate.py); a subclass that
+    # overrides a method (and may block in it) gets the worker thread for that method unless it overrides the
+    # `_nowait` one too.
+
+    def _own(self, method: str) -> bool:
+        return getattr(type(self), method) is getattr(OpenGate, method)
+
+    def authenticate_nowait(self, secret: str | None, client_address: str | None) -> Principal | None:
+        return self.authenticate(secret, client_address) if self._own("authenticate") else None
+
+    def prepare_nowait(self, principal: Principal, request: PreparedRequest) -> PreparedRequest | None:
+        return self.prepare(principal, request) if self._own("prepare") else None
+
+    def admit_nowait(self, principal: Principal, prepared: PreparedRequest, prompt_tokens: int) -> Ticket | None:
+        return self.admit(principal, prepared, prompt_tokens) if self._own("admit") else None
+
+    def finish_nowait(self, ticket: Ticket, outcome: Outcome) -> bool | None:
+        return True if self._own("finish") else None
+
+    def is_operator_nowait(self, principal: Principal) -> bool | None:
+        return self.is_operator(principal) if self._own("is_operator") else None
+
     def feedback(
         self, principal: Principal, request_id: str, rating: int, comment: str | None, tags: list[str]
     ) -> None:

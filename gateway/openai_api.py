@@ -8,7 +8,13 @@ When the replica is a fleet (a `FleetView`, such as `fleet.router.Router`), the 
 
   GET /fleet (its dashboard page)   GET /fleet.json (its snapshot)   and its metrics inside GET /metrics
 
-with no key, as /metrics: operators' pages, naming replicas and their addresses but no caller.
+The fleet view names replicas and their addresses, so it needs an operator key (the `operator` role of a key's or
+user's policy, see `Gate.is_operator`) unless the gate is open (loopback without keys). A script sends the key as
+`Authorization: Bearer <key>`. A browser opening /fleet without one gets a small sign-in form (no script) that POSTs
+the key to /fleet; the answer sets it as the cookie `meshserve_operator` (HttpOnly, SameSite=Strict, Path=/, Secure
+over https, 12 hours) and redirects to /fleet, whose script then polls /fleet.json with the cookie, as a same-origin
+fetch does. The key is never taken from the URL: a query string ends up in access logs, browser history and Referer
+headers. /metrics needs no key: it names no caller (guard its port with the network policy, as for any exporter).
 
 Decisions:
 - Errors are always OpenAI's `{"error": {"message", "type", "param", "code"}}`: validation 400 naming the field and the
@@ -37,16 +43,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import logging
 import math
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -564,6 +572,37 @@ _DASHBOARD_HEADERS = {
 }
 
 
+OPERATOR_COOKIE = "meshserve_operator"
+"""The cookie a browser holds an operator key in after signing in at /fleet."""
+OPERATOR_COOKIE_SECONDS = 12 * 3600
+MAX_KEY_CHARS = 256
+
+# the sign-in page: a form and nothing else (no script, posts to this gateway only)
+_SIGN_IN_HEADERS = {
+    "cache-control": "no-store",
+    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+}
+_SIGN_IN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>meshserve fleet: sign in</title>
+<style>body{{font:15px system-ui,sans-serif;margin:4em auto;max-width:28em;color:#222}}
+input{{font:inherit;width:100%;box-sizing:border-box;margin:.4em 0;padding:.4em}}p.error{{color:#a00}}</style>
+</head><body><h1>Fleet view</h1><p>The fleet view needs an operator key.</p>{error}
+<form method="post" action="fleet"><label>Operator key
+<input type="password" name="key" autocomplete="current-password" required></label>
+<input type="submit" value="Open the fleet view"></form></body></html>
+"""
+
+
+def sign_in_page(error: GateError | None, status: int = 401) -> HTMLResponse:
+    """The sign-in form, with the refusal's message (never a key) when there was one."""
+    text = "" if error is None else f'<p class="error">{html.escape(error.message)}</p>'
+    return HTMLResponse(
+        _SIGN_IN_PAGE.format(error=text),
+        status_code=error.status if error is not None else status,
+        headers=_SIGN_IN_HEADERS,
+    )
+
+
 # ----- the app ------------------------------------------------------------------------------------------------------
 
 
@@ -589,7 +628,52 @@ class _Api:
 
     async def authenticate(self, request: Request) -> Principal:
         client = request.client.host if request.client else None
-        return await asyncio.to_thread(self.gate.authenticate, _bearer(request.headers.get("authorization")), client)
+        return await flow.gate_call(self.gate, "authenticate", _bearer(request.headers.get("authorization")), client)
+
+    async def operator(self, request: Request, secret: str | None = None) -> Principal:
+        """The caller, when it may open the operator pages: its key from `secret`, else the bearer header, else the
+        sign-in cookie. GateError 401 without a valid key, 403 for a key without the operator role."""
+        client = request.client.host if request.client else None
+        if secret is None:
+            secret = _bearer(request.headers.get("authorization")) or request.cookies.get(OPERATOR_COOKIE)
+        principal = await flow.gate_call(self.gate, "authenticate", secret, client)
+        if hasattr(self.gate, "is_operator"):
+            allowed = await flow.gate_call(self.gate, "is_operator", principal)
+        else:
+            allowed = principal.anonymous
+        if not allowed:
+            raise GateError(
+                403,
+                "this API key may not open the fleet view: it needs the operator role (policy field `operator`)",
+                kind="permission_error",
+                code="operator_required",
+            )
+        return principal
+
+    async def sign_in(self, request: Request) -> Response:
+        """POST /fleet: the sign-in form's key -> the cookie and a redirect to the dashboard, or the form again
+        with why not (400 without a key, 401, 403)."""
+        raw = await request.body()
+        fields = urllib.parse.parse_qs(raw.decode("utf-8", errors="replace"), max_num_fields=8)
+        secret = (fields.get("key") or [""])[0].strip()
+        if not secret or len(secret) > MAX_KEY_CHARS:
+            error = GateError(400, f"key is required, at most {MAX_KEY_CHARS} characters", param="key")
+            return sign_in_page(error)
+        try:
+            await self.operator(request, secret)
+        except GateError as e:
+            return sign_in_page(e)
+        response = RedirectResponse("fleet", status_code=303, headers={"cache-control": "no-store"})
+        response.set_cookie(
+            OPERATOR_COOKIE,
+            secret,
+            max_age=OPERATOR_COOKIE_SECONDS,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
 
     @staticmethod
     async def parse(request: Request, schema: type[BaseModel]) -> Any:
@@ -830,11 +914,21 @@ def create_app(
     if fleet is not None:
 
         @app.get("/fleet")
-        async def fleet_page() -> HTMLResponse:
+        async def fleet_page(request: Request) -> HTMLResponse:
+            try:
+                await api.operator(request)
+            except GateError as e:
+                sent = request.headers.get("authorization") or request.cookies.get(OPERATOR_COOKIE)
+                return sign_in_page(e if sent else None)  # a first visit is no error
             return HTMLResponse(fleet.dashboard_html(), headers=_DASHBOARD_HEADERS)
 
+        @app.post("/fleet")
+        async def fleet_sign_in(request: Request) -> Response:
+            return await api.sign_in(request)
+
         @app.get("/fleet.json")
-        async def fleet_json() -> JSONResponse:
+        async def fleet_json(request: Request) -> JSONResponse:
+            await api.operator(request)
             return JSONResponse(fleet.snapshot(), headers={"cache-control": "no-store"})
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)

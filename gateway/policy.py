@@ -33,7 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from gateway.gate import ChatTurn, GateError, PreparedRequest, Principal
-from gateway.store import Store, TtlCache
+from gateway.store import MISSING, Store, TtlCache
 from gateway.store.models import Flag, LedgerRow, PolicyAudit, PolicyRow
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ class Policy:
     """The persona's system prompt (default QUARANTINE_PROMPT)."""
     quarantine_max_tokens: int | None = None
     """max_tokens cap under quarantine (default QUARANTINE_MAX_TOKENS)."""
+    operator: bool | None = None
+    """The operator role: may open the gateway's operator pages (the fleet dashboard, /fleet and /fleet.json, which
+    name replicas and their addresses). Changes nothing about requests."""
 
     def __post_init__(self) -> None:
         if self.sampling is not None and not set(self.sampling) <= SAMPLING_FIELDS:
@@ -189,6 +192,7 @@ class PolicyStore:
     def __init__(self, store: Store, cache_seconds: float = 0.5):
         self.store = store
         self._cache: TtlCache[tuple[str, str], Policy] = TtlCache(cache_seconds)
+        self._merged: dict[str, tuple[Policy, Policy, Policy]] = {}  # key id -> (user's, key's, effective)
 
     def get(self, kind: str, subject_id: str) -> Policy:
         return self._cache.get((kind, subject_id), self._load)
@@ -200,6 +204,20 @@ class PolicyStore:
 
     def effective(self, principal: Principal) -> Policy:
         return merge(self.get("user", principal.user_id), self.get("key", principal.key_id))
+
+    def effective_nowait(self, principal: Principal) -> Policy | None:
+        """`effective` from the cache only; None when a policy would have to be read from the store."""
+        user = self._cache.peek(("user", principal.user_id))
+        key = self._cache.peek(("key", principal.key_id))
+        if user is MISSING or key is MISSING:
+            return None
+        # the cache hands out the same objects until it reloads them: merge once per pair, not per request
+        merged = self._merged.get(principal.key_id)
+        if merged is None or merged[0] is not user or merged[1] is not key:
+            if len(self._merged) > 10_000:
+                self._merged.clear()
+            merged = self._merged[principal.key_id] = (user, key, merge(user, key))  # type: ignore[arg-type]
+        return merged[2]
 
     def set(self, kind: str, subject_id: str, who: str, changes: dict[str, Any], *, replace: bool = False) -> Policy:
         """Sets the given fields (None unsets one; `replace` starts from an empty policy) and writes the audit row

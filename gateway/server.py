@@ -121,7 +121,11 @@ class Gateway:
     async def start(self) -> None:
         """Binds both ports and starts serving (RuntimeError / OSError when a port cannot be bound)."""
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # Naming the protocol matters: asyncio turns Nagle's algorithm off only on accepted sockets whose proto is
+        # IPPROTO_TCP (0 does not count), and with Nagle on, a response written in parts (headers then body, SSE
+        # events) waits ~40 ms for the client's delayed ACK. TCP_NODELAY on the listening socket is inherited too.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.config.host, self.config.http_port))
         sock.set_inheritable(True)

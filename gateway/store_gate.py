@@ -1,8 +1,13 @@
 """`StoreGate`: the Gate of gateway/gate.py over the shared store (keys, policy, limits, ledger, feedback, flags).
 
 Several gateway processes may run StoreGates on one database: keys, policies and limits are re-read at most every
-`cache_seconds` (a revoked key fails everywhere within a second), limits are counted in the database, and the ledger
-is the one table every process appends to.
+`cache_seconds` (a revoked key fails everywhere within a second), limits are spent from leases each process takes
+from the database in batches (gateway/limits.py: never over a limit together, under it by a stated bound), and the
+ledger is the one table every process appends to (in batches, off the request path).
+
+With warm caches and leases a request needs no I/O: the `*_nowait` methods answer on the event loop and return None
+(having changed nothing) only when the store must be read or written, for which the front doors fall back to the
+blocking methods in a worker thread (gateway/gate.py).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from gateway.keys import PREFIX, KeyStore, parse_secret
 from gateway.ledger import Entry, Ledger, Prices
 from gateway.limits import Limiter, Reservation
 from gateway.policy import FlagMonitor, FlagRule, PolicyStore, apply_policy
-from gateway.store import Store
+from gateway.store import MISSING, Store
 from gateway.store.models import Feedback, LedgerRow
 
 log = logging.getLogger(__name__)
@@ -113,6 +118,15 @@ class StoreGate:
         self.flags.observe(e.key_id for e in entries if e.key_id != ANONYMOUS.key_id)
 
     def authenticate(self, secret: str | None, client_address: str | None) -> Principal:
+        principal = self._authenticate(secret, client_address, blocking=True)
+        assert principal is not None
+        return principal
+
+    def authenticate_nowait(self, secret: str | None, client_address: str | None) -> Principal | None:
+        """`authenticate` from memory only (see gateway/gate.py): None when the key must be read or touched."""
+        return self._authenticate(secret, client_address, blocking=False)
+
+    def _authenticate(self, secret: str | None, client_address: str | None, *, blocking: bool) -> Principal | None:
         secret = (secret or "").strip()
         if secret[:7].lower() == "bearer ":
             secret = secret[7:].strip()
@@ -124,36 +138,89 @@ class StoreGate:
                     401, "missing API key: send it as 'Authorization: Bearer <key>'", kind="authentication_error"
                 )
             raise GateError(401, "invalid API key", kind="authentication_error", code="invalid_api_key")
-        record = self.keys.verify(secret)
+        record = self.keys.verify(secret, blocking=blocking)
+        if record is MISSING:
+            return None
         if record is None or record.revoked:
             raise GateError(401, "invalid API key", kind="authentication_error", code="invalid_api_key")
         if record.user_disabled:
             raise GateError(403, "the account of this API key is disabled", kind="permission_error")
-        self.keys.touch(record.id)
+        if blocking:
+            self.keys.touch(record.id)
+        elif self.keys.touch_due(record.id):
+            return None
         return Principal(key_id=record.id, user_id=record.user_id)
 
     def prepare(self, principal: Principal, request: PreparedRequest) -> PreparedRequest:
         return apply_policy(self.policies.effective(principal), request)
 
+    def prepare_nowait(self, principal: Principal, request: PreparedRequest) -> PreparedRequest | None:
+        policy = self.policies.effective_nowait(principal)
+        return None if policy is None else apply_policy(policy, request)
+
+    def is_operator(self, principal: Principal) -> bool:
+        """Whether the caller may open the operator pages: a key whose effective policy (key over user) has the
+        `operator` role, or the anonymous caller of a gateway that does not require keys (only a loopback client
+        without a key is anonymous: the same trust as the open gate)."""
+        if principal.anonymous:
+            return not self.keys_required
+        return bool(self.policies.effective(principal).operator)
+
+    def is_operator_nowait(self, principal: Principal) -> bool | None:
+        if principal.anonymous:
+            return not self.keys_required
+        policy = self.policies.effective_nowait(principal)
+        return None if policy is None else bool(policy.operator)
+
     def admit(self, principal: Principal, prepared: PreparedRequest, prompt_tokens: int) -> Ticket:
+        ticket = self._admit(principal, prepared, prompt_tokens, blocking=True)
+        assert ticket is not None
+        return ticket
+
+    def admit_nowait(self, principal: Principal, prepared: PreparedRequest, prompt_tokens: int) -> Ticket | None:
+        """`admit` from this process's limit leases only: None, with nothing reserved, when it needs the store."""
+        return self._admit(principal, prepared, prompt_tokens, blocking=False)
+
+    def _admit(
+        self, principal: Principal, prepared: PreparedRequest, prompt_tokens: int, *, blocking: bool
+    ) -> Ticket | None:
         request_id = uuid.uuid4().hex
         max_tokens = prepared.sampling.get("max_tokens") or self.default_max_tokens
         reserved = prompt_tokens + max(prepared.n, 1) * max_tokens
-        reservation = self.limiter.admit([("key", principal.key_id), ("user", principal.user_id)], request_id, reserved)
+        subjects = [("key", principal.key_id), ("user", principal.user_id)]
+        if blocking:
+            reservation = self.limiter.admit(subjects, request_id, reserved)
+        else:
+            reservation = self.limiter.admit_nowait(subjects, request_id, reserved)
+            if reservation is None:
+                return None
         return Ticket(request_id, principal, prepared, reserved, time.time(), handle=_Handle(reservation))
 
     def finish(self, ticket: Ticket, outcome: Outcome) -> None:
         """Settles the limits and queues the ledger row; never raises (the response is already on its way)."""
+        self._finish(ticket, outcome, blocking=True)
+
+    def finish_nowait(self, ticket: Ticket, outcome: Outcome) -> bool | None:
+        """`finish` without waiting for a lock another thread may hold while it reads the store: True when done,
+        None (nothing done) when `finish` must run in a worker thread."""
+        return True if self._finish(ticket, outcome, blocking=False) else None
+
+    def _finish(self, ticket: Ticket, outcome: Outcome, *, blocking: bool) -> bool:
         handle: _Handle = ticket.handle
         with self._lock:
             if handle.finished:
                 log.warning("finish called twice for request %s", ticket.request_id)
-                return
-            handle.finished = True
+                return True
         try:
-            self.limiter.settle(handle.reservation, outcome.prompt_tokens + outcome.completion_tokens)
+            tokens = outcome.prompt_tokens + outcome.completion_tokens
+            if not self.limiter.settle(handle.reservation, tokens, blocking=blocking):
+                return False
         except Exception:
             log.exception("could not settle the limits of request %s", ticket.request_id)
+        with self._lock:
+            if handle.finished:  # a concurrent finish got here first
+                return True
+            handle.finished = True
         prepared, principal = ticket.prepared, ticket.principal
         entry = Entry(
             request_id=ticket.request_id,
@@ -184,6 +251,7 @@ class StoreGate:
             self._recent[ticket.request_id] = principal.key_id
             while len(self._recent) > 10_000:
                 self._recent.popitem(last=False)
+        return True
 
     def feedback(
         self, principal: Principal, request_id: str, rating: int, comment: str | None, tags: list[str]
@@ -215,5 +283,7 @@ class StoreGate:
             )
 
     def close(self) -> None:
-        """Writes the rest of the ledger; the Store stays open (its owner closes it)."""
+        """Gives back this process's limit leases and writes the rest of the ledger; the Store stays open (its owner
+        closes it)."""
+        self.limiter.close()
         self.ledger.close()

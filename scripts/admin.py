@@ -6,6 +6,7 @@ python scripts/admin.py key create --user=alice --name=laptop        # prints th
 python scripts/admin.py key list [--user=alice] | rotate --key=ID | revoke --key=ID
 python scripts/admin.py policy set --key=ID --max_tokens_cap=512 --priority_class=paid --preferences='{"tone": "brief"}'
 python scripts/admin.py policy set --key=ID --quarantine              # --noquarantine lifts it
+python scripts/admin.py policy set --user=ops --operator               # may open the fleet dashboard
 python scripts/admin.py policy show --user=alice [--audit]
 python scripts/admin.py limits set --user=alice --tokens_per_minute=20000 --concurrent_streams=4   # -1: unlimited
 python scripts/admin.py limits show --key=ID
@@ -70,6 +71,9 @@ _LOG_CONTENT = flags.DEFINE_bool("log_content", None, "Keep prompt and completio
 _QUARANTINE = flags.DEFINE_bool("quarantine", None, "Serve this key or user under the quarantine persona.")
 _Q_PROMPT = flags.DEFINE_string("quarantine_prompt", None, "The quarantine persona's system prompt ('' unsets).")
 _Q_MAX_TOKENS = flags.DEFINE_integer("quarantine_max_tokens", None, "max_tokens cap under quarantine (0 unsets).")
+_OPERATOR = flags.DEFINE_bool(
+    "operator", None, "The operator role: may open /fleet and /fleet.json (--nooperator lifts it)."
+)
 _REPLACE = flags.DEFINE_bool("replace", False, "policy set: start from an empty policy instead of the current one.")
 
 # limits set: -1 is unlimited
@@ -175,7 +179,7 @@ def _policy_changes() -> dict[str, Any]:
             changes[holder.name] = _json_flag(holder)
     if present(_ALLOWED_PARAMS):
         changes["allowed_params"] = [p for p in _ALLOWED_PARAMS.value if p] or None
-    for holder in (_LOG_CONTENT, _QUARANTINE):
+    for holder in (_LOG_CONTENT, _QUARANTINE, _OPERATOR):
         if present(holder):
             changes[holder.name] = holder.value
     return changes

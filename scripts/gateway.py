@@ -9,7 +9,12 @@ With --replicas the gateway serves over the fleet router (fleet/router.py): ever
 (health and load every 0.5 s), routed by --routing_policy, failed over and resumed, a full fleet queued then refused
 with 429; the file is re-read when it changes. The HTTP port then also serves the fleet's dashboard at /fleet (its
 JSON at /fleet.json) and the fleet's Prometheus series with the gateway's at /metrics; --fleet_metrics_port serves
-the fleet's series alone on a port of their own as well.
+the fleet's series alone on a port of their own as well. Behind the store's gate /fleet and /fleet.json need a key
+with the operator role (the `operator` field of its or its user's policy): a browser signs in with a form at /fleet
+(the key is kept in an HttpOnly cookie), a script sends `Authorization: Bearer <key>` (gateway/openai_api.py).
+
+The gateway counts prompt tokens itself with --tokenizer once it has checked, on probe texts, that it tokenizes as
+the replica does; otherwise (another model, no tokenizer) it asks the replica's Tokenize for every request.
 
 Without --db and --keys_required the gateway runs the open gate: no keys, no limits, nothing recorded. That is only
 allowed on loopback: binding another address needs --keys_required (the store's gate, on --db or the store's default

@@ -65,6 +65,18 @@ _FLEET_QUEUE = flags.DEFINE_integer(
 _FLEET_WAIT = flags.DEFINE_float(
     "fleet_max_wait", 10.0, "With --replicas: seconds a request may wait for a replica with room before a 429."
 )
+_FLEET_STALL = flags.DEFINE_float(
+    "fleet_stall_timeout",
+    30.0,
+    "With --replicas: seconds a started stream may go without a message before it is cut and resumed on another "
+    "replica (0: no limit).",
+)
+_FLEET_MIN_CACHED_SHARE = flags.DEFINE_float(
+    "fleet_min_cached_share",
+    0.5,
+    "With --routing_policy=cache_aware: the share of a prompt's blocks a replica must hold cached before that "
+    "outweighs a less loaded replica.",
+)
 _FLEET_METRICS_PORT = flags.DEFINE_integer(
     "fleet_metrics_port",
     -1,
@@ -74,7 +86,8 @@ _FLEET_METRICS_PORT = flags.DEFINE_integer(
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer",
     "bundled",
-    "Tokenizer naming tokens in logprobs: 'bundled', a GGUF file or a checkpoint folder; empty: logprobs refused.",
+    "Tokenizer naming tokens in logprobs and counting prompt tokens in the gateway (when it matches the replica's): "
+    "'bundled', a GGUF file or a checkpoint folder; empty: logprobs refused, prompts counted by the replica.",
 )
 
 
@@ -140,12 +153,15 @@ def router(tokens: TokenVocab | None):
     if not _REPLICAS.value:
         return None
     from fleet.admission import AdmissionConfig
+    from fleet.policy import RoutingConfig
     from fleet.router import Router, RouterConfig
 
     config = RouterConfig(
         policy=_ROUTING_POLICY.value,
         region=_FLEET_REGION.value,
         admission=AdmissionConfig(max_queued=_FLEET_QUEUE.value, max_wait=_FLEET_WAIT.value),
+        routing=RoutingConfig(min_cached_share=_FLEET_MIN_CACHED_SHARE.value),
+        stall_timeout=_FLEET_STALL.value or None,
     )
     return Router(os.path.abspath(os.path.expanduser(_REPLICAS.value)), config, vocab=tokens)
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 
 import grpc
@@ -22,6 +23,7 @@ import grpc.aio
 import httpx
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
 from gateway import flow
@@ -31,6 +33,8 @@ from gateway.grpc_front import GrpcFront
 from gateway.open_gate import ANONYMOUS, OpenGate
 from gateway.openai_api import create_app
 from gateway.server import Gateway, GatewayConfig
+from gateway.store import Store
+from gateway.store_gate import StoreGate
 from protos.meshserve.v1 import meshserve_pb2 as pb
 from protos.meshserve.v1 import meshserve_pb2_grpc as pb_grpc
 
@@ -521,6 +525,68 @@ def test_cancelled_during_admission_is_still_settled():
     assert outcome.finish_reason == "cancelled"
 
 
+# ----- the fleet view needs an operator key ---------------------------------------------------------------------------
+
+FLEET_ADDRESS = "10.0.0.7:50051"
+
+
+class StubFleet:
+    """A FleetView: one replica with an address, a page that polls fleet.json."""
+
+    def __init__(self) -> None:
+        self.metrics = types.SimpleNamespace(registry=CollectorRegistry())
+
+    def snapshot(self) -> dict:
+        return {"replicas": [{"name": "r0", "address": FLEET_ADDRESS}]}
+
+    def dashboard_html(self) -> str:
+        return "<!doctype html><title>fleet</title><script>fetch('fleet.json')</script>"
+
+
+def test_fleet_view_needs_an_operator_key_unless_the_gate_is_open(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/gateway.db")
+    gate = StoreGate(store)
+    gate.keys.create_user("ops")
+    plain, operator = gate.keys.create_key("ops", "plain"), gate.keys.create_key("ops", "dashboard")
+    gate.policies.set("key", operator.info.id, "test", {"operator": True})
+    try:
+        with TestClient(create_app(StubReplica(), gate, fleet=StubFleet()), follow_redirects=False) as client:
+            for headers, status in (({}, 401), ({"authorization": f"Bearer {plain.secret}"}, 403)):
+                r = client.get("/fleet.json", headers=headers)
+                assert r.status_code == status and FLEET_ADDRESS not in r.text
+                assert r.json()["error"]["type"] == ("authentication_error" if status == 401 else "permission_error")
+            r = client.get("/fleet.json", headers={"authorization": f"Bearer {operator.secret}"})
+            assert r.status_code == 200 and r.json() == StubFleet().snapshot()
+
+            # a browser: the page without a key is a sign-in form (no script, no fleet data)
+            r = client.get("/fleet")
+            assert r.status_code == 401 and "<form" in r.text and "<script" not in r.text
+            assert FLEET_ADDRESS not in r.text and "form-action 'self'" in r.headers["content-security-policy"]
+            r = client.post("/fleet", data={"key": plain.secret})
+            assert r.status_code == 403 and "set-cookie" not in r.headers and plain.secret not in r.text
+            r = client.post("/fleet", data={})
+            assert r.status_code == 400 and "key is required" in r.text
+            r = client.post("/fleet", data={"key": operator.secret})
+            assert r.status_code == 303 and r.headers["location"] == "fleet"
+            cookie = r.headers["set-cookie"].lower()
+            assert all(a in cookie for a in ("meshserve_operator=", "httponly", "samesite=strict", "path=/"))
+            # the browser now sends the cookie with the page and with its script's same-origin polls
+            r = client.get("/fleet")
+            assert r.status_code == 200 and "fetch('fleet.json')" in r.text
+            assert client.get("/fleet.json").json() == StubFleet().snapshot()
+            gate.keys.revoke_key(operator.info.id)  # a revoked key's cookie stops working
+            assert client.get("/fleet.json").status_code == 401
+            r = client.get("/fleet")
+            assert r.status_code == 401 and "invalid API key" in r.text
+    finally:
+        gate.close()
+        store.close()
+    # the open gate (loopback, no keys) stays open
+    with TestClient(create_app(StubReplica(), OpenGate(), fleet=StubFleet())) as client:
+        assert client.get("/fleet.json").json() == StubFleet().snapshot()
+        assert "fetch('fleet.json')" in client.get("/fleet").text
+
+
 # ----- slow: the real thing -----------------------------------------------------------------------------------------
 
 
@@ -607,6 +673,10 @@ def test_real_chat_and_completions(real):
     assert whole.usage.prompt_tokens > 20 and whole.usage.completion_tokens >= 1
     (outcome,) = gate.outcomes(whole.id)
     assert outcome.finish_reason == whole.choices[0].finish_reason and outcome.replica.startswith("127.0.0.1:")
+    # the gateway counted the prompt itself (its tokenizer matched the replica's), to the replica's own count
+    assert gateway.replica.counts_locally
+    (ticket,) = [t for t, _ in gate.finished if whole.id.endswith(t.request_id)]
+    assert ticket.reserved_tokens == whole.usage.prompt_tokens + 24
 
     # streamed, the same prompt again: the same text, and its prompt now comes from cached KV pages
     chunks = list(
@@ -638,6 +708,38 @@ def test_real_chat_and_completions(real):
 
     one, streamed = asyncio.run(completions())
     assert one == streamed and len(one) > 0
+
+
+@pytest.mark.slow
+def test_real_prompt_counts_fall_back_to_the_replica_for_another_tokenizer(real):
+    from engine.tokenizer import make_tiny_tokenizer
+
+    _, _, server = real
+    address = f"127.0.0.1:{server.server.port}"
+
+    async def main() -> None:
+        matching, other = (
+            GrpcReplica(address, vocab=real[0].replica.vocab),
+            GrpcReplica(address, vocab=TokenVocab(make_tiny_tokenizer())),
+        )
+        chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Count me, please: 1, 2, 3.")])
+        try:
+            for request in (
+                pb.TokenizeRequest(chat=chat),
+                pb.TokenizeRequest(text="Hello there", add_special_tokens=True),
+            ):
+                expected = len((await matching.tokenize(request)).token_ids)
+                assert await matching.count_tokens(request) == await other.count_tokens(request) == expected
+            assert matching.counts_locally and not other.counts_locally
+            # an input the replica refuses is its to explain, with the field
+            with pytest.raises(GateError) as err:
+                await matching.count_tokens(pb.TokenizeRequest(text="", add_special_tokens=True))
+            assert err.value.status == 400 and err.value.param == "prompt"
+        finally:
+            await matching.close()
+            await other.close()
+
+    asyncio.run(main())
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The gateway's shared state: users, keys, policies, limits and their counters, the ledger, feedback and flags,
 in one SQL database that every gateway process uses (SQLite for one machine, PostgreSQL for many)."""
 
-from gateway.store.db import Store, TtlCache, default_url
+from gateway.store.db import MISSING, Store, TtlCache, default_url
 
-__all__ = ["Store", "TtlCache", "default_url"]
+__all__ = ["MISSING", "Store", "TtlCache", "default_url"]

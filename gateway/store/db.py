@@ -105,6 +105,9 @@ def _sqlite_begin(conn: sa.Connection) -> None:
     conn.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
 
 
+MISSING = object()
+"""What `TtlCache.peek` answers for a key it does not hold (None may be a cached value)."""
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -132,6 +135,14 @@ class TtlCache(Generic[K, V]):
                     self._entries.clear()
             self._entries[key] = (now + self.ttl, value)
         return value
+
+    def peek(self, key: K) -> V | object:
+        """The live cached value of `key`, or MISSING (absent or expired); never loads, never blocks on I/O."""
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        return MISSING
 
     def invalidate(self, key: K | None = None) -> None:
         with self._lock:
