@@ -25,12 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from bench import quality, stats, step_profile, workloads
 from bench import roofline as rl
-from bench import stats, step_profile, workloads
 from bench.workloads import Prompt
+from engine import quant
 from engine.config import ModelConfig, llama_1b_config, tiny_config
 from engine.engine import CapacityError, Engine, EngineConfig, default_dtype
-from engine.model import init_params
+from engine.model import abstract_params, init_params
 from engine.offline import OfflineItem, OfflineResult, run_offline
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
@@ -73,6 +74,8 @@ class Options:
     """Decode attention: auto, kernel or xla (EngineConfig.attention)."""
     linear: str = "auto"
     """Weight products: auto, kernel or xla (EngineConfig.linear)."""
+    quantize: str = "none"
+    """Weight format: none or int8 (EngineConfig.quantize)."""
     workload: str = "w2"
     """Synthetic prompt set: w1, w2 or w3; `serve` also runs w4 (multi-turn chat) and w5 (long prompt)."""
     prompts_file: str | None = None
@@ -196,6 +199,7 @@ def engine_config(opts: Options, num_slots: int | None = None) -> EngineConfig:
         dtype=opts.dtype,
         attention=opts.attention,
         linear=opts.linear,
+        quantize=opts.quantize,
     )
 
 
@@ -210,7 +214,15 @@ def load_model(opts: Options, num_slots: int | None = None) -> tuple[Engine, Tok
     key = (opts.random_model, None if opts.random_model else opts.checkpoint, config)
     if key in _ENGINES:
         return _ENGINES[key]
-    same_model = next((v for k, v in _ENGINES.items() if k[:2] == key[:2] and k[2].dtype == config.dtype), None)
+    # the same weights converted: never from an int8 engine to one of another format (its rounding would stay)
+    same_model = next(
+        (
+            v
+            for k, v in _ENGINES.items()
+            if k[:2] == key[:2] and k[2].dtype == config.dtype and k[2].quantize in ("none", config.quantize)
+        ),
+        None,
+    )
     if same_model is not None:
         engine = with_slots(same_model[0], config.num_slots, config)
         tokenizer = same_model[1]
@@ -313,14 +325,21 @@ def roofline(opts: Options, *, measured: rl.DeviceSpec | None = None) -> dict[st
     cfg = model_config(opts)
     itemsize = jnp.dtype(opts.dtype).itemsize
     here = measured or limits(opts)
-    devices = {"this_device": (here, itemsize)}
+    # (device, weight bytes, KV bytes per token, dtype bytes, weight format) per row
+    int8_weights = quant.weight_bytes(abstract_params(cfg, jnp.bfloat16, quantize="int8")[0])
+    int8_kv = cfg.kv_bytes_per_token(1) + rl.int8_kv_scale_bytes_per_token(cfg)
+    devices = {"this_device": (here, cfg.num_params * itemsize, cfg.kv_bytes_per_token(itemsize), itemsize, "dense")}
     for name in opts.device_spec:
-        devices[name] = (rl.preset(name), 2)
+        device = rl.preset(name)
+        devices[name] = (device, cfg.num_params * 2, cfg.kv_bytes_per_token(2), 2, "bf16")
+        devices[f"{name}_int8_weights"] = (device, int8_weights, cfg.kv_bytes_per_token(2), 2, "int8 weights")
+        devices[f"{name}_int8_weights_kv"] = (device, int8_weights, int8_kv, 2, "int8 weights + int8 KV")
     out: dict[str, Any] = {"model": {"name": cfg.name, "n_params": cfg.num_params}, "devices": {}}
-    for key, (device, nbytes) in devices.items():
-        line = rl.Roofline(cfg.num_params, cfg.num_params * nbytes, cfg.kv_bytes_per_token(nbytes), device, opts.chips)
+    for key, (device, weight_bytes, kv_bytes, nbytes, fmt) in devices.items():
+        line = rl.Roofline(cfg.num_params, weight_bytes, kv_bytes, device, opts.chips)
         out["devices"][key] = {
             **line.summary(),
+            "format": fmt,
             "dtype_bytes": nbytes,
             "critical_batch_at_context": {str(c): line.critical_batch_at(c) for c in opts.contexts},
             "kv_pages": line.kv_pages(opts.page_size),
@@ -953,6 +972,30 @@ def gateway_auth(opts: Options) -> dict[str, Any]:
     )
 
 
+# ----- quality ----------------------------------------------------------------------------------------------------
+
+
+def quality_figures(opts: Options) -> dict[str, Any]:
+    """bench.quality's figures for int8 weights against the engine in `opts.dtype` (same checkpoint, same run): the
+    README's quality table."""
+    base = dataclasses.replace(opts, quantize="none")
+    reference, tokenizer = load_model(base, 1)
+    int8 = Engine(
+        reference.model_config, reference.params, dataclasses.replace(engine_config(base, 1), quantize="int8")
+    )
+    window = min(1024, reference.model_config.max_position_embeddings)
+    results = quality.evaluate(
+        {opts.dtype: reference, "int8 weights": int8}, tokenizer, window=window, stride=window // 2
+    )
+    return {
+        "model": model_summary(reference),
+        "corpus": os.path.relpath(quality.CORPUS, os.path.dirname(os.path.dirname(__file__))),
+        "window": window,
+        "rows": [dataclasses.asdict(q) | {"perplexity_rise": q.perplexity_ratio(results[0]) - 1} for q in results],
+        "table": quality.table(results),
+    }
+
+
 COMMANDS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "roofline": roofline,
     "latency": latency,
@@ -961,6 +1004,7 @@ COMMANDS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "sweep": sweep,
     "gateway_auth": gateway_auth,
     "profile": step_profile.profile,
+    "quality": quality_figures,
 }
 
 

@@ -1,4 +1,5 @@
-"""Loads a Hugging Face Llama-family folder (config.json + safetensors) into meshserve's stacked parameter tree.
+"""Loads a Hugging Face decoder folder (config.json + safetensors; Llama, Qwen2/3, Mistral, Gemma 2/3 text) into
+meshserve's stacked parameter tree.
 
 The tree layout (letters as in the README glossary: V vocab, D dim, L layers, N q heads, K kv heads, H head dim,
 F mlp dim) is::
@@ -6,6 +7,7 @@ F mlp dim) is::
     embed [V, D]; final_norm [D]; lm_head [D, V] (only when embeddings are untied)
     layers: attn_norm [L, D]; wq [L, D, N, H]; wk, wv [L, D, K, H]; bq [L, N, H]; bk, bv [L, K, H] (qkv_bias only);
             wo [L, N, H, D]; mlp_norm [L, D]; w_gate, w_up [L, D, F]; w_down [L, F, D]
+            q_norm, k_norm [L, H] (qk_norm only); post_attn_norm, post_mlp_norm [L, D] (sandwich_norms only)
 
 `build_params` is shared with the GGUF loader, which hands it tensors already renamed and laid out as HF stores them.
 """
@@ -47,9 +49,27 @@ _BIAS_TENSORS: dict[str, tuple[str, Callable[[np.ndarray, ModelConfig], np.ndarr
 }
 
 
+_QK_NORM_TENSORS: dict[str, tuple[str, Callable[[np.ndarray, ModelConfig], np.ndarray]]] = {
+    "self_attn.q_norm.weight": ("q_norm", lambda w, c: w),
+    "self_attn.k_norm.weight": ("k_norm", lambda w, c: w),
+}
+# Gemma 2/3 norm both halves' inputs and outputs; there "post_attention_layernorm" is the attention output's norm
+# and the MLP's input norm is "pre_feedforward_layernorm".
+_SANDWICH_NORM_TENSORS: dict[str, tuple[str, Callable[[np.ndarray, ModelConfig], np.ndarray]]] = {
+    "post_attention_layernorm.weight": ("post_attn_norm", lambda w, c: w),
+    "pre_feedforward_layernorm.weight": ("mlp_norm", lambda w, c: w),
+    "post_feedforward_layernorm.weight": ("post_mlp_norm", lambda w, c: w),
+}
+
+
 def layer_tensors(config: ModelConfig) -> dict[str, tuple[str, Callable[[np.ndarray, ModelConfig], np.ndarray]]]:
     """Per-layer HF tensor suffixes this config needs, mapped to (tree key, layout transform)."""
-    return {**_LAYER_TENSORS, **(_BIAS_TENSORS if config.qkv_bias else {})}
+    return {
+        **_LAYER_TENSORS,
+        **(_BIAS_TENSORS if config.qkv_bias else {}),
+        **(_QK_NORM_TENSORS if config.qk_norm else {}),
+        **(_SANDWICH_NORM_TENSORS if config.sandwich_norms else {}),
+    }
 
 
 def hf_tensor_names(config: ModelConfig) -> list[str]:

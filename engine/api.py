@@ -45,6 +45,7 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
 
 ATTENTION_CHOICES = ("auto", "kernel", "pallas", "xla")
 LINEAR_CHOICES = ("auto", "kernel", "xla")
+QUANTIZE_CHOICES = ("none", "int8")
 ADMISSION_CHOICES = ("reserve", "grow")
 MAX_PREFILL_SEGMENTS = 32  # a context page names the rows that see it in one int32 bit mask
 
@@ -98,6 +99,10 @@ class EngineConfig:
     """Weight products: 'kernel' (weights packed at load for the hand-written CPU kernel, engine.kernels), 'xla'
     (XLA's dot, any backend and sharding) or 'auto' (the kernel on a one-device CPU mesh in float32 with at least
     MIN_KERNEL_LINEAR_SLOTS slots, where a C++ compiler exists, else xla)."""
+    quantize: str = "none"
+    """Weight format: 'int8' quantizes the linear weights, the embedding and the head at load to int8 with a float32
+    scale per output channel (engine.quant; weight-only, activations stay in `dtype`), a quarter of float32's bytes
+    and half of bfloat16's; 'none' runs them in `dtype`."""
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -116,6 +121,8 @@ class EngineConfig:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.linear not in LINEAR_CHOICES:
             raise ValueError(f"linear must be one of {', '.join(LINEAR_CHOICES)}, got {self.linear!r}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
         if not 1 <= self.prefill_segments <= MAX_PREFILL_SEGMENTS:
             raise CapacityError(f"prefill_segments must be in [1, {MAX_PREFILL_SEGMENTS}], got {self.prefill_segments}")
         if self.kv_pages is not None and self.kv_pages < 2:

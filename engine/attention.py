@@ -14,6 +14,11 @@ Pallas kernels and the CPU kernel (engine.kernels) keep this exact contract and 
 Prefill with context (`context_attention_xla`): a packed prefill's queries also attend to pages cached earlier (a
 shared prefix, a previous chunk of the same prompt); the pages are visited in blocks in a loop whose trip count is
 a runtime value, with an online softmax, so one compiled program serves any amount of context.
+
+Sliding-window layers (Mistral, Gemma) take `window`: a query sees only the `window` positions ending at its own.
+Decode then reads only the ceil(window / P) + 1 pages that can hold them; prefill masks what lies before the window
+(pages behind every layer's window stay allocated until the sequence ends). Soft-capped scores (Gemma 2) take
+`softcap`. Only these XLA formulations implement the two (engine.placement picks them for such models).
 """
 
 from __future__ import annotations
@@ -48,15 +53,32 @@ def write_decode_kv(k_pool, v_pool, k_new, v_new, table, lengths):
     return k_pool, v_pool
 
 
-def paged_attend_xla(q, k_pool, v_pool, table, lengths):
+def paged_attend_xla(q, k_pool, v_pool, table, lengths, *, window=None, softcap=None):
     """q [B, K, G, H] (pre-scaled) attends to positions [0, lengths[b]] of each slot's pages (table [B, W]) ->
-    [B, K, G, H] in q's dtype; scores and softmax in float32."""
+    [B, K, G, H] in q's dtype; scores and softmax in float32.
+
+    window: only positions (lengths[b] - window, lengths[b]] are seen, and only the ceil(window / P) + 1 pages
+    that can hold them are read (from a per-slot first page), not the whole table. softcap: scores become
+    softcap * tanh(score / softcap) before the mask."""
     b, kh, g, _ = q.shape
     w, p = table.shape[1], k_pool.shape[3]
+    if window is not None and (span := min(w, -(-window // p) + 1)) < w:
+        # a window of `window` positions spans at most ceil(window / P) + 1 pages; the first is clipped so the span
+        # stays inside the table (an earlier start only adds pages the mask hides)
+        first = jnp.clip((lengths - window + 1) // p, 0, w - span)  # [B]
+        table = jnp.take_along_axis(table, first[:, None] + jnp.arange(span)[None, :], axis=1)  # [B, span]
+        positions = first[:, None] * p + jnp.arange(span * p)[None, :]  # [B, span * P]
+        w = span
+    else:
+        positions = jnp.arange(w * p)[None, :]  # [1, W * P]
     k = jnp.take(k_pool, table, axis=0)  # [B, W, K, H, P]
     v = jnp.take(v_pool, table, axis=0)  # [B, W, K, P, H]
     scores = jnp.einsum("BKGH,BWKHP->BKGWP", q, k, preferred_element_type=jnp.float32).reshape(b, kh, g, w * p)
-    valid = jnp.arange(w * p)[None, :] <= lengths[:, None]  # [B, W * P]
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    valid = positions <= lengths[:, None]  # [B, W * P]
+    if window is not None:
+        valid = valid & (positions > (lengths - window)[:, None])
     scores = jnp.where(valid[:, None, None, :], scores, NEG_INF)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, g, w, p)
     # a zero weight times a stale NaN/inf is still NaN: what lies past a slot's length never enters the sum
@@ -64,11 +86,12 @@ def paged_attend_xla(q, k_pool, v_pool, table, lengths):
     return jnp.einsum("BKGWP,BWKPH->BKGH", weights, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-def paged_decode_attention_xla(q, k_new, v_new, k_pool, v_pool, table, lengths):
-    """One decode step: write the new K/V (see `write_decode_kv`), then attend (see `paged_attend_xla`). Returns
-    (out [B, K, G, H], k_pool, v_pool)."""
+def paged_decode_attention_xla(q, k_new, v_new, k_pool, v_pool, table, lengths, *, window=None, softcap=None):
+    """One decode step: write the new K/V (see `write_decode_kv`), then attend (see `paged_attend_xla`, which
+    takes `window` and `softcap`). Returns (out [B, K, G, H], k_pool, v_pool)."""
     k_pool, v_pool = write_decode_kv(k_pool, v_pool, k_new, v_new, table, lengths)
-    return paged_attend_xla(q, k_pool, v_pool, table, lengths), k_pool, v_pool
+    out = paged_attend_xla(q, k_pool, v_pool, table, lengths, window=window, softcap=softcap)
+    return out, k_pool, v_pool
 
 
 @struct.dataclass
@@ -78,7 +101,8 @@ class PrefillPaging:
     Token t of the pack is written at offset dest_offset[t] of page dest_page[t] (padding: the sink). The context is
     a list of distinct pages, each seen by the pack's rows whose bit is set in ctx_rows (bit r: segment r) up to its
     first ctx_valid positions; only the first ctx_blocks blocks of `block_pages` pages are read (a runtime count, so
-    one compiled program serves any context)."""
+    one compiled program serves any context). ctx_start gives each context page's first position in its sequence,
+    which a sliding-window layer needs to hide what lies before its window (None where no layer has one)."""
 
     dest_page: jax.Array  # [T]
     dest_offset: jax.Array  # [T]
@@ -87,6 +111,7 @@ class PrefillPaging:
     ctx_valid: jax.Array  # [C]
     ctx_blocks: jax.Array  # [] number of blocks to read
     block_pages: int = struct.field(pytree_node=False, default=1)
+    ctx_start: jax.Array | None = None  # [C]
 
 
 def write_prefill_kv(k_pool, v_pool, k_new, v_new, paging: PrefillPaging):
@@ -111,10 +136,25 @@ def _online_update(carry, scores, visible, values):
     return m_new, denom, acc
 
 
-def prefill_attention_xla(q, k, v, segment_ids, k_pool=None, v_pool=None, paging: PrefillPaging | None = None):
+def prefill_attention_xla(
+    q,
+    k,
+    v,
+    segment_ids,
+    k_pool=None,
+    v_pool=None,
+    paging: PrefillPaging | None = None,
+    *,
+    window=None,
+    positions=None,
+    softcap=None,
+):
     """q [T, K, G, H] (pre-scaled), k/v [T, K, H] of one packed row -> [T, K, G, H]. Query t sees the keys <= t of
     its own segment (segment_ids [T]) and, with `paging`, the cached positions its segment may see (see
-    PrefillPaging), read from the pools block by block."""
+    PrefillPaging), read from the pools block by block.
+
+    window: query t sees only keys less than `window` positions before it; with `paging` that needs the queries'
+    positions [T] and paging.ctx_start. softcap: scores become softcap * tanh(score / softcap) before the mask."""
     t, kh, g, h = q.shape
     seg = segment_ids
     m = jnp.full((kh, g, t), NEG_INF, jnp.float32)
@@ -122,6 +162,8 @@ def prefill_attention_xla(q, k, v, segment_ids, k_pool=None, v_pool=None, paging
     if paging is not None:
         cb = paging.block_pages
         p = k_pool.shape[3]
+        if window is not None and (positions is None or paging.ctx_start is None):
+            raise ValueError("a sliding window over cached pages needs the query positions and paging.ctx_start")
 
         def block(i, carry):
             pages = jax.lax.dynamic_slice_in_dim(paging.ctx_pages, i * cb, cb)
@@ -130,16 +172,27 @@ def prefill_attention_xla(q, k, v, segment_ids, k_pool=None, v_pool=None, paging
             kb = jnp.take(k_pool, pages, axis=0)  # [C, K, H, P]
             vb = jnp.take(v_pool, pages, axis=0)  # [C, K, P, H]
             scores = jnp.einsum("TKGH,CKHP->KGTCP", q, kb, preferred_element_type=jnp.float32)
+            if softcap is not None:
+                scores = jnp.tanh(scores / softcap) * softcap
             sees = ((rows[None, :] >> jnp.clip(seg, 0, 31)[:, None]) & 1).astype(bool) & (seg >= 0)[:, None]
             inside = jnp.arange(p)[None, :] < valid[:, None]  # [C, P]
             visible = (sees[:, :, None] & inside[None]).reshape(t, cb * p)
+            if window is not None:
+                start = jax.lax.dynamic_slice_in_dim(paging.ctx_start, i * cb, cb)
+                key_pos = (start[:, None] + jnp.arange(p)[None, :]).reshape(cb * p)
+                visible = visible & (positions[:, None] - key_pos[None, :] < window)
             vb = jnp.where(inside[:, None, :, None], vb, jnp.zeros((), vb.dtype))  # stale NaN/inf never enter
             values = vb.transpose(1, 0, 2, 3).reshape(kh, cb * p, h)
             return _online_update(carry, scores.reshape(kh, g, t, cb * p), visible, values)
 
         carry = jax.lax.fori_loop(0, paging.ctx_blocks, block, carry)
     causal = jnp.tril(jnp.ones((t, t), bool)) & (seg[:, None] == seg[None, :])
+    if window is not None:
+        # a segment's tokens sit side by side at consecutive positions: index distance is position distance
+        causal = causal & (jnp.arange(t)[:, None] - jnp.arange(t)[None, :] < window)
     scores = jnp.einsum("TKGH,SKH->KGTS", q, k, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     _, denom, acc = _online_update(carry, scores, causal, v.transpose(1, 0, 2))
     return (acc / denom[..., None]).transpose(2, 0, 1, 3).astype(q.dtype)
 

@@ -128,7 +128,7 @@ class StepCompiler:
             per_token = jax.ShapeDtypeStruct((size,), jnp.int32, sharding=rep)
             per_ctx = jax.ShapeDtypeStruct((e.context_pages,), jnp.int32, sharding=rep)
             paging = PrefillPaging(per_token, per_token, per_ctx, per_ctx, per_ctx, i32,
-                                   block_pages=context_block_pages(e.page_size))  # fmt: skip
+                                   block_pages=context_block_pages(e.page_size), ctx_start=per_ctx)  # fmt: skip
             args = (params_abs, state_abs, row_abs, row_abs, row_abs, paging, per_row, per_row, per_row, per_row,
                     per_row, want_abs, sampling_abs)  # fmt: skip
         elif kind == "insert":

@@ -1,14 +1,40 @@
-"""Model configuration: one frozen dataclass for the Llama family, built from an HF config.json or GGUF metadata."""
+"""Model configuration: one frozen dataclass for the decoder families the engine runs (Llama, Qwen2/3, Mistral,
+Gemma 2/3 text), built from an HF config.json or GGUF metadata.
+
+A family is a set of features (q/k norms, sliding-window layers, soft-capping, ...), each a field of ModelConfig
+whose default is the Llama behaviour: the model branches on them in Python at trace time, so a feature a config
+lacks compiles to no code at all."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
-SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_HF_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MistralForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+)
+# Architectures we know and decline, with what is missing (one line each).
+_UNSUPPORTED_HF_ARCHITECTURES = {
+    "Gemma3ForConditionalGeneration": "the vision tower is not supported; text-only Gemma3ForCausalLM is",
+    "Mistral3ForConditionalGeneration": "the vision tower is not supported; text-only MistralForCausalLM is",
+    "LlavaForConditionalGeneration": "the vision tower is not supported",
+    "Qwen3MoeForCausalLM": "mixture-of-experts MLPs are not supported; dense Qwen3ForCausalLM is",
+    "MixtralForCausalLM": "mixture-of-experts MLPs are not supported; dense MistralForCausalLM is",
+    "GemmaForCausalLM": "Gemma 1 is not supported; Gemma2ForCausalLM and Gemma3ForCausalLM are",
+}
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+# How many layers one sliding/global period spans when an old config gives only a pattern (layer i is global when
+# (i + 1) % pattern == 0), by architecture.
+_DEFAULT_SLIDING_PATTERN = {"Gemma2ForCausalLM": 2, "Gemma3ForCausalLM": 6}
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
 
 
@@ -18,16 +44,29 @@ class UnsupportedModelError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency-dependent RoPE scaling ("rope_type": "llama3")."""
+    """RoPE frequency scaling: Llama-3 style frequency-dependent ("llama3") or every frequency divided by `factor`
+    ("linear", Gemma 3's global layers)."""
 
     factor: float
     """How much the context was stretched (8.0 for Llama-3.1)."""
-    low_freq_factor: float
-    """Wavelengths above original_max_position / low_freq_factor are divided by `factor`."""
-    high_freq_factor: float
-    """Wavelengths below original_max_position / high_freq_factor are left alone."""
-    original_max_position: int
-    """Context length the model was pre-trained with before scaling."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max_position / low_freq_factor are divided by `factor`."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max_position / high_freq_factor are left alone."""
+    original_max_position: int = 8192
+    """llama3: context length the model was pre-trained with before scaling."""
+    kind: str = "llama3"
+    """Which scaling: "llama3" or "linear"."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_SCALING_KINDS:
+            raise UnsupportedModelError(
+                f"rope_scaling type {self.kind!r} is not supported; meshserve supports {', '.join(ROPE_SCALING_KINDS)}"
+            )
+
+
+ROPE_SCALING_KINDS = ("llama3", "linear")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +105,54 @@ class ModelConfig:
     """Ids that end a generation unless a request sets ignore_eos."""
     name: str = "llama"
     """Human-readable model name, for logs and GetModelInfo."""
+    qk_norm: bool = False
+    """Whether q and k pass through a per-head RMSNorm over H before RoPE (Qwen3, Gemma 3)."""
+    norm_offset: bool = False
+    """Whether every RMSNorm scales by (1 + weight) instead of weight (Gemma)."""
+    sandwich_norms: bool = False
+    """Whether attention and MLP outputs are also normalized before joining the residual (Gemma 2/3)."""
+    scale_embeddings: bool = False
+    """Whether token embeddings are multiplied by sqrt(D), rounded to the compute dtype (Gemma)."""
+    mlp_activation: str = "silu"
+    """Activation of the gated MLP's gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)."""
+    query_pre_attn_scalar: float | None = None
+    """Queries are scaled by query_pre_attn_scalar ** -0.5; None: head_dim ** -0.5 (Gemma sets it)."""
+    attn_logit_softcap: float | None = None
+    """Attention scores become cap * tanh(score / cap) before the mask and softmax; None: no capping (Gemma 2)."""
+    final_logit_softcap: float | None = None
+    """Logits become cap * tanh(logit / cap); None: no capping (Gemma 2/3)."""
+    sliding_window: int | None = None
+    """Tokens a sliding-window layer's query sees: itself and the sliding_window - 1 before it (None: no such
+    layers)."""
+    sliding_layers: tuple[int, ...] = ()
+    """Indices of the layers that attend within `sliding_window` (the others attend to the whole context)."""
+    rope_local_theta: float | None = None
+    """RoPE base of the sliding-window layers, unscaled (Gemma 3's rope_local_base_freq); None: they use rope_theta
+    and rope_scaling like the others."""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise UnsupportedModelError(
+                f"MLP activation {self.mlp_activation!r} is not supported; "
+                f"meshserve supports {', '.join(MLP_ACTIVATIONS)}"
+            )
+        if self.sliding_layers and not self.sliding_window:
+            raise ValueError("sliding_layers needs a sliding_window")
+        if any(not 0 <= i < self.num_layers for i in self.sliding_layers):
+            raise ValueError(f"sliding_layers {self.sliding_layers} name layers outside [0, {self.num_layers})")
+
+    def layer_window(self, i: int) -> int | None:
+        """Tokens layer i's query sees (see sliding_window), or None for a layer that sees the whole context."""
+        return self.sliding_window if i in self.sliding_layers else None
+
+    @property
+    def query_scale(self) -> float:
+        """What queries are multiplied by before the score product."""
+        return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_dim)
 
     @property
     def q_per_kv(self) -> int:
@@ -85,6 +166,10 @@ class ModelConfig:
         per_layer = 2 * d + d * n * h * 2 + 2 * d * k * h + 3 * d * f
         if self.qkv_bias:
             per_layer += (n + 2 * k) * h
+        if self.qk_norm:
+            per_layer += 2 * h
+        if self.sandwich_norms:
+            per_layer += 2 * d
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + embed + d
 
@@ -107,33 +192,63 @@ class ModelConfig:
             with open(path) as f:
                 config = json.load(f)
         archs = tuple(config.get("architectures") or ())
-        if not any(a in SUPPORTED_HF_ARCHITECTURES for a in archs):
+        for a in archs:
+            if a in _UNSUPPORTED_HF_ARCHITECTURES:
+                raise UnsupportedModelError(f"architecture {a}: {_UNSUPPORTED_HF_ARCHITECTURES[a]}")
+        arch = next((a for a in archs if a in SUPPORTED_HF_ARCHITECTURES), None)
+        if arch is None:
             raise UnsupportedModelError(
                 f"architecture {list(archs)} is not supported; meshserve runs {', '.join(SUPPORTED_HF_ARCHITECTURES)}"
             )
+        gemma = arch.startswith("Gemma")
         num_heads = config["num_attention_heads"]
         dim = config["hidden_size"]
-        # transformers >= 5 writes `rope_parameters` (theta inside); earlier versions `rope_theta` + `rope_scaling`
+        num_layers = config["num_hidden_layers"]
+        # transformers >= 5 writes `rope_parameters` (theta inside); earlier versions `rope_theta` + `rope_scaling`.
+        # Gemma 3 under transformers >= 5 keeps one set per layer type.
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        local_rope = None
+        if "full_attention" in rope or "sliding_attention" in rope:
+            local_rope = dict(rope.get("sliding_attention") or {})
+            rope = dict(rope.get("full_attention") or {})
+        rope_theta = config.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        rope_local_theta = config.get("rope_local_base_freq") or (local_rope or {}).get("rope_theta")
+        if local_rope and _hf_rope_scaling(local_rope) is not None:
+            raise UnsupportedModelError("RoPE scaling on sliding-window layers is not supported")
+        act = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+        if act not in _HF_ACTIVATIONS:
+            raise UnsupportedModelError(f"MLP activation {act!r} is not supported; meshserve supports silu, gelu_tanh")
+        window, sliding = _hf_sliding_layers(config, arch, num_layers)
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
             vocab_size=config["vocab_size"],
             dim=dim,
-            num_layers=config["num_hidden_layers"],
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=config.get("num_key_value_heads") or num_heads,
             head_dim=config.get("head_dim") or dim // num_heads,
             mlp_dim=config["intermediate_size"],
             rms_norm_eps=config.get("rms_norm_eps", 1e-5),
-            rope_theta=config.get("rope_theta") or rope.get("rope_theta") or 10000.0,
+            rope_theta=rope_theta,
             rope_scaling=_hf_rope_scaling(rope),
             max_position_embeddings=config.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias="Qwen2ForCausalLM" in archs or bool(config.get("attention_bias", False)),
+            tie_embeddings=bool(config.get("tie_word_embeddings", gemma)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            name=config.get("_name_or_path") or archs[0],
+            name=config.get("_name_or_path") or arch,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+            norm_offset=gemma,
+            sandwich_norms=gemma,
+            scale_embeddings=gemma,
+            mlp_activation=_HF_ACTIVATIONS[act],
+            query_pre_attn_scalar=config.get("query_pre_attn_scalar", 256) if gemma else None,  # HF's default
+            attn_logit_softcap=config.get("attn_logit_softcapping") or None,
+            final_logit_softcap=config.get("final_logit_softcapping") or None,
+            sliding_window=window,
+            sliding_layers=sliding,
+            rope_local_theta=float(rope_local_theta) if rope_local_theta and window else None,
         )
 
     @classmethod
@@ -190,6 +305,7 @@ class ModelConfig:
         if data.get("rope_scaling"):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
         data["eos_token_ids"] = tuple(data.get("eos_token_ids") or ())
+        data["sliding_layers"] = tuple(data.get("sliding_layers") or ())
         return cls(**data)
 
 
@@ -199,14 +315,46 @@ def _hf_rope_scaling(scaling: Mapping[str, Any] | None) -> RopeScaling | None:
     kind = scaling.get("rope_type") or scaling.get("type")
     if kind in (None, "default"):
         return None
-    if kind != "llama3":
-        raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported; meshserve supports 'llama3'")
+    if kind not in ROPE_SCALING_KINDS:
+        raise UnsupportedModelError(
+            f"rope_scaling type {kind!r} is not supported; meshserve supports {', '.join(ROPE_SCALING_KINDS)}"
+        )
+    if kind == "linear":
+        return RopeScaling(factor=float(scaling["factor"]), kind="linear")
     return RopeScaling(
         factor=float(scaling["factor"]),
         low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
         high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
         original_max_position=int(scaling.get("original_max_position_embeddings", 8192)),
     )
+
+
+def _hf_sliding_layers(config: Mapping[str, Any], arch: str, num_layers: int) -> tuple[int | None, tuple[int, ...]]:
+    """(sliding_window, indices of the layers that use it) from an HF config: `layer_types` where given, else the
+    family's pattern (Gemma) or max_window_layers (Qwen with use_sliding_window), else every layer (Mistral)."""
+    window = config.get("sliding_window")
+    if config.get("use_sliding_window") is False or not window:
+        window = None
+    types = config.get("layer_types")
+    if types is not None:
+        unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise UnsupportedModelError(f"layer types {unknown} are not supported; meshserve runs full and sliding")
+        if len(types) != num_layers:
+            raise UnsupportedModelError(f"layer_types names {len(types)} layers, the model has {num_layers}")
+        sliding = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
+    elif arch in _DEFAULT_SLIDING_PATTERN:
+        pattern = int(config.get("sliding_window_pattern") or _DEFAULT_SLIDING_PATTERN[arch])
+        sliding = tuple(i for i in range(num_layers) if (i + 1) % pattern)
+    elif config.get("max_window_layers") is not None:  # Qwen: the layers from max_window_layers on
+        sliding = tuple(range(int(config["max_window_layers"]), num_layers))
+    else:
+        sliding = tuple(range(num_layers))
+    if window is None:
+        if sliding and types is not None:
+            raise UnsupportedModelError("layer_types names sliding-window layers but the config has no sliding_window")
+        return None, ()
+    return (int(window), sliding) if sliding else (None, ())
 
 
 def tiny_config(**overrides: Any) -> ModelConfig:

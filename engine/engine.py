@@ -429,10 +429,14 @@ class Engine(HostBook):
         self.attention = placement.choose_attention(c, config, self.dtype, self.mesh, self.rules)
         # q, k and v as one product wherever no mesh axis splits heads (see fuse_qkv_layer)
         self.fuse_qkv = all(logical_to_spec((a,), self.rules, self.mesh)[0] is None for a in ("q_heads", "kv_heads"))
-        self.linear = placement.choose_linear(config, self.dtype, self.mesh)
+        self.linear = placement.choose_linear(c, config, self.dtype, self.mesh)
 
         # The model: constructed here and nowhere else; the kernels chosen above plug into it (None: XLA's ops).
-        packed = Packed(kernels.PANEL_ROWS, kernels.linear) if self.linear == "kernel" else None
+        packed = None
+        if self.linear == "kernel" and config.quantize == "int8":
+            packed = Packed(kernels.INT8_PANEL_ROWS, kernels.packed_int8_product, int8=True)
+        elif self.linear == "kernel":
+            packed = Packed(kernels.PANEL_ROWS, kernels.linear)
         attend = prefill_attend = None
         if self.attention == "kernel":
             attend = placement.kernel_attend(self.mesh, self.rules)
@@ -440,7 +444,13 @@ class Engine(HostBook):
         elif self.attention == "pallas":
             attend = placement.pallas_attend(self.mesh, self.rules)
         self.model = Transformer(
-            c, self.dtype, attend, fuse_qkv=self.fuse_qkv, packed=packed, prefill_attend=prefill_attend
+            c,
+            self.dtype,
+            attend,
+            fuse_qkv=self.fuse_qkv,
+            packed=packed,
+            prefill_attend=prefill_attend,
+            quantize=config.quantize,
         )
 
         self.budget = placement.memory_budget(c, config, self.dtype, self.mesh, self.rules)
@@ -457,11 +467,15 @@ class Engine(HostBook):
                 config.page_size,
             )
 
-        abstract, logical = abstract_params(c, self.dtype, fuse_qkv=self.fuse_qkv, packed=packed)
+        abstract, logical = abstract_params(
+            c, self.dtype, fuse_qkv=self.fuse_qkv, packed=packed, quantize=config.quantize
+        )
         self.param_shardings = tree_shardings(logical, self.rules, self.mesh, abstract)
         # one layer at a time: the extra memory is one layer's weights
-        prepare = jax.jit(functools.partial(runtime_layer, config=c, fuse_qkv=self.fuse_qkv, packed=packed))
-        head = jax.jit(functools.partial(runtime_head, config=c, packed=packed))
+        prepare = jax.jit(
+            functools.partial(runtime_layer, config=c, fuse_qkv=self.fuse_qkv, packed=packed, quantize=config.quantize)
+        )
+        head = jax.jit(functools.partial(runtime_head, config=c, packed=packed, quantize=config.quantize))
         params = {
             **head({k: v for k, v in params.items() if not k.startswith("layer_")}),
             **{k: prepare(v) for k, v in params.items() if k.startswith("layer_")},
@@ -710,10 +724,17 @@ class Engine(HostBook):
 
     def kv_positions_read(self, lengths: np.ndarray, valid: np.ndarray, steps: int, window: int) -> int:
         """Cache positions (per layer, per kv head) one `generate` dispatch's attention read: every page of the window
-        for every slot and step (XLA), or each slot's positions up to its length (the kernel). lengths: per-slot
-        lengths before the dispatch; valid: its StepOutput.valid; steps: the steps it ran."""
-        span = window * self.config.page_size
+        for every slot and step (XLA; a sliding-window layer only the ceil(sliding_window / P) + 1 pages that can
+        hold its window, averaged over the layers), or each slot's positions up to its length (the kernel).
+        lengths: per-slot lengths before the dispatch; valid: its StepOutput.valid; steps: the steps it ran."""
+        p, c = self.config.page_size, self.model_config
+        span = window * p
         if self.attention == "xla":
-            return steps * len(lengths) * span
+            if not c.sliding_layers:
+                return steps * len(lengths) * span
+            windowed = min(span, (-(-c.sliding_window // p) + 1) * p)
+            sliding = len(c.sliding_layers)
+            per_layer = ((c.num_layers - sliding) * span + sliding * windowed) / c.num_layers
+            return int(steps * len(lengths) * per_layer)
         taken = np.cumsum(valid[:steps], axis=0) - valid[:steps]  # tokens each slot added before each step
         return int(np.minimum(np.asarray(lengths)[None, :] + taken + 1, span).sum())

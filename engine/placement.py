@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from engine import kernels, pallas_attention
+from engine import kernels, pallas_attention, quant
 from engine.api import CapacityError, EngineConfig
 from engine.attention import K_POOL_AXES, V_POOL_AXES, write_decode_kv
 from engine.config import ModelConfig
@@ -236,7 +236,10 @@ def memory_budget(
     c, e = model_config, config
     per_token = c.kv_bytes_per_token(dtype.itemsize)
     per_page = per_token * e.page_size
-    weights = c.num_params * dtype.itemsize
+    if e.quantize == "none":
+        weights = c.num_params * dtype.itemsize
+    else:  # int8 values + their scales, and what stays in `dtype` (norms, biases)
+        weights = quant.weight_bytes(abstract_params(c, dtype, quantize=e.quantize)[0])
     device = device_memory_bytes(mesh.local_devices[0])
     pages = e.kv_pages
     if pages is None:
@@ -280,7 +283,19 @@ def check_fits(budget: MemoryBudget, config: EngineConfig, mesh: Mesh, rules: di
 def choose_attention(
     model_config: ModelConfig, config: EngineConfig, dtype: jnp.dtype, mesh: Mesh, rules: dict[str, MeshAxes]
 ) -> str:
-    """The decode attention this engine runs: 'pallas', 'kernel' or 'xla' (see EngineConfig.attention)."""
+    """The decode attention this engine runs: 'pallas', 'kernel' or 'xla' (see EngineConfig.attention). A model with
+    attention features only XLA's formulation implements gets 'xla' (logged), and a request for a kernel a ValueError
+    naming the feature."""
+    missing = kernel_missing_features(model_config)
+    if missing is not None:
+        if config.attention in ("pallas", "kernel"):
+            raise ValueError(
+                f"attention={config.attention!r} cannot be used here: this model has {missing}, which only XLA's "
+                "formulation implements; use attention='xla' or 'auto'"
+            )
+        if config.attention == "auto":
+            log.info("decode attention: XLA's formulation, as this model has %s, which the kernels lack", missing)
+        return "xla"
     k_spec = logical_to_spec(K_POOL_AXES, rules, mesh)
     slot_spec = logical_to_spec(("slots",), rules, mesh)
     platform = mesh.devices.flat[0].platform
@@ -299,16 +314,35 @@ def choose_attention(
     )
 
 
-def choose_linear(config: EngineConfig, dtype: jnp.dtype, mesh: Mesh) -> str:
+def kernel_missing_features(model_config: ModelConfig) -> str | None:
+    """The attention features of this model the Pallas and CPU attention kernels do not implement, in words (None:
+    they run it)."""
+    c = model_config
+    features = []
+    if c.sliding_layers:
+        features.append(f"sliding-window layers (window {c.sliding_window})")
+    if c.attn_logit_softcap is not None:
+        features.append("attention logit soft-capping")
+    return " and ".join(features) or None
+
+
+def choose_linear(model_config: ModelConfig, config: EngineConfig, dtype: jnp.dtype, mesh: Mesh) -> str:
     """The weight products this engine runs: 'kernel' or 'xla' (see EngineConfig.linear)."""
+    why_not = None
+    if mesh.size != 1:
+        why_not = f"it runs on one device, and this mesh has {mesh.size}"
+    elif model_config.mlp_activation != "silu":
+        why_not = f"its gated product is SwiGLU, and this model's MLP gate is {model_config.mlp_activation}"
     return _choose_kernel(
         config.linear,
         "linear",
         "weight products",
-        f"it runs on one device, and this mesh has {mesh.size}" if mesh.size != 1 else None,
+        why_not,
         mesh,
         dtype,
-        worth_it=config.num_slots >= MIN_KERNEL_LINEAR_SLOTS,
+        # int8: the kernel reads a quarter of float32's bytes where XLA:CPU converts the int8 weights to float32 in
+        # memory first (slower than float32 itself), so it is worth it at any slot count
+        worth_it=config.num_slots >= MIN_KERNEL_LINEAR_SLOTS or config.quantize == "int8",
     )
 
 

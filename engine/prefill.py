@@ -128,15 +128,15 @@ def ready(
     return out, peeks
 
 
-def context_pages(p: Prefix, page_size: int) -> list[tuple[int, int]]:
-    """(page, positions it holds) of a prefix's computed positions, as its next prefill call reads them. A page
-    still to be copied is read from its source: rows copying the same positions of the same page share one
-    context entry (a burst of prompts with a common opening reads one page, not one each); the same page seen
-    to different lengths is two entries, so no row sees past its own."""
+def context_pages(p: Prefix, page_size: int) -> list[tuple[int, int, int]]:
+    """(page, positions it holds, its first position) of a prefix's computed positions, as its next prefill call
+    reads them. A page still to be copied is read from its source: rows copying the same positions of the same page
+    share one context entry (a burst of prompts with a common opening reads one page, not one each); the same page
+    seen to different lengths is two entries, so no row sees past its own."""
     pages = p.pages[: -(-p.computed // page_size)]
     if p.copy_from is not None:
         pages[p.computed // page_size] = p.copy_from
-    return [(page, min(page_size, p.computed - k * page_size)) for k, page in enumerate(pages)]
+    return [(page, min(page_size, p.computed - k * page_size), k * page_size) for k, page in enumerate(pages)]
 
 
 def fit_context(pack: list[tuple[int, int]], prefixes: list[Prefix], config: EngineConfig) -> list[tuple[int, int]]:
@@ -184,7 +184,7 @@ def pack_arrays(
     last, remaining, generated, copy_src, copy_dst = (np.zeros((r,), np.int32) for _ in range(5))
     want = np.zeros((r,), bool)
     rows = [SlotSampling.from_params(SamplingParams(), 0, eos)] * r
-    ctx: dict[tuple[int, int], int] = {}  # (page, valid positions) -> row bit mask
+    ctx: dict[tuple[int, int, int], int] = {}  # (page, valid positions, first position) -> row bit mask
     at = 0
     for row, (i, n) in enumerate(pack):
         p = prefixes[i]
@@ -207,12 +207,13 @@ def pack_arrays(
         at += n
     if len(ctx) > e.context_pages:
         raise AssertionError(f"{len(ctx)} context pages exceed the call's {e.context_pages}")  # fit_context
-    ctx_pages, ctx_rows, ctx_valid = (np.zeros((e.context_pages,), np.int32) for _ in range(3))
-    for j, ((page, valid), mask) in enumerate(ctx.items()):
+    ctx_pages, ctx_rows, ctx_valid, ctx_start = (np.zeros((e.context_pages,), np.int32) for _ in range(4))
+    for j, ((page, valid, first), mask) in enumerate(ctx.items()):
         ctx_pages[j], ctx_rows[j], ctx_valid[j] = page, np.int32(np.uint32(mask).view(np.int32)), valid
+        ctx_start[j] = first
     cb = context_block_pages(p_size)
     paging = PrefillPaging(dest_page, dest_offset, ctx_pages, ctx_rows, ctx_valid, np.int32(-(-len(ctx) // cb)),
-                           block_pages=cb)  # fmt: skip
+                           block_pages=cb, ctx_start=ctx_start)  # fmt: skip
     sampling = jax.tree.map(lambda *a: np.concatenate(a), *rows)
     return PackedPrefill(tokens_row, positions, segments, paging, copy_src, copy_dst, last, remaining, generated, want,
                          sampling)  # fmt: skip

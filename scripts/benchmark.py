@@ -10,6 +10,8 @@
     python scripts/benchmark.py serve --api=openai --workload=w4               # through the gateway's OpenAI API
     python scripts/benchmark.py serve --api=both --request_rates=1 --gateway_rounds=3   # gateway TTFT / direct
     python scripts/benchmark.py gateway_auth --auth_duration_s=10              # requests/s with keys + limits
+    python scripts/benchmark.py quality                                        # int8 weights vs float32: perplexity
+    python scripts/benchmark.py latency --quantize=int8 --slot_counts=1        # W1 with int8 weights
     python scripts/benchmark.py profile --num_slots=16 --max_seq_len=2048 --contexts=512,1536   # step times: fleet sim
 
 Every run writes <output_dir>/<command>-<time>.json (machine, versions, flags, figures) and its PNG plots, and
@@ -66,6 +68,7 @@ _ATTENTION = flags.DEFINE_enum(
     "attention", "auto", ["auto", "kernel", "pallas", "xla"], "Decode attention implementation."
 )
 _LINEAR = flags.DEFINE_enum("linear", "auto", ["auto", "kernel", "xla"], "Weight products implementation.")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "Weight format (int8: weight-only, at load).")
 _WORKLOAD = flags.DEFINE_enum(
     "workload", "w2", ["w1", "w2", "w3", "w4", "w5"], "Synthetic workload (shared/PERFORMANCE.md); w4, w5: serve only."
 )
@@ -191,6 +194,7 @@ def options() -> Options:
         host_kv_bytes=_HOST_KV_BYTES.value,
         attention=_ATTENTION.value,
         linear=_LINEAR.value,
+        quantize=_QUANTIZE.value,
         workload=_WORKLOAD.value,
         prompts_file=_PROMPTS_FILE.value,
         random_prompt_lens=_ints(_RANDOM_PROMPT_LENS.value, "random_prompt_lens"),
@@ -297,6 +301,8 @@ def headline(command: str, figures: dict) -> list[str]:
         lines.append(f"recommended slots: {figures['recommended_slots']} ({figures['rule']})")
     if command == "serve":
         lines += multiturn.headline(figures)
+    if command == "quality":
+        lines.append(figures["table"])
     if command == "gateway_auth":
         lines += gateway_load.headline(figures)
     if command in ("serve", "sweep") and figures.get("runs"):

@@ -80,6 +80,13 @@ _LINEAR = flags.DEFINE_enum(
     "Weight products: 'kernel' (weights packed at load for a hand-written CPU kernel, built like --attention's), "
     "'xla' (any backend and mesh), 'auto' (the kernel on one CPU device in float32 with >= 16 slots).",
 )
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize",
+    "none",
+    ["none", "int8"],
+    "Weight format: 'int8' quantizes the linear weights, embedding and head at load (int8 + a float32 scale per "
+    "output channel; activations stay in --dtype): a quarter of float32's bytes, half of bfloat16's.",
+)
 _MESH = flags.DEFINE_string(
     "mesh",
     "auto",
@@ -154,6 +161,7 @@ def engine_config(**overrides) -> EngineConfig:
         dtype=default_dtype() if _DTYPE.value == "auto" else _DTYPE.value,
         attention=_ATTENTION.value,
         linear=_LINEAR.value,
+        quantize=_QUANTIZE.value,
     )
     values.update(overrides)
     return EngineConfig(**values)

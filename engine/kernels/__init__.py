@@ -9,6 +9,9 @@ in float32:
 - The weight products on weights packed once at load (`linear.cc`). XLA's library GEMM repacks both
   operands on every call; at a decode step's 64 tokens that held the products to ~240 GFLOP/s, where the packed
   kernel runs ~400 (same VM).
+- The same products on int8 weights (`linear_int8.cc`, engine.quant's per-row scales): a decode step at a few slots
+  streams every weight once, so a quarter of float32's bytes is up to 4x the speed. Measured on the same VM at one
+  token: a [49152, 576] head in 0.65 ms (44 GB/s of int8 weights) against 7.0 ms in float32.
 
 The sources are compiled on first use, into one library, with the system's C++ compiler (`$CXX`, else
 `c++`/`g++`/`clang++`) for the host CPU, into `$MESHSERVE_CACHE/kernels`, keyed by the sources, the flags, the
@@ -43,10 +46,13 @@ log = logging.getLogger(__name__)
 DECODE_ATTENTION = "meshserve_decode_attention"
 PREFILL_ATTENTION = "meshserve_prefill_attention"
 LINEAR = "meshserve_linear"
+LINEAR_INT8 = "meshserve_linear_int8"
 PANEL_ROWS = 6
 """Weight rows per packed panel (`kRows` in linear.cc)."""
+INT8_PANEL_ROWS = 32
+"""Weight rows per packed int8 panel (`kRows` in linear_int8.cc)."""
 _DIR = Path(__file__).parent
-_SOURCES = (_DIR / "decode_attention.cc", _DIR / "prefill_attention.cc", _DIR / "linear.cc")
+_SOURCES = (_DIR / "decode_attention.cc", _DIR / "prefill_attention.cc", _DIR / "linear.cc", _DIR / "linear_int8.cc")
 _HEADERS = (_DIR / "common.h",)
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _lock = threading.Lock()
@@ -118,6 +124,7 @@ def load() -> Path:
         jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(lib.MeshserveDecodeAttention), platform="cpu")
         jax.ffi.register_ffi_target(PREFILL_ATTENTION, jax.ffi.pycapsule(lib.MeshservePrefillAttention), platform="cpu")
         jax.ffi.register_ffi_target(LINEAR, jax.ffi.pycapsule(lib.MeshserveLinear), platform="cpu")
+        jax.ffi.register_ffi_target(LINEAR_INT8, jax.ffi.pycapsule(lib.MeshserveLinearInt8), platform="cpu")
         _loaded = (lib, path)
         return path
 
@@ -200,3 +207,47 @@ def linear(wp: jax.Array, x: jax.Array, n: int, *, residual: jax.Array | None = 
     if residual.shape != out.shape or residual.dtype != x.dtype:
         raise ValueError(f"the residual must be {out.shape} {x.dtype}, got {residual.shape} {residual.dtype}")
     return jax.ffi.ffi_call(LINEAR, out, input_output_aliases={2: 0})(wp, x, residual, gated=gated)
+
+
+def linear_int8(
+    wq: jax.Array,
+    scale: jax.Array,
+    x: jax.Array,
+    n: int,
+    *,
+    residual: jax.Array | None = None,
+    gated: bool = False,
+) -> jax.Array:
+    """y [N, M] = (Q * scale) x for an int8 weight Q [N, K] packed in panels of INT8_PANEL_ROWS rows (wq [ceil(N /
+    32), K, 32], scale [ceil(N / 32) * 32], see `engine.quant.pack`) and x [K, M] float32; plus `residual` [N, M]
+    when given (its buffer is reused for y where XLA can give it up). gated: wq holds a gate and an up weight [N, K]
+    each, packed by `engine.quant.pack_gated` ([ceil(N / 16), K, 32]), and y = silu(gate x) * (up x). Call `load()`
+    first."""
+    if wq.dtype != jnp.int8 or scale.dtype != jnp.float32 or x.dtype != jnp.float32:
+        raise TypeError(
+            f"the CPU int8 linear kernel takes int8 weights, float32 scales and activations, got "
+            f"{wq.dtype}, {scale.dtype} and {x.dtype}"
+        )
+    rows = INT8_PANEL_ROWS // 2 if gated else INT8_PANEL_ROWS
+    if (
+        wq.ndim != 3
+        or wq.shape[2] != INT8_PANEL_ROWS
+        or wq.shape[0] != -(-n // rows)
+        or x.shape[0] != wq.shape[1]
+        or scale.shape != (wq.shape[0] * INT8_PANEL_ROWS,)
+    ):
+        raise ValueError(
+            f"cannot multiply a packed int8 weight {wq.shape} / scale {scale.shape} (N={n}, "
+            f"gated={gated}) by x {x.shape}"
+        )
+    out = jax.ShapeDtypeStruct((n, x.shape[1]), x.dtype)
+    if residual is None:
+        return jax.ffi.ffi_call(LINEAR_INT8, out)(wq, scale, x, gated=gated)
+    if residual.shape != out.shape or residual.dtype != x.dtype:
+        raise ValueError(f"the residual must be {out.shape} {x.dtype}, got {residual.shape} {residual.dtype}")
+    return jax.ffi.ffi_call(LINEAR_INT8, out, input_output_aliases={3: 0})(wq, scale, x, residual, gated=gated)
+
+
+def packed_int8_product(w, x: jax.Array, n: int, *, residual: jax.Array | None = None, gated: bool = False):
+    """`linear_int8` on an engine.quant.Int8 packed weight: the product `engine.model.Packed` calls."""
+    return linear_int8(w.values, w.scale, x, n, residual=residual, gated=gated)
