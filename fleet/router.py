@@ -1,8 +1,11 @@
 """The fleet router: one `gateway.backend.Replica` over N meshserve replicas (gRPC), in the gateway process.
 
 What it does for each request (`Router.generate`):
-- **Route.** The prompt's token ids (from the Tokenize the gateway's flow just made, kept in a small cache) become
-  block hashes; the policy (`fleet.policy`, default cache-aware) picks a replica with room, client's region first.
+- **Route.** The prompt's token ids become block hashes; the policy (`fleet.policy`, default cache-aware) picks a
+  replica with room, client's region first. The ids are computed in this process with the gateway's tokenizer once a
+  replica's Tokenize agreed with it on probe texts (`gateway.backend.LocalTokens`), else asked of a replica's
+  Tokenize; either way when the flow counts the prompt for admission (`count_tokens`), and kept in a small cache for
+  the Generate that follows.
 - **Admit.** When no replica has room, the request waits in the gateway queue (`fleet.admission`: priority bands,
   fairness between keys, a bound and a time limit); past that it is refused with 429 / RESOURCE_EXHAUSTED,
   Retry-After and a reason: replicas absent, draining or full.
@@ -56,13 +59,13 @@ from fleet.admission import AdmissionConfig, AdmissionQueue, Refusal
 from fleet.config import ConfigWatcher, ReplicaSpec
 from fleet.metrics import FleetMetrics
 from fleet.policy import EjectionConfig, Ejector, ReplicaView, RouteRequest, RoutingConfig
-from gateway.backend import GrpcReplica, TokenVocab, client_region, route_key
+from gateway.backend import GrpcReplica, LocalTokens, TokenVocab, client_region, route_key
 from gateway.gate import GateError
 from protos.meshserve.v1 import meshserve_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-_TOKENIZE_CACHE = 512  # prompts whose ids are kept between the flow's Tokenize and the Generate that follows
+_TOKENIZE_CACHE = 512  # prompts whose ids are kept between the flow's count and the Generate that follows
 _RATE_WINDOW = 10.0  # seconds over which requests/s is measured
 
 
@@ -228,6 +231,7 @@ class Router:
         self._retiring: list[_Member] = []
         self._info: pb.ModelInfo | None = None
         self._tokens: collections.OrderedDict[bytes, list[int]] = collections.OrderedDict()
+        self._local = LocalTokens(self)
         self._tasks: list[asyncio.Task] = []
         self._started: asyncio.Future | None = None
         self._queue_wake: asyncio.Event | None = None
@@ -251,6 +255,8 @@ class Router:
             self._tasks.append(asyncio.create_task(self._expire_loop(), name="fleet-queue"))
             if self._watcher is not None:
                 self._tasks.append(asyncio.create_task(self._reload_loop(), name="fleet-reload"))
+            # the tokenizer's probes now, off any request's path (a request that comes first waits for them)
+            self._tasks.append(asyncio.create_task(self._local.check(), name="fleet-tokenizer-check"))
             self._started.set_result(None)
         await asyncio.shield(self._started)
 
@@ -542,15 +548,21 @@ class Router:
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         _, response = await self._unary("tokenize", request)
-        key = request.SerializeToString(deterministic=True)
-        self._tokens[key] = list(response.token_ids)
-        self._tokens.move_to_end(key)
-        while len(self._tokens) > _TOKENIZE_CACHE:
-            self._tokens.popitem(last=False)
+        self._keep(request.SerializeToString(deterministic=True), list(response.token_ids))
         return response
 
+    @property
+    def counts_locally(self) -> bool:
+        """Whether prompts are tokenized in this process (the gateway's tokenizer matched a replica's on probes)."""
+        return self._local.local
+
+    async def count_tokens(self, request: pb.TokenizeRequest) -> int:
+        """How many tokens the prompt is, for the flow's admission; its ids are kept for the Generate that follows,
+        which routes by them."""
+        return len(await self._prompt_tokens(request))
+
     async def prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
-        """The prompt's token ids as the replica sees them (cached from the flow's Tokenize when it made one)."""
+        """The prompt's token ids as the replica sees them (kept from the flow's count when it made one)."""
         kind = request.WhichOneof("input")
         if kind == "token_ids":
             return list(request.token_ids.ids)
@@ -558,10 +570,21 @@ class Router:
             tokenize = pb.TokenizeRequest(chat=request.chat)
         else:
             tokenize = pb.TokenizeRequest(text=request.text, add_special_tokens=True)
-        ids = self._tokens.get(tokenize.SerializeToString(deterministic=True))
+        return await self._prompt_tokens(tokenize)
+
+    async def _prompt_tokens(self, request: pb.TokenizeRequest) -> list[int]:
+        key = request.SerializeToString(deterministic=True)
+        ids = self._tokens.get(key)
         if ids is None:
-            ids = list((await self.tokenize(tokenize)).token_ids)
+            ids = await self._local.ids(request)
+            self._keep(key, ids)
         return ids
+
+    def _keep(self, key: bytes, ids: list[int]) -> None:
+        self._tokens[key] = ids
+        self._tokens.move_to_end(key)
+        while len(self._tokens) > _TOKENIZE_CACHE:
+            self._tokens.popitem(last=False)
 
     def generate(self, request: pb.GenerateRequest) -> RoutedGeneration:
         return RoutedGeneration(self, request)

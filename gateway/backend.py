@@ -53,7 +53,8 @@ class Generation(Protocol):
     def cancel(self) -> None: ...
 
     # A router's generation may also carry `replica: str`, the replica that served it ("a>b" after a failover from
-    # a to b), which the ledger records instead of the router's name.
+    # a to b), which the ledger records instead of the router's name, and `device_seconds_by_replica: dict[str,
+    # float]` once it has ended, each replica's device-seconds, which the ledger prices at each replica's own price.
 
 
 class Replica(Protocol):
@@ -71,7 +72,8 @@ class Replica(Protocol):
         ...
 
     # A replica may also offer `async count_tokens(request: pb.TokenizeRequest) -> int`: the number of tokenize()'s
-    # ids without the round trip (GrpcReplica, with the model's tokenizer); the flow uses it when present.
+    # ids without the round trip (GrpcReplica and fleet.router.Router, with the model's tokenizer: `LocalTokens`);
+    # the flow uses it when present.
 
     def generate(self, request: pb.GenerateRequest) -> Generation:
         """Starts one Generate stream."""
@@ -243,9 +245,10 @@ def _probes() -> list[pb.TokenizeRequest]:
 
 
 class PromptCounter:
-    """Counts a prompt's tokens in the gateway process, as the replica's Tokenize would, so admission needs no round
-    trip to the replica. Built by `GrpcReplica` only after the replica's Tokenize agreed with it on probe texts (the
-    gateway's tokenizer is configured separately from the replica's model and may not be the same)."""
+    """Tokenizes a prompt in the gateway process exactly as the replica's Tokenize would, so admission (a count) and
+    routing (the ids' block hashes) need no round trip to the replica. Used only through `LocalTokens`, after the
+    replica's Tokenize agreed with it on probe texts (the gateway's tokenizer is configured separately from the
+    replica's model and may not be the same)."""
 
     def __init__(self, tokenizer, info: pb.ModelInfo) -> None:
         self.tokenizer, self.limits = tokenizer, info.limits
@@ -281,6 +284,77 @@ def prompt_chars(request: pb.TokenizeRequest) -> int:
     return len(request.text)
 
 
+class LocalTokens:
+    """A prompt's token ids as `replica.tokenize` would give them: computed in this process by a `PromptCounter`
+    over `replica.vocab` once the replica's Tokenize agreed with it on the probe texts, else (no tokenizer, a
+    different one, an input the replica must judge) by a Tokenize call. Checked once, at the first use or `check()`;
+    a replica that cannot answer the probes yet is asked again at the next use. Which way it went is logged once.
+
+    `replica` is the owner: a GrpcReplica (counting for admission) or a fleet router (the ids it routes by and
+    resumes with); `vocab` is read at the check, since a script may drop a tokenizer that does not fit the model."""
+
+    def __init__(self, replica: Replica) -> None:
+        self._replica = replica
+        self._counter: PromptCounter | None = None
+        self._checked = False
+        self._lock: asyncio.Lock | None = None
+
+    @property
+    def local(self) -> bool:
+        """Whether prompts are tokenized in this process (the tokenizer was checked and matches the replica's)."""
+        return self._counter is not None
+
+    async def ids(self, request: pb.TokenizeRequest) -> list[int]:
+        """The prompt's token ids, as the replica's Tokenize would give them (its GateError when it refuses the
+        input)."""
+        counter = self._counter if self._checked else await self.check()
+        ids = None
+        if counter is not None:
+            if prompt_chars(request) <= LOCAL_COUNT_INLINE_CHARS:
+                ids = counter.ids(request)
+            else:
+                ids = await asyncio.to_thread(counter.ids, request)
+        if ids is None:
+            ids = list((await self._replica.tokenize(request)).token_ids)
+        return ids
+
+    async def check(self) -> PromptCounter | None:
+        """Builds the PromptCounter when the replica's Tokenize agrees with the gateway's tokenizer on the probes;
+        None (and a Tokenize per prompt) otherwise."""
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            if self._checked:
+                return self._counter
+            name, vocab = self._replica.name, getattr(self._replica, "vocab", None)
+            if vocab is None:
+                self._checked = True
+                log.info(
+                    "replica %s: the gateway has no tokenizer (--tokenizer); every prompt is tokenized by the "
+                    "replica's Tokenize (a round trip per request)",
+                    name,
+                )
+                return None
+            try:
+                counter = PromptCounter(vocab.tokenizer, await self._replica.model_info())
+                agree = True
+                for probe in _probes():
+                    local = await asyncio.to_thread(counter.ids, probe)
+                    agree = agree and local == list((await self._replica.tokenize(probe)).token_ids)
+            except GateError as e:
+                log.info("replica %s: cannot check the gateway's tokenizer yet (%s)", name, e.message)
+                return None
+            self._counter, self._checked = (counter if agree else None), True
+            if agree:
+                log.info("replica %s: prompts are tokenized in the gateway (its tokenizer matches)", name)
+            else:
+                log.warning(
+                    "replica %s: the gateway's tokenizer (--tokenizer) tokenizes differently from the replica's "
+                    "model; every prompt is tokenized by the replica's Tokenize instead (a round trip per request)",
+                    name,
+                )
+            return self._counter
+
+
 class GrpcReplica:
     """One meshserve server reached over gRPC (grpc.aio). The channel is opened on first use, in the event loop that
     uses it; the model info is fetched once and kept."""
@@ -293,9 +367,7 @@ class GrpcReplica:
         self._stub: pb_grpc.MeshServeStub | None = None
         self._info: pb.ModelInfo | None = None
         self._info_lock: asyncio.Lock | None = None
-        self._counter: PromptCounter | None = None
-        self._counter_checked = vocab is None  # without a tokenizer every count is a Tokenize call
-        self._counter_lock: asyncio.Lock | None = None
+        self._local = LocalTokens(self)
 
     def _client(self) -> pb_grpc.MeshServeStub:
         if self._stub is None:
@@ -329,49 +401,13 @@ class GrpcReplica:
     @property
     def counts_locally(self) -> bool:
         """Whether prompts are counted in this process (the tokenizer was checked and matches the replica's)."""
-        return self._counter is not None
+        return self._local.local
 
     async def count_tokens(self, request: pb.TokenizeRequest) -> int:
         """How many tokens the prompt is, as Tokenize would count it: in this process with the gateway's tokenizer
         once it has been checked against the replica's, else (no tokenizer, a different one, or an input the replica
-        must judge) by a Tokenize call."""
-        counter = self._counter if self._counter_checked else await self._check_counter()
-        count = None
-        if counter is not None:
-            if prompt_chars(request) <= LOCAL_COUNT_INLINE_CHARS:
-                count = counter.count(request)
-            else:
-                count = await asyncio.to_thread(counter.count, request)
-        if count is None:
-            count = len((await self.tokenize(request)).token_ids)
-        return count
-
-    async def _check_counter(self) -> PromptCounter | None:
-        """Builds the PromptCounter when the replica's Tokenize agrees with the gateway's tokenizer on the probes
-        (once; a replica that cannot answer yet is asked again at the next request)."""
-        self._counter_lock = self._counter_lock or asyncio.Lock()
-        async with self._counter_lock:
-            if self._counter_checked:
-                return self._counter
-            try:
-                counter = PromptCounter(self.vocab.tokenizer, await self.model_info())
-                agree = True
-                for probe in _probes():
-                    local = await asyncio.to_thread(counter.ids, probe)
-                    agree = agree and local == list((await self.tokenize(probe)).token_ids)
-            except GateError as e:
-                log.info("replica %s: cannot check the gateway's tokenizer yet (%s)", self.name, e.message)
-                return None
-            self._counter, self._counter_checked = (counter if agree else None), True
-            if agree:
-                log.info("replica %s: prompts are counted in the gateway (its tokenizer matches)", self.name)
-            else:
-                log.warning(
-                    "replica %s: the gateway's tokenizer (--tokenizer) tokenizes differently from the replica's "
-                    "model; every prompt is counted by the replica's Tokenize instead (a round trip per request)",
-                    self.name,
-                )
-            return self._counter
+        must judge) by a Tokenize call (`LocalTokens`)."""
+        return len(await self._local.ids(request))
 
     def generate(self, request: pb.GenerateRequest) -> Generation:
         return _GrpcGeneration(self._client().Generate(request), self.name)

@@ -180,6 +180,16 @@ class ChoiceState:
     timings: pb.Timings | None = None
     first_at: float | None = None
     replica: str | None = None  # the replica that served it, where the stream names one (a router's)
+    device_seconds_by_replica: dict[str, float] | None = None  # the stream's own split, where it has one (a router's)
+
+    def device_shares(self, default_replica: str) -> dict[str, float]:
+        """This choice's device-seconds by replica: the stream's split (a router's, which also counts the attempts
+        of a stream it gave up on), else all of the usage's on the replica that served it."""
+        if self.device_seconds_by_replica:
+            return self.device_seconds_by_replica
+        if self.usage is None:
+            return {}
+        return {self.replica or default_replica: self.usage.device_seconds}
 
 
 _END = object()
@@ -253,6 +263,7 @@ class Run:
         finally:
             if stream is not None:
                 state.replica = getattr(stream, "replica", None)
+                state.device_seconds_by_replica = getattr(stream, "device_seconds_by_replica", None)
                 stream.cancel()  # no-op after a normal end; otherwise the engine frees the slot
 
     def _fail(self, error: GateError) -> None:
@@ -295,6 +306,11 @@ class Run:
                 prompt_text = prepared.prompt
             texts = ["".join(c.text) for c in self.choices]
             completion_text = texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False)
+        shares = [c.device_shares(self.replica.name) for c in self.choices]
+        by_replica: dict[str, float] = {}
+        for share in shares:
+            for name, seconds in share.items():
+                by_replica[name] = by_replica.get(name, 0.0) + seconds
         return Outcome(
             replica=next((c.replica for c in self.choices if c.replica), None) or self.replica.name,
             prompt_tokens=sum(c.usage.prompt_tokens if c.usage else self.prompt_tokens for c in self.choices),
@@ -303,11 +319,12 @@ class Run:
             queue_seconds=max((c.timings.queue_seconds for c in self.choices if c.timings), default=0.0),
             ttft_seconds=min(firsts) - self.received_at if firsts else 0.0,
             total_seconds=now - self.received_at,
-            device_seconds=sum(c.usage.device_seconds for c in self.choices if c.usage),
+            device_seconds=sum(sum(share.values()) for share in shares),
             finish_reason=reason,
             error=None if self.error is None else self.error.message,
             prompt_text=prompt_text,
             completion_text=completion_text,
+            device_seconds_by_replica=by_replica if len(by_replica) > 1 else None,
         )
 
     # ----- consumer -----

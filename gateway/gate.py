@@ -105,6 +105,9 @@ class Outcome:
     error: str | None = None
     prompt_text: str | None = None  # only kept when prepared.log_content
     completion_text: str | None = None
+    device_seconds_by_replica: dict[str, float] | None = None
+    """Each replica's share of `device_seconds` when several served the request (a router's failover path "a>b", or
+    choices routed to different replicas), so each share is priced at its own replica; None: all on `replica`."""
 
 
 class Gate(Protocol):

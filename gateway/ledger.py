@@ -8,8 +8,11 @@ default action, the first Ledger installs a handler that turns SIGTERM into Syst
 (a process that handles SIGTERM itself must call close() in its shutdown path). Rows the database refuses through
 the whole of close() are written to a JSONL file under the cache directory instead of being dropped silently.
 
-Costs: device cost = device_seconds x chips x price per chip-hour / 3600 for the replica that served the request;
-token cost = (uncached prompt x prompt price + cached x cached price + completion x completion price) / 1e6.
+Costs: device cost = device_seconds x chips x price per chip-hour / 3600 for the replica that served the request,
+or, for a request that several replicas served (a fleet's failover path "a>b", or choices routed apart), that sum over
+its replicas, each share at its own replica's price (`Entry.device_seconds_by_replica`, kept in the row with each
+share's cost). Token cost = (uncached prompt x prompt price + cached x cached price + completion x completion
+price) / 1e6.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -80,10 +83,19 @@ class Prices:
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
-    def device_cost(self, replica: str, device_seconds: float) -> float:
-        """`replica` may name a failover path ("a>b", see fleet.router): priced at its last replica, which served
-        the rest of the request."""
-        replica = replica.rsplit(">", 1)[-1]
+    def device_cost(self, replica: str, device_seconds: float, by_replica: Mapping[str, float] | None = None) -> float:
+        """`by_replica`: each replica's device-seconds, for a request several replicas served (a router's
+        `device_seconds_by_replica`): the sum of `device_costs`. Without it, `replica` may still name a failover path
+        ("a>b", see fleet.router): priced at its last replica, which served the rest of the request."""
+        if by_replica:
+            return sum(self.device_costs(by_replica).values())
+        return self._replica_cost(replica.rsplit(">", 1)[-1], device_seconds)
+
+    def device_costs(self, by_replica: Mapping[str, float]) -> dict[str, float]:
+        """Each replica's device-seconds priced at that replica's chips and price per chip-hour."""
+        return {name: self._replica_cost(name, seconds) for name, seconds in by_replica.items()}
+
+    def _replica_cost(self, replica: str, device_seconds: float) -> float:
         price = self.replicas.get(replica) or self.replicas.get(DEFAULT) or ReplicaPrice()
         return device_seconds * price.chips * price.per_chip_hour / 3600.0
 
@@ -119,6 +131,12 @@ class Entry:
     cost_device: float | None = None
     cost_tokens: float | None = None
     quarantined: bool = False
+    device_seconds_by_replica: dict[str, float] | None = None
+    """Each replica's share of `device_seconds` when several replicas served the request; None: all of it on
+    `replica` (the common case, kept as NULL rather than repeating the row's own columns)."""
+    cost_device_by_replica: dict[str, float] | None = None
+    """Each share's cost at its replica's price (filled in with `cost_device`, their sum), so a row keeps what it
+    was charged when prices change."""
     prompt_text: str | None = dataclasses.field(default=None, repr=False)
     completion_text: str | None = dataclasses.field(default=None, repr=False)
     day: str = ""
@@ -170,7 +188,11 @@ class Ledger:
         """Queues one row (costs and day filled in here); never blocks on the database. A full queue (the database
         has been unreachable for a long while) drops the row with an error in the log."""
         if entry.cost_device is None:
-            entry.cost_device = self.prices.device_cost(entry.replica, entry.device_seconds)
+            if entry.device_seconds_by_replica:
+                entry.cost_device_by_replica = self.prices.device_costs(entry.device_seconds_by_replica)
+                entry.cost_device = sum(entry.cost_device_by_replica.values())
+            else:
+                entry.cost_device = self.prices.device_cost(entry.replica, entry.device_seconds)
         if entry.cost_tokens is None:
             entry.cost_tokens = self.prices.token_cost(
                 entry.model, entry.prompt_tokens, entry.cached_tokens, entry.completion_tokens

@@ -176,8 +176,8 @@ class GatewayMetrics:
         )
         self.cost = Counter(
             "meshserve_gateway_cost",
-            "Cost of settled requests at the ledger's prices: device (device-seconds x price per chip-hour) and "
-            "tokens (tokens x price per million).",
+            "Cost of settled requests at the ledger's prices: device (device-seconds x price per chip-hour, each "
+            "replica's share at its own price after a failover) and tokens (tokens x price per million).",
             ["kind"],
             registry=r,
         )
@@ -228,7 +228,8 @@ class GatewayMetrics:
             self.ttft.labels(front).observe(outcome.ttft_seconds)
         prices = getattr(getattr(self._gate, "ledger", None), "prices", None)
         if prices is not None:
-            self.cost.labels("device").inc(prices.device_cost(outcome.replica, outcome.device_seconds))
+            device = prices.device_cost(outcome.replica, outcome.device_seconds, outcome.device_seconds_by_replica)
+            self.cost.labels("device").inc(device)
             self.cost.labels("tokens").inc(
                 prices.token_cost(model, outcome.prompt_tokens, outcome.cached_tokens, outcome.completion_tokens)
             )

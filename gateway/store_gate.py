@@ -239,6 +239,7 @@ class StoreGate:
             finish_reason=outcome.finish_reason,
             error=outcome.error,
             device_seconds=outcome.device_seconds,
+            device_seconds_by_replica=outcome.device_seconds_by_replica,
             quarantined=prepared.quarantined,
             prompt_text=outcome.prompt_text if prepared.log_content else None,
             completion_text=outcome.completion_text if prepared.log_content else None,

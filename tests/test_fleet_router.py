@@ -1,7 +1,8 @@
 """The fleet router over three real tiny-model replicas, each a process of its own on loopback (tests/fleet_support.py),
-so that one can be SIGKILLed or SIGTERMed: routing and the streams it relays, a client's bad requests never ejecting
-a replica, a full fleet queueing then refusing with a reason, the replicas file reloaded live, the gateway serving
-over a router (in-process and as `scripts/gateway.py --replicas`), a replica killed under load (every stream
+so that one can be SIGKILLed or SIGTERMed: routing and the streams it relays, prompts tokenized in the gateway with no
+Tokenize round trip, a client's bad requests never ejecting a replica, a full fleet queueing then refusing with a
+reason, the replicas file reloaded live, the gateway serving over a router (in-process and as `scripts/gateway.py
+--replicas`), a failover billed to each replica at its own price, a replica killed under load (every stream
 completes, a cut greedy stream's text equals the uninterrupted one) and a replica drained (no new work, its streams
 finish). The destructive tests run last. Every wait is bounded.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import os
 import re
 import signal
@@ -21,18 +23,27 @@ import time
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2
 
-from fleet import admission
+from engine.tokenizer import make_tiny_tokenizer
+from fleet import admission, policy
 from fleet.admission import AdmissionConfig
 from fleet.config import ReplicaSpec
 from fleet.policy import EjectionConfig, RoutingConfig
 from fleet.router import RoutedGeneration, Router, RouterConfig
+from gateway import backend
+from gateway.backend import GrpcReplica, TokenVocab
 from gateway.gate import GateError
+from gateway.ledger import Prices, ReplicaPrice
 from gateway.open_gate import OpenGate
 from gateway.server import Gateway, GatewayConfig
+from gateway.store import Store
+from gateway.store.models import LedgerRow
+from gateway.store_gate import StoreGate
 from protos.meshserve.v1 import meshserve_pb2 as pb
 from tests.fleet_support import ROOT, Child, start_replicas
+from tests.postgres_support import create_database, postgres_url  # noqa: F401  (the session fixture)
 
 STEP_DELAY = 0.03  # seconds before each decode dispatch: streams last long enough to be cut mid-way
 MAX_TOKENS = 48
@@ -209,6 +220,124 @@ def test_client_errors_never_eject_a_replica(replicas):
             await router.close()
 
     asyncio.run(main())
+
+
+def counting_tokenize(router: Router) -> collections.Counter[str]:
+    """Counts, per replica, the Tokenize calls the router makes (each still goes to the real replica)."""
+    calls: collections.Counter[str] = collections.Counter()
+    for m in router._members.values():
+
+        async def counted(request, _tokenize=m.replica.tokenize, _name=m.name):
+            calls[_name] += 1
+            return await _tokenize(request)
+
+        m.replica.tokenize = counted
+    return calls
+
+
+def _chat(*turns: tuple[str, str]) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in turns])
+
+
+NON_ASCII = "Grüße aus Köln, 東京 und Zürich: ÄÖÜ äöü ß 🤖 — «quotes», tabs\tand  spaces. "
+TOKENIZED = [
+    pb.TokenizeRequest(text=PROMPTS[0], add_special_tokens=True),
+    pb.TokenizeRequest(text=NON_ASCII, add_special_tokens=True),
+    pb.TokenizeRequest(text=(NON_ASCII * 40)[:2000], add_special_tokens=True),
+    pb.TokenizeRequest(chat=_chat(("system", "You are brief."), ("user", NON_ASCII), ("assistant", "OK."))),
+    pb.TokenizeRequest(chat=_chat(("user", (PROMPTS[1] + NON_ASCII) * 12))),
+]
+
+
+def test_the_router_tokenizes_prompts_as_the_replicas_do_without_a_round_trip(replicas, monkeypatch, caplog):
+    """With the gateway's tokenizer matching the replicas' (checked on probe texts when the router starts), the router
+    computes a prompt's ids in process: the ids a replica's Tokenize gives, for text and chat prompts (long ones, in a
+    worker thread; non-ASCII), hence the same block hashes and routing, and N requests through the gateway make no
+    Tokenize call at all. Without a tokenizer, or with one that tokenizes otherwise (BOS added), every request asks
+    a replica's Tokenize, as before the router counted locally, and the log says so once."""
+    monkeypatch.setattr(backend, "LOCAL_COUNT_INLINE_CHARS", 1000)  # the 2,000-character prompts go to a thread
+    bos = make_tiny_tokenizer()
+    bos.add_bos = True
+    n = 8
+
+    async def serve(router: Router, calls: collections.Counter[str]) -> int:
+        """N requests (completions and chats) through a gateway over `router`; the Tokenize calls they made."""
+        before = sum(calls.values())
+        gateway = Gateway(router, OpenGate(), GatewayConfig(http_port=0, grpc_port=0))
+        await gateway.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=60) as client:
+                model = (await router.model_info()).model_name
+                for i in range(n):
+                    body = {"model": model, "max_tokens": 4, "temperature": 0}
+                    if i % 2:  # within the 128-token context with the 4 tokens asked for
+                        body["messages"] = [{"role": "user", "content": f"{i} {NON_ASCII[:40]}"}]
+                        expected = len(make_tiny_tokenizer().encode_chat(body["messages"]))
+                    else:
+                        body["prompt"] = f"{PROMPTS[i][:40]} {NON_ASCII[:30]}"
+                        expected = len(body["prompt"].encode())
+                    r = await client.post("/v1/chat/completions" if i % 2 else "/v1/completions", json=body)
+                    assert r.status_code == 200, r.text
+                    assert r.json()["usage"]["prompt_tokens"] == expected
+            return sum(calls.values()) - before
+        finally:
+            await gateway.stop()  # closes the router too
+
+    async def main():
+        reference = GrpcReplica(replicas[0].address)
+        routers = {
+            "local": Router(specs(replicas), FAST, vocab=TokenVocab(make_tiny_tokenizer())),
+            "bos": Router(specs(replicas), FAST, vocab=TokenVocab(bos)),
+            "none": Router(specs(replicas), FAST),
+        }
+        calls = {name: counting_tokenize(router) for name, router in routers.items()}
+        try:
+            for router in routers.values():
+                await router.start()
+            local = routers["local"]
+            await wait_until(lambda: local.counts_locally, 10, "the probes agreeing")
+            assert sum(calls["local"].values()) == 2  # the two probe texts, once
+            for request in TOKENIZED:
+                expected = list((await reference.tokenize(request)).token_ids)
+                assert await local.count_tokens(request) == len(expected)
+                generate = pb.GenerateRequest()
+                if request.WhichOneof("input") == "chat":
+                    generate.chat.CopyFrom(request.chat)
+                else:
+                    generate.text = request.text
+                assert await local.prompt_ids(generate) == expected  # kept from the count
+                local._tokens.clear()
+                ids = await local.prompt_ids(generate)  # computed again, in process
+                assert ids == expected and policy.block_hashes(ids, 64) == policy.block_hashes(expected, 64)
+                for other in ("bos", "none"):
+                    assert await routers[other].prompt_ids(generate) == expected  # by the replica's Tokenize
+            assert sum(calls["local"].values()) == 2
+            # an input the replicas refuse is theirs to explain, naming the field
+            with pytest.raises(GateError) as err:
+                await local.count_tokens(pb.TokenizeRequest(text="", add_special_tokens=True))
+            assert err.value.status == 400 and err.value.param == "prompt"
+            assert sum(calls["local"].values()) == 3
+
+            assert await serve(local, calls["local"]) == 0
+            assert not routers["bos"].counts_locally and not routers["none"].counts_locally
+            assert await serve(routers["bos"], calls["bos"]) == n
+            assert await serve(routers["none"], calls["none"]) == n
+        finally:
+            await reference.close()
+            for router in routers.values():
+                if not router._closed:
+                    await router.close()
+
+    with caplog.at_level(logging.INFO, logger="gateway.backend"):
+        asyncio.run(main())
+    # which way each router tokenizes is said once, at its check
+    messages = [r.getMessage() for r in caplog.records]
+    for line in (
+        "fleet: prompts are tokenized in the gateway",
+        "fleet: the gateway's tokenizer (--tokenizer) tokenizes differently",
+        "fleet: the gateway has no tokenizer",
+    ):
+        assert sum(line in m for m in messages) == 1, (line, messages)
 
 
 def test_full_fleet_queues_then_refuses_with_the_reason(replicas):
@@ -620,6 +749,83 @@ def test_sigstop_under_load_cuts_and_resumes_the_hung_replicas_streams_then_read
             await router.close()
 
     asyncio.run(main())
+
+
+def test_a_failover_is_billed_to_each_replica_at_its_own_price(replicas, tmp_path_factory, postgres_url):  # noqa: F811
+    """A replica SIGKILLed mid-stream behind a gateway that keeps a ledger (StoreGate on PostgreSQL): each stream it
+    was serving resumes on r0, and its ledger row charges the dead replica's device-seconds (estimated from the tokens
+    it streamed) at the dead replica's price and r0's at r0's, the shares summing to the row's device-seconds and
+    device cost; the gateway's cost metric counts the same. A stream r0 served alone is priced as before, with no
+    breakdown. (The victim is a replica of this test's own: the module's three live on.)"""
+    (victim,) = start_replicas(1, str(tmp_path_factory.mktemp("victim")), f"--step_delay={STEP_DELAY}")
+    prices = Prices({"v": ReplicaPrice(per_chip_hour=40.0, chips=4), "r0": ReplicaPrice(per_chip_hour=1.5, chips=2)})
+    store = Store(create_database(postgres_url))
+
+    async def main():
+        fleet = [ReplicaSpec(name="v", address=victim.address), ReplicaSpec(name="r0", address=replicas[0].address)]
+        router = Router(fleet, RouterConfig(poll_period=0.2, policy="round_robin"))
+        await router.start()
+        await wait_until(lambda: all(r["state"] == "up" for r in router.snapshot()["replicas"]), 20, "v and r0 up")
+        gate = StoreGate(store, keys_required=False, prices=prices)
+        gateway = Gateway(router, gate, GatewayConfig(http_port=0, grpc_port=0))
+        await gateway.start()
+        chunks = [0] * 4
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=60) as client:
+                model = (await router.model_info()).model_name
+
+                async def stream(i: int) -> dict:
+                    body = {"model": model, "prompt": PROMPTS[i], "max_tokens": MAX_TOKENS, "temperature": 0}
+                    body.update(ignore_eos=True, stream=True, stream_options={"include_usage": True})
+                    usage = None
+                    async with client.stream("POST", "/v1/completions", json=body) as r:
+                        assert r.status_code == 200
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: {"):
+                                continue
+                            event = json.loads(line[6:])
+                            chunks[i] += bool(event["choices"])
+                            usage = event.get("usage") or usage
+                    return usage
+
+                tasks = [asyncio.create_task(stream(i)) for i in range(4)]  # round-robin: two on each
+                await wait_until(lambda: min(chunks) >= 2, 30, "every stream under way")
+                victim.process.send_signal(signal.SIGKILL)
+                usages = await asyncio.wait_for(asyncio.gather(*tasks), 90)
+            assert [u["completion_tokens"] for u in usages] == [MAX_TOKENS] * 4
+            assert gate.ledger.flush(10)
+            with store.read() as s:
+                rows = s.scalars(sa.select(LedgerRow)).all()
+            assert len(rows) == 4
+            moved = [r for r in rows if r.replica == "v>r0"]
+            assert len(moved) == 2 and [r.replica for r in rows].count("r0") == 2, [r.replica for r in rows]
+            for row in moved:
+                shares = row.device_seconds_by_replica
+                assert set(shares) == {"v", "r0"} and min(shares.values()) > 0, shares
+                assert row.device_seconds == pytest.approx(sum(shares.values()))
+                assert row.cost_device_by_replica == pytest.approx(
+                    {"v": shares["v"] * 4 * 40.0 / 3600, "r0": shares["r0"] * 2 * 1.5 / 3600}
+                )
+                assert row.cost_device == pytest.approx(sum(row.cost_device_by_replica.values()))
+                assert row.cost_device > prices.device_cost("r0", row.device_seconds)  # all at r0's: too cheap
+            for row in rows:
+                if row.replica == "r0":
+                    assert row.device_seconds_by_replica is None and row.cost_device_by_replica is None
+                    assert row.cost_device == prices.device_cost("r0", row.device_seconds) > 0
+            registry, billed = gateway.metrics.registry, sum(r.cost_device for r in rows)
+
+            def device_cost() -> float | None:
+                return registry.get_sample_value("meshserve_gateway_cost_total", {"kind": "device"})
+
+            await wait_until(lambda: device_cost() == pytest.approx(billed), 5, "the device cost metric")
+        finally:
+            await gateway.stop()  # writes the rest of the ledger, closes the router
+
+    try:
+        asyncio.run(main())
+    finally:
+        victim.stop()
+        store.close()
 
 
 # ----- failover (destructive: last) ---------------------------------------------------------------------------------

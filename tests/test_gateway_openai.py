@@ -422,6 +422,42 @@ def test_error_mid_stream_ends_with_an_error_event(stub):
     assert replica.streams[0].cancelled
 
 
+def test_outcome_splits_device_seconds_by_the_replicas_a_router_names(stub):
+    """A router's streams name the replicas that served them and each one's device-seconds (a failover "b>a", or n
+    choices routed apart): the outcome sums them by replica, so the ledger prices each share at its own replica; a
+    stream given up after a failover still charges what its attempts spent. A request one replica served carries no
+    split and is priced as before."""
+    client, replica, gate = stub
+    splits: list[dict[str, float]] = []
+    generate = replica.generate
+
+    def routed(request: pb.GenerateRequest) -> StubGeneration:
+        stream = generate(request)
+        split = splits.pop(0)
+        stream.replica, stream.device_seconds_by_replica = ">".join(split), split  # as fleet.router's streams
+        stream.messages[-1].usage.device_seconds = sum(split.values())
+        return stream
+
+    replica.generate = routed
+
+    def outcome(body: dict) -> Outcome:
+        r = client.post("/v1/chat/completions", json=body)
+        (found,) = gate.outcomes(r.headers["x-request-id"])
+        return found
+
+    splits[:] = [{"a": 0.25}, {"b": 0.125, "a": 0.5}]  # choice 0 on a; choice 1 failed over from b to a
+    two = outcome(chat_body(n=2, seed=1))
+    assert (two.replica, two.device_seconds, two.device_seconds_by_replica) == ("a", 0.875, {"a": 0.75, "b": 0.125})
+    splits[:] = [{"b": 0.25}]
+    one = outcome(chat_body())
+    assert (one.replica, one.device_seconds, one.device_seconds_by_replica) == ("b", 0.25, None)
+    splits[:] = [{"b": 0.125, "a": 0.5}]
+    replica.error = GateError(503, "the stream was cut and could not be resumed", kind="server_error")
+    cut = outcome(chat_body())
+    assert cut.finish_reason == "error" and cut.device_seconds_by_replica == {"b": 0.125, "a": 0.5}
+    assert cut.device_seconds == 0.625
+
+
 def test_feedback_refers_to_the_response_id(stub):
     client, _, gate = stub
     rid = client.post("/v1/chat/completions", json=chat_body()).json()["id"]

@@ -102,7 +102,7 @@ def refusal(fn, *args) -> GateError:
 
 
 def test_migrations_reach_head_and_match_the_models(store):
-    assert store.current_revision() == "0001"
+    assert store.current_revision() == "0002"
     store.migrate()  # idempotent
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata) == []
@@ -508,8 +508,64 @@ def test_ledger_writes_in_batches_with_costs(store):
         assert row.cost_device == pytest.approx(2.0 * 2 * 3.6 / 3600)
         assert row.cost_tokens == pytest.approx((800 * 1.0 + 200 * 0.5 + 500 * 2.0) / 1e6)
         assert len(row.day) == 10 and row.prompt_text is None
+        assert row.device_seconds_by_replica is None and row.cost_device_by_replica is None  # one replica: NULL
     finally:
         ledger.close()
+
+
+def test_ledger_prices_each_replica_of_a_failover_path_at_its_own_price(store):
+    """A request two replicas served (the path "r1>r0") is charged each replica's device-seconds at that replica's
+    price, and the row keeps the breakdown; a request one replica served is priced and stored as before."""
+    prices = Prices({"r0": ReplicaPrice(per_chip_hour=3.6, chips=2), "r1": ReplicaPrice(per_chip_hour=36.0, chips=1)})
+    ledger = Ledger(store, prices, handle_sigterm=False)
+    try:
+        split = {"r1": 0.5, "r0": 1.5}
+        ledger.record(entry(1, replica="r1>r0", device_seconds=2.0, device_seconds_by_replica=split))
+        ledger.record(entry(2, replica="r0", device_seconds=2.0))
+        assert ledger.flush(10)
+        with store.read() as s:
+            failover, single = s.get(LedgerRow, "req-1"), s.get(LedgerRow, "req-2")
+            # the breakdown is SQL NULL, not JSON null, where one replica served: `IS NULL` finds the common case
+            assert s.scalar(sa.select(sa.func.count()).where(LedgerRow.device_seconds_by_replica.is_(None))) == 1
+        costs = {"r1": 0.5 * 36.0 / 3600, "r0": 1.5 * 2 * 3.6 / 3600}
+        assert failover.device_seconds_by_replica == split
+        assert failover.cost_device_by_replica == pytest.approx(costs)
+        assert failover.cost_device == pytest.approx(sum(costs.values()))
+        assert failover.cost_device != pytest.approx(prices.device_cost("r0", 2.0))  # the old way: all at r0's
+        assert single.cost_device == prices.device_cost("r0", 2.0) == 2.0 * 2 * 3.6 / 3600
+        assert prices.device_cost("r1>r0", 2.0, split) == pytest.approx(failover.cost_device)
+    finally:
+        ledger.close()
+
+
+def test_migration_0002_adds_the_breakdown_to_an_existing_ledger(db_url):
+    """A database at 0001 with ledger rows upgrades in place: old rows keep their columns, their breakdown NULL."""
+    from alembic import command
+    from alembic.config import Config
+
+    store = Store(db_url)
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", os.path.join(ROOT, "gateway", "store", "migrations"))
+        with store.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0001")
+            conn.execute(
+                sa.text(
+                    "INSERT INTO ledger (request_id, created, day, key_id, user_id, model, replica, prompt_tokens, "
+                    "cached_tokens, completion_tokens, queue_seconds, ttft_seconds, total_seconds, finish_reason, "
+                    "device_seconds, cost_device, cost_tokens, quarantined) VALUES ('old', 1.0, '1970-01-01', 'k', "
+                    "'u', 'm', 'r0', 1, 0, 1, 0, 0, 0, 'stop', 0.5, 0.25, 0.0, false)"
+                )
+            )
+        assert store.current_revision() == "0001"
+        store.migrate()
+        assert store.current_revision() == "0002"
+        with store.read() as s:
+            old = s.get(LedgerRow, "old")
+        assert (old.device_seconds, old.cost_device, old.device_seconds_by_replica) == (0.5, 0.25, None)
+    finally:
+        store.close()
 
 
 def test_ledger_record_does_not_wait_for_a_locked_database(sqlite_store, sqlite_url):

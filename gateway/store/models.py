@@ -132,6 +132,10 @@ class LedgerRow(Base):
     quarantined: Mapped[bool] = mapped_column(Boolean, default=False)
     prompt_text: Mapped[str | None] = mapped_column(Text, default=None)  # only when the policy opts in
     completion_text: Mapped[str | None] = mapped_column(Text, default=None)
+    # a request several replicas served (a fleet's failover path, choices routed apart): {replica: device-seconds}
+    # and {replica: its cost}, summing to device_seconds and cost_device; NULL when `replica` served all of it
+    device_seconds_by_replica: Mapped[dict[str, float] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    cost_device_by_replica: Mapped[dict[str, float] | None] = mapped_column(JSON(none_as_null=True), default=None)
 
     __table_args__ = (
         Index("ix_ledger_key_created", "key_id", "created"),
