@@ -10,6 +10,12 @@ F mlp dim) is::
             q_norm, k_norm [L, H] (qk_norm only); post_attn_norm, post_mlp_norm [L, D] (sandwich_norms only)
 
 `build_params` is shared with the GGUF loader, which hands it tensors already renamed and laid out as HF stores them.
+
+int8 checkpoints (`quantize="int8"`): each weight INT8_SCALE_AXES names is stored as int8 values in the same layout
+(`wq` [L, D, N, H] int8) beside `<name>_scale`, float32, one scale per output channel over the weight's output axes
+in their order in both layouts (`wq_scale` [L, N, H]): layer i's engine.quant.Int8 is (the values moved to the runtime
+layout, engine.model.to_runtime, the scale as stored). The norms and biases stay in `dtype`. Each tensor is quantized
+on the host a block of rows at a time (`int8_by_row_blocks`), so no float32 copy of the model is ever built.
 """
 
 from __future__ import annotations
@@ -26,9 +32,28 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from checkpoints.errors import CheckpointError
+from engine import quant
 from engine.config import ModelConfig, UnsupportedModelError
 
 Params = dict[str, Any]
+
+# Tree keys an int8 checkpoint stores as int8 values + `<key>_scale`, with the scale's logical axes: the weight's
+# output axes (per layer; stacked layer scales add a leading "layers"). The same axes as engine.model.PARAM_AXES gives
+# the runtime scales (tests/test_checkpoints_int8.py checks they agree).
+INT8_SCALE_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab",),
+    "lm_head": ("vocab",),
+    "wq": ("q_heads", "head_dim"),
+    "wk": ("kv_heads", "head_dim"),
+    "wv": ("kv_heads", "head_dim"),
+    "wo": ("embed",),
+    "w_gate": ("mlp",),
+    "w_up": ("mlp",),
+    "w_down": ("embed",),
+}
+ROW_BLOCK_VALUES = 1 << 22
+"""How many values `int8_by_row_blocks` converts at once: 16 MiB of float32 rows (SmolLM2's 49152 x 576 embedding
+in 7 blocks)."""
 
 # Per-layer HF tensor suffix -> (tree key, how to turn the torch [out, in] tensor into the tree's per-layer slice).
 _LAYER_TENSORS: dict[str, tuple[str, Callable[[np.ndarray, ModelConfig], np.ndarray]]] = {
@@ -94,46 +119,97 @@ def check_tensors_present(names: Iterable[str], available: Iterable[str], source
         )
 
 
+def int8_scale_shape(config: ModelConfig, key: str) -> tuple[int, ...]:
+    """The shape of one (per-layer) scale of tree key `key` in an int8 checkpoint: its INT8_SCALE_AXES' sizes."""
+    sizes = {
+        "vocab": config.vocab_size,
+        "embed": config.dim,
+        "q_heads": config.num_heads,
+        "kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "mlp": config.mlp_dim,
+    }
+    return tuple(sizes[a] for a in INT8_SCALE_AXES[key])
+
+
+def int8_by_row_blocks(num_rows: int, row_size: int, read: Callable[[int, int], np.ndarray]) -> quant.Int8:
+    """engine.quant.quantize_host of an [out, in] tensor (numpy values [out, in] int8, scale [out] float32) whose rows
+    `read(start, stop)` returns as floats [stop - start, in]; read ROW_BLOCK_VALUES values at a time, so the float32
+    rows in memory at once are one block's, whatever the tensor's size."""
+    step = max(1, ROW_BLOCK_VALUES // max(row_size, 1))
+    values = np.empty((num_rows, row_size), np.int8)
+    scale = np.empty((num_rows,), np.float32)
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        block = quant.quantize_host(read(start, stop))
+        values[start:stop], scale[start:stop] = block.values, block.scale
+    return quant.Int8(values, scale)
+
+
+def quantize_tensor(array: np.ndarray) -> quant.Int8:
+    """Per-output-channel int8 of a torch-layout [out, in...] array, a block of rows at a time (see int8_by_row_blocks);
+    values come back [out, in...]."""
+    rows = array.reshape(array.shape[0], -1)
+    w = int8_by_row_blocks(rows.shape[0], rows.shape[1], lambda start, stop: rows[start:stop])
+    return quant.Int8(w.values.reshape(array.shape), w.scale)
+
+
 def build_params(
     config: ModelConfig,
     get: Callable[[str], np.ndarray],
     dtype: Any = None,
     *,
     progress: bool = False,
+    quantize: str = "none",
+    get_int8: Callable[[str], quant.Int8] | None = None,
 ) -> Params:
     """Builds the stacked tree from `get(hf_name) -> torch-layout array`.
 
     `dtype=None` keeps each tensor's stored dtype. Stacked arrays are allocated once and filled layer by layer, so peak
-    host memory stays near one copy of the model.
+    host memory stays near one copy of the model. `quantize="int8"` stores the weights INT8_SCALE_AXES names as int8
+    values + `<key>_scale` (see the module docstring), each from `get_int8(hf_name)` -> engine.quant.Int8 of the
+    torch-layout tensor (numpy values [out, in], scale [out]); without `get_int8`, `get`'s tensor is quantized a block
+    of rows at a time (`quantize_tensor`).
     """
+    if quantize not in quant.QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(quant.QUANTIZATIONS)}, got {quantize!r}")
     names = hf_tensor_names(config)
     bar = tqdm(total=len(names), desc="loading tensors", unit="tensor", disable=not progress)
 
-    def fetch(name: str) -> np.ndarray:
-        array = np.asarray(get(name))
+    def entries(name: str, key: str, transform: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
+        """Tree entries of tensor `name` under `key`: the array in the tree's layout, or int8 values and scale."""
+        if quantize == "int8" and key in INT8_SCALE_AXES:
+            w = get_int8(name) if get_int8 is not None else quantize_tensor(np.asarray(get(name)))
+            out = {key: transform(np.asarray(w.values)), f"{key}_scale": w.scale.reshape(int8_scale_shape(config, key))}
+        else:
+            array = np.asarray(get(name))
+            out = {key: transform(array if dtype is None else array.astype(dtype, copy=False))}
         bar.update(1)
-        return array if dtype is None else array.astype(dtype, copy=False)
+        return out
 
-    params: Params = {"embed": fetch("model.embed_tokens.weight")}
+    params: Params = entries("model.embed_tokens.weight", "embed", lambda w: w)
     layers: dict[str, np.ndarray] = {}
     for i in range(config.num_layers):
         for suffix, (key, transform) in layer_tensors(config).items():
-            value = transform(fetch(f"model.layers.{i}.{suffix}"), config)
-            if key not in layers:
-                layers[key] = np.empty((config.num_layers, *value.shape), value.dtype)
-            layers[key][i] = value
+            for k, value in entries(f"model.layers.{i}.{suffix}", key, lambda w, t=transform: t(w, config)).items():
+                if k not in layers:
+                    layers[k] = np.empty((config.num_layers, *value.shape), value.dtype)
+                layers[k][i] = value
     params["layers"] = layers
-    params["final_norm"] = fetch("model.norm.weight")
+    params |= entries("model.norm.weight", "final_norm", lambda w: w)
     if not config.tie_embeddings:
-        params["lm_head"] = np.ascontiguousarray(fetch("lm_head.weight").T)
+        params |= entries("lm_head.weight", "lm_head", lambda w: np.ascontiguousarray(w.T))
     bar.close()
     return params
 
 
-def load_hf_folder(path: str | os.PathLike, dtype: Any = None, *, progress: bool = False) -> tuple[ModelConfig, Params]:
+def load_hf_folder(
+    path: str | os.PathLike, dtype: Any = None, *, progress: bool = False, quantize: str = "none"
+) -> tuple[ModelConfig, Params]:
     """Reads `config.json` and `*.safetensors` (single file or sharded) from an HF folder.
 
-    `dtype=None` keeps the stored dtype (bfloat16 comes back as ml_dtypes.bfloat16).
+    `dtype=None` keeps the stored dtype (bfloat16 comes back as ml_dtypes.bfloat16); `quantize="int8"`: the weights
+    as int8 + scales (see build_params), one tensor read at a time.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -162,7 +238,7 @@ def load_hf_folder(path: str | os.PathLike, dtype: Any = None, *, progress: bool
             # numpy has no native bfloat16, so safetensors' numpy API refuses it; read the raw bytes instead.
             return _read_raw_tensor(file, name)
 
-    params = build_params(config, get, dtype, progress=progress)
+    params = build_params(config, get, dtype, progress=progress, quantize=quantize)
     return config, params
 
 

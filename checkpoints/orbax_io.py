@@ -9,6 +9,10 @@ A checkpoint is a directory::
 config.json is written last, so a directory holding it was completely written. Restoring follows "abstract, then
 shard, then materialize": `abstract_params` reads shapes and dtypes from orbax metadata without loading data, the caller
 attaches shardings, and `restore_params` reads each shard straight onto its devices.
+
+An int8 checkpoint (`scripts/convert_checkpoint.py --quantize=int8`) holds its weights as int8 values beside a float32
+`<name>_scale` per output channel (checkpoints.hf.INT8_SCALE_AXES): about a quarter of float32's bytes on disk, read
+back as int8 (`stored_quantization` tells the two kinds apart from the metadata).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import shutil
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -93,6 +98,15 @@ def abstract_params(directory: str | os.PathLike) -> Any:
     if not jax.tree.leaves(abstract):
         raise CheckpointError(f"{params_dir} holds no parameters; {_RECONVERT}")
     return abstract
+
+
+def stored_quantization(directory: str | os.PathLike) -> str:
+    """The weight format a checkpoint stores: "int8" (int8 weights with `<name>_scale` leaves, see the module
+    docstring) or "none"; read from the metadata only."""
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_params(directory))
+    names = {str(getattr(path[-1], "key", path[-1])): leaf.dtype for path, leaf in leaves}
+    quantized = any(name.endswith("_scale") and names.get(name[: -len("_scale")]) == jnp.int8 for name in names)
+    return "int8" if quantized else "none"
 
 
 def restore_params(directory: str | os.PathLike, target: Any) -> Any:

@@ -11,10 +11,15 @@ so a product runs on the int8 values converted to the activations' dtype and sca
 activations stay float32 / bfloat16 (weight-only). On TPU and GPU XLA fuses the int8 -> bf16 convert into the dot's
 operand read, so a decode step reads one byte per weight instead of two (bfloat16) or four (float32).
 
-Symmetric, round to nearest: s[o] = max_i |w[o, i]| / 127, q = round(w / s), |w - q * s| <= s / 2. The scales'
-logical axes are the weight's output axes (engine.model.PARAM_AXES), so the sharding rules apply to both parts
-unchanged: a weight split over its output axis splits its scales the same way; one split over its input axis keeps
-its scales whole on every device.
+Symmetric, round to nearest: s[o] = max_i |w[o, i]| * (1 / 127), q = round(w * (1 / s)), |w - q * s| <= s / 2
+(within float32 rounding). The reciprocals are written out because XLA:CPU turns a division into a product with the
+reciprocal anyway (LLVM's `arcp`) while numpy divides: spelled as products, `quantize` (jnp) and `quantize_host`
+(numpy, what the checkpoint loaders run) give the same values and scales bit for bit (tested on XLA:CPU; any backend
+that rounds a float32 reciprocal and product as IEEE does the same).
+
+The scales' logical axes are the weight's output axes (engine.model.PARAM_AXES), so the sharding rules apply to both
+parts unchanged: a weight split over its output axis splits its scales the same way; one split over its input axis
+keeps its scales whole on every device.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from flax import struct
 
 QUANTIZATIONS = ("none", "int8")
 """Weight formats an engine can run (EngineConfig.quantize)."""
+
+_INV_127 = np.float32(1) / np.float32(127)
 
 
 @struct.dataclass
@@ -66,9 +73,21 @@ def quantize(w: jax.Array, num_in: int = 1) -> Int8:
     w32 = w.astype(jnp.float32)
     axes = tuple(range(w.ndim - num_in, w.ndim))
     amax = jnp.max(jnp.abs(w32), axis=axes)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    expanded = scale.reshape(scale.shape + (1,) * num_in)
-    values = jnp.clip(jnp.round(w32 / expanded), -127, 127).astype(jnp.int8)
+    scale = jnp.where(amax > 0, amax * _INV_127, 1.0)
+    inverse = (1.0 / scale).reshape(scale.shape + (1,) * num_in)
+    values = jnp.clip(jnp.round(w32 * inverse), -127, 127).astype(jnp.int8)
+    return Int8(values, scale)
+
+
+def quantize_host(w: np.ndarray, num_in: int = 1) -> Int8:
+    """`quantize` in numpy, on the host, with numpy arrays in the result: the same scales and values bit for bit
+    (tests/test_checkpoints_int8.py), for loaders that quantize a checkpoint tensor by tensor without a device."""
+    w32 = np.asarray(w, np.float32)
+    axes = tuple(range(w32.ndim - num_in, w32.ndim))
+    amax = np.max(np.abs(w32), axis=axes)
+    scale = np.where(amax > 0, amax * _INV_127, np.float32(1)).astype(np.float32)
+    inverse = (np.float32(1) / scale).reshape(scale.shape + (1,) * num_in)
+    values = np.clip(np.round(w32 * inverse), -127, 127).astype(np.int8)
     return Int8(values, scale)
 
 

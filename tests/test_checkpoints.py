@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 
 import gguf
 import jax
@@ -125,8 +126,10 @@ def write_gguf(
     *,
     arch: str = "llama",
     skip: tuple[str, ...] = (),
+    tensor_type: Callable[[str], gguf.GGMLQuantizationType] | None = None,
 ) -> None:
-    """Writes `tensors` (HF names) as an F32 GGUF the way llama.cpp names and permutes them."""
+    """Writes `tensors` (HF names) as a GGUF the way llama.cpp names and permutes them: F32, or each tensor in
+    `tensor_type(gguf_name)` (quantized by the gguf package)."""
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(config.num_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -158,7 +161,8 @@ def write_gguf(
             value = llama_cpp_permute(value, config.num_heads)
         elif arch == "llama" and gguf_name.endswith("attn_k.weight"):
             value = llama_cpp_permute(value, config.num_kv_heads)
-        writer.add_tensor(gguf_name, value)
+        qtype = gguf.GGMLQuantizationType.F32 if tensor_type is None else tensor_type(gguf_name)
+        writer.add_tensor(gguf_name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
