@@ -12,6 +12,7 @@
     python scripts/benchmark.py gateway_auth --auth_duration_s=10              # requests/s with keys + limits
     python scripts/benchmark.py quality                                        # int8 weights vs float32: perplexity
     python scripts/benchmark.py latency --quantize=int8 --slot_counts=1        # W1 with int8 weights
+    python scripts/benchmark.py latency --slot_counts=1 --also_quantize=int8 --llamacpp=f32,f16,shipped   # vs llama.cpp
     python scripts/benchmark.py profile --num_slots=16 --max_seq_len=2048 --contexts=512,1536   # step times: fleet sim
 
 Every run writes <output_dir>/<command>-<time>.json (machine, versions, flags, figures) and its PNG plots, and
@@ -23,10 +24,17 @@ workload definitions: shared/PERFORMANCE.md; the logic lives in `bench/` (import
 bench/openai_client.py; W3 and W4), or both: the W3 request set directly and through the gateway on the same server
 (`gateway_overhead`: TTFT p50 via gateway / direct, goal <= 1.05x, and throughput both ways). `gateway_auth` drives a
 gateway with the real StoreGate (keys, every limit) in front of an instant stub replica (bench/gateway_load.py).
+
+`--llamacpp=f32,f16,q8_0,shipped` adds llama.cpp rows to latency (W1) and throughput (W2) in the same run: GGUFs of
+the same weights (bench/llamacpp_baseline.py), the same prompt ids, run in llama.cpp's own venv
+(scripts/install_llamacpp.sh) as a subprocess, with meshserve / llama.cpp ratios. `--also_quantize=int8` runs
+meshserve again with int8 weights in the same run (one JSON per format, each with the llama.cpp rows).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -37,8 +45,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
-from bench import gateway_load, multiturn
-from bench.runner import COMMANDS, Options, run_command
+from bench import gateway_load, llamacpp_baseline, multiturn, workloads
+from bench import roofline as rl
+from bench.runner import COMMANDS, Options, load_model, prompts, run_command
 from checkpoints.errors import CheckpointError
 from engine.engine import default_dtype
 
@@ -62,6 +71,7 @@ _PREFIX_CACHING = flags.DEFINE_bool(
     "prefix_caching", True, "Reuse cached KV pages of matching prompt openings; every timed run starts with none."
 )
 _KV_PAGES = flags.DEFINE_integer("kv_pages", None, "KV pool pages (default: num_slots * max_seq_len / page_size).")
+_KV_DTYPE = flags.DEFINE_enum("kv_dtype", "auto", ["auto", "int8"], "KV cache format (int8: values + bf16 scales).")
 _ADMISSION = flags.DEFINE_enum("admission", "reserve", ["reserve", "grow"], "KV admission policy (see serve.py).")
 _HOST_KV_BYTES = flags.DEFINE_integer("host_kv_bytes", 0, "Host RAM for the KV host tier, bytes (0: none).")
 _ATTENTION = flags.DEFINE_enum(
@@ -151,6 +161,25 @@ _SLO_E2E_MS = flags.DEFINE_float("slo_e2e_ms", None, "Goodput SLO on end-to-end 
 _SWEEP_OVER = flags.DEFINE_enum("sweep_over", "slots", ["slots", "rates"], "Sweep: slot counts or request rates.")
 _MIN_GAIN = flags.DEFINE_float("min_gain", 0.05, "Sweep: least throughput gain that justifies more slots.")
 _MIN_SLO_ATTAINMENT = flags.DEFINE_float("min_slo_attainment", 0.9, "Sweep over rates: share meeting the SLOs.")
+_ALSO_QUANTIZE = flags.DEFINE_list(
+    "also_quantize", [], "Latency / throughput: run meshserve again with these weight formats (int8) in the same run."
+)
+_LLAMACPP = flags.DEFINE_list(
+    "llamacpp",
+    [],
+    "Latency / throughput: llama.cpp rows in the same run, on GGUFs of the same weights: "
+    f"{', '.join(llamacpp_baseline.VARIANTS)} (bench/llamacpp_baseline.py).",
+)
+_LLAMACPP_VENV = flags.DEFINE_string(
+    "llamacpp_venv", None, "llama.cpp's venv (default $LLAMACPP_VENV or .venv-llamacpp; scripts/install_llamacpp.sh)."
+)
+_LLAMACPP_THREADS = flags.DEFINE_integer(
+    "llamacpp_threads", None, "llama.cpp threads (default: the cores this process may run on, as XLA uses)."
+)
+_LLAMACPP_KV = flags.DEFINE_enum("llamacpp_kv", "f16", ["f16", "f32"], "llama.cpp's KV cache type (its default f16).")
+_LLAMACPP_FLASH_ATTN = flags.DEFINE_enum(
+    "llamacpp_flash_attn", "auto", list(llamacpp_baseline.FLASH_ATTN), "llama.cpp's flash attention (its default)."
+)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "bench_results", "Where JSON results and plots go.")
 _PLOT = flags.DEFINE_bool("plot", True, "Draw PNG plots.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars on stderr.")
@@ -190,6 +219,7 @@ def options() -> Options:
         prefill_segments=_PREFILL_SEGMENTS.value,
         prefix_caching=_PREFIX_CACHING.value,
         kv_pages=_KV_PAGES.value,
+        kv_dtype=_KV_DTYPE.value,
         admission=_ADMISSION.value,
         host_kv_bytes=_HOST_KV_BYTES.value,
         attention=_ATTENTION.value,
@@ -299,6 +329,8 @@ def headline(command: str, figures: dict) -> list[str]:
             fits = "" if r["fits"] else " (does not fit)"
             lines.append(f"  slots {r['slots']:>4}: {_f(r.get('tokens_per_s'))} tok/s{fits}")
         lines.append(f"recommended slots: {figures['recommended_slots']} ({figures['rule']})")
+    if "llamacpp" in figures:
+        lines += llamacpp_headline(command, figures)
     if command == "serve":
         lines += multiturn.headline(figures)
     if command == "quality":
@@ -332,6 +364,106 @@ def headline(command: str, figures: dict) -> list[str]:
     return lines
 
 
+def llamacpp_headline(command: str, figures: dict) -> list[str]:
+    """One line per llama.cpp row: its figures and meshserve's over them (above 1: meshserve ahead)."""
+    lc = figures["llamacpp"]
+    lines = []
+    for row, ratio in zip(lc["rows"], figures["vs_llamacpp"], strict=True):
+        load = "/".join(f"{x:.1f}" for x in row["load_average_1m"])
+        name = f"llama.cpp {row['variant']} ({'/'.join(row['tensor_types'])}, {lc['threads']} threads, load {load})"
+        if command == "latency":
+            lines.append(
+                f"{name}: TTFT {_f(row['ttft_ms'])} ms, decode {_f(row['decode_tokens_per_s'])} tok/s, "
+                f"MBU {_f(row['mbu'], '.1%')}; meshserve / llama.cpp decode = "
+                f"{_f(ratio['decode_tokens_per_s'], '.2f')}x"
+            )
+        else:
+            lines.append(
+                f"{name}: {_f(row['output_tokens_per_s'])} tok/s, wall {_f(row['wall_s'], '.2f')} s (prefill "
+                f"{_f(row['prefill_s'], '.2f')} s), decode MBU {_f(row['mbu'], '.1%')}; meshserve / llama.cpp = "
+                f"{_f(ratio['output_tokens_per_s'], '.2f')}x"
+            )
+    return lines
+
+
+def llamacpp_prepare(command: str, opts: Options) -> dict | None:
+    """Checks the --llamacpp request before anything is timed, writes its GGUFs (once, cached) and encodes the
+    prompts meshserve will read; None without --llamacpp. Exits with one line when the llama.cpp venv is missing."""
+    variants = list(dict.fromkeys(_LLAMACPP.value))
+    if not variants:
+        return None
+    if command not in ("latency", "throughput"):
+        raise app.UsageError("--llamacpp adds rows to latency (W1) and throughput (W2) only")
+    unknown = [v for v in variants if v not in llamacpp_baseline.VARIANTS]
+    if unknown:
+        raise app.UsageError(
+            f"--llamacpp: unknown {', '.join(unknown)}; choose from {', '.join(llamacpp_baseline.VARIANTS)}"
+        )
+    try:
+        python = llamacpp_baseline.venv_python(_LLAMACPP_VENV.value or llamacpp_baseline.default_venv())
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    if opts.random_model:
+        raise ValueError("--llamacpp compares the same weights: it needs a GGUF checkpoint, not --random_model")
+    source = llamacpp_baseline.source_gguf(opts.checkpoint)
+    for variant in variants:
+        llamacpp_baseline.comparison_gguf(source, variant)
+    # the engine the command loads first (kept for it), so its tokenizer encodes the very ids meshserve reads
+    engine, tokenizer = load_model(opts, num_slots=min(opts.slot_counts) if command == "latency" else None)
+    ids = [workloads.encode(p, tokenizer) for p in prompts(opts, engine.model_config.vocab_size)]
+    return {"python": python, "source": source, "variants": variants, "ids": ids}
+
+
+def llamacpp_figures(command: str, opts: Options, plan: dict, figures: dict) -> dict:
+    """The llama.cpp rows, timed now; MBU over the bandwidth meshserve's run measured (latency) or measured here."""
+    if "limits" in figures:
+        bandwidth = figures["limits"]["bandwidth_gb_s"] * 1e9
+    else:
+        bandwidth = rl.measure_bandwidth(opts.dtype, opts.bandwidth_mb)
+    return llamacpp_baseline.compare(
+        plan["python"],
+        plan["source"],
+        plan["variants"],
+        "w1" if command == "latency" else "w2",
+        plan["ids"],
+        max_tokens=opts.max_tokens,
+        repeats=opts.repeats,
+        threads=_LLAMACPP_THREADS.value or len(os.sched_getaffinity(0)),
+        kv_type=_LLAMACPP_KV.value,
+        flash_attn=_LLAMACPP_FLASH_ATTN.value,
+        bandwidth=bandwidth,
+    )
+
+
+def with_llamacpp(command: str, figures: dict, llamacpp: dict) -> dict:
+    """`figures` with the llama.cpp rows and, per row, meshserve's figure over llama.cpp's (above 1: ahead)."""
+
+    def ratio(ours: float | None, theirs: float | None) -> float | None:
+        return ours / theirs if ours and theirs else None
+
+    if command == "latency":
+        ours = figures["w1"]
+        vs = [
+            {
+                "variant": r["variant"],
+                "decode_tokens_per_s": ratio(ours["decode_tokens_per_s"], r["decode_tokens_per_s"]),
+                "ttft_speedup": ratio(r["ttft_ms"], ours["ttft_ms"]),
+            }
+            for r in llamacpp["rows"]
+        ]
+    else:
+        ours = figures["meshserve"]
+        vs = [
+            {
+                "variant": r["variant"],
+                "output_tokens_per_s": ratio(ours["output_tokens_per_s"], r["output_tokens_per_s"]),
+            }
+            for r in llamacpp["rows"]
+        ]
+    return {**figures, "llamacpp": llamacpp, "vs_llamacpp": vs}
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: benchmark.py {{{'|'.join(COMMANDS)}}} [--flags]")
@@ -339,14 +471,34 @@ def main(argv: list[str]) -> None:
     command = argv[1]
     opts = options()
     given = {name: flags.FLAGS[name].value for name in flags.FLAGS if flags.FLAGS[name].present}
+    formats = list(dict.fromkeys([opts.quantize, *_ALSO_QUANTIZE.value]))
+    if len(formats) > 1 and command not in ("latency", "throughput"):
+        raise app.UsageError("--also_quantize runs latency and throughput only")
+    if any(q not in ("none", "int8") for q in formats):
+        raise app.UsageError(f"--also_quantize takes none or int8, got {','.join(_ALSO_QUANTIZE.value)}")
+    runs = []
     try:
-        doc, path, pngs = run_command(command, opts, _OUTPUT_DIR.value, flags=given, draw=_PLOT.value)
-    except (CheckpointError, ValueError, OSError) as exc:  # CapacityError is a ValueError
+        plan = llamacpp_prepare(command, opts)
+        for quantize in formats:
+            run_opts = dataclasses.replace(opts, quantize=quantize)
+            runs.append(run_command(command, run_opts, _OUTPUT_DIR.value, flags=given, draw=_PLOT.value))
+            for line in headline(command, runs[-1][0]["figures"]):
+                print(line if len(formats) == 1 else f"[quantize={quantize}] {line}")
+        if plan is not None:
+            llamacpp = llamacpp_figures(command, opts, plan, runs[0][0]["figures"])
+    except (CheckpointError, ValueError, OSError, RuntimeError) as exc:  # CapacityError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    for line in headline(command, doc["figures"]):
-        print(line)
-    print(f"wrote {path}" + "".join(f", {p}" for p in pngs))
+    for doc, path, pngs in runs:
+        if plan is not None:
+            # the meshserve figures were written first, so a failing llama.cpp run loses none of them
+            doc["figures"] = with_llamacpp(command, doc["figures"], llamacpp)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2)
+            prefix = "" if len(formats) == 1 else f"[quantize={doc['options']['quantize']}] "
+            for line in llamacpp_headline(command, doc["figures"]):
+                print(prefix + line)
+        print(f"wrote {path}" + "".join(f", {p}" for p in pngs))
 
 
 if __name__ == "__main__":
