@@ -36,6 +36,14 @@ GREEDY_CHATS: dict[str, list[dict[str, str]]] = {
 }
 
 
+FORMATS: dict[str, dict[str, str]] = {
+    "int8 weights": {"quantize": "int8"},
+    "int8 KV": {"kv_dtype": "int8"},
+    "int8 weights + KV": {"quantize": "int8", "kv_dtype": "int8"},
+}
+"""The formats measured against the reference: EngineConfig fields each one changes."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Quality:
     """One format's figures against the reference (the first engine given)."""

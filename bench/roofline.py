@@ -215,11 +215,6 @@ class Roofline:
         }
 
 
-def int8_kv_scale_bytes_per_token(config) -> int:
-    """Scale bytes an int8 KV cache adds per token: one float32 per kv head for K and for V, in every layer."""
-    return 2 * config.num_layers * config.num_kv_heads * 4
-
-
 def mbu(weight_bytes: float, slots: int, kv_bytes_read_per_slot: float, step_seconds: float, bandwidth: float) -> float:
     """Model bandwidth utilization of one decode step: (weights + slots x KV read) / step time / bandwidth."""
     return (weight_bytes + slots * kv_bytes_read_per_slot) / step_seconds / bandwidth

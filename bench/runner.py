@@ -28,7 +28,7 @@ from tqdm import tqdm
 from bench import quality, stats, step_profile, workloads
 from bench import roofline as rl
 from bench.workloads import Prompt
-from engine import quant
+from engine import placement, quant
 from engine.config import ModelConfig, llama_1b_config, tiny_config
 from engine.engine import CapacityError, Engine, EngineConfig, default_dtype
 from engine.model import abstract_params, init_params
@@ -76,6 +76,8 @@ class Options:
     """Weight products: auto, kernel or xla (EngineConfig.linear)."""
     quantize: str = "none"
     """Weight format: none or int8 (EngineConfig.quantize)."""
+    kv_dtype: str = "auto"
+    """KV cache format: auto or int8 (EngineConfig.kv_dtype)."""
     workload: str = "w2"
     """Synthetic prompt set: w1, w2 or w3; `serve` also runs w4 (multi-turn chat) and w5 (long prompt)."""
     prompts_file: str | None = None
@@ -200,6 +202,7 @@ def engine_config(opts: Options, num_slots: int | None = None) -> EngineConfig:
         attention=opts.attention,
         linear=opts.linear,
         quantize=opts.quantize,
+        kv_dtype=opts.kv_dtype,
     )
 
 
@@ -327,11 +330,14 @@ def roofline(opts: Options, *, measured: rl.DeviceSpec | None = None) -> dict[st
     here = measured or limits(opts)
     # (device, weight bytes, KV bytes per token, dtype bytes, weight format) per row
     int8_weights = quant.weight_bytes(abstract_params(cfg, jnp.bfloat16, quantize="int8")[0])
-    int8_kv = cfg.kv_bytes_per_token(1) + rl.int8_kv_scale_bytes_per_token(cfg)
-    devices = {"this_device": (here, cfg.num_params * itemsize, cfg.kv_bytes_per_token(itemsize), itemsize, "dense")}
+    int8_kv = placement.kv_bytes_per_token(cfg, jnp.bfloat16, "int8")
+    kv_here = placement.kv_bytes_per_token(cfg, opts.dtype, opts.kv_dtype)
+    fmt_here = "dense" if opts.kv_dtype == "auto" else "int8 KV"
+    devices = {"this_device": (here, cfg.num_params * itemsize, kv_here, itemsize, fmt_here)}
     for name in opts.device_spec:
         device = rl.preset(name)
         devices[name] = (device, cfg.num_params * 2, cfg.kv_bytes_per_token(2), 2, "bf16")
+        devices[f"{name}_int8_kv"] = (device, cfg.num_params * 2, int8_kv, 2, "bf16 weights + int8 KV")
         devices[f"{name}_int8_weights"] = (device, int8_weights, cfg.kv_bytes_per_token(2), 2, "int8 weights")
         devices[f"{name}_int8_weights_kv"] = (device, int8_weights, int8_kv, 2, "int8 weights + int8 KV")
     out: dict[str, Any] = {"model": {"name": cfg.name, "n_params": cfg.num_params}, "devices": {}}
@@ -976,17 +982,17 @@ def gateway_auth(opts: Options) -> dict[str, Any]:
 
 
 def quality_figures(opts: Options) -> dict[str, Any]:
-    """bench.quality's figures for int8 weights against the engine in `opts.dtype` (same checkpoint, same run): the
-    README's quality table."""
-    base = dataclasses.replace(opts, quantize="none")
+    """bench.quality's figures for int8 weights, an int8 KV cache and both against the engine in `opts.dtype` (same
+    checkpoint, same run): the README's quality table."""
+    base = dataclasses.replace(opts, quantize="none", kv_dtype="auto")
     reference, tokenizer = load_model(base, 1)
-    int8 = Engine(
-        reference.model_config, reference.params, dataclasses.replace(engine_config(base, 1), quantize="int8")
-    )
+    config = engine_config(base, 1)
+    engines = {opts.dtype: reference} | {
+        name: Engine(reference.model_config, reference.params, dataclasses.replace(config, **change))
+        for name, change in quality.FORMATS.items()
+    }
     window = min(1024, reference.model_config.max_position_embeddings)
-    results = quality.evaluate(
-        {opts.dtype: reference, "int8 weights": int8}, tokenizer, window=window, stride=window // 2
-    )
+    results = quality.evaluate(engines, tokenizer, window=window, stride=window // 2)
     return {
         "model": model_summary(reference),
         "corpus": os.path.relpath(quality.CORPUS, os.path.dirname(os.path.dirname(__file__))),

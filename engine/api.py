@@ -46,6 +46,7 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
 ATTENTION_CHOICES = ("auto", "kernel", "pallas", "xla")
 LINEAR_CHOICES = ("auto", "kernel", "xla")
 QUANTIZE_CHOICES = ("none", "int8")
+KV_DTYPE_CHOICES = ("auto", "int8")
 ADMISSION_CHOICES = ("reserve", "grow")
 MAX_PREFILL_SEGMENTS = 32  # a context page names the rows that see it in one int32 bit mask
 
@@ -103,6 +104,11 @@ class EngineConfig:
     """Weight format: 'int8' quantizes the linear weights, the embedding and the head at load to int8 with a float32
     scale per output channel (engine.quant; weight-only, activations stay in `dtype`), a quarter of float32's bytes
     and half of bfloat16's; 'none' runs them in `dtype`."""
+    kv_dtype: str = "auto"
+    """KV cache format: 'auto' stores K and V in `dtype`; 'int8' stores int8 values with one bfloat16 scale per
+    token and kv head beside the pages (engine.attention.Int8Pages), which attention dequantizes as it reads: per
+    token 2 * (H + 2) bytes per kv head and layer instead of 2 * H * itemsize (1.94x bfloat16's tokens, 3.9x
+    float32's, in the same memory). The host tier and the prefix cache keep the int8 form."""
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -123,6 +129,8 @@ class EngineConfig:
             raise ValueError(f"linear must be one of {', '.join(LINEAR_CHOICES)}, got {self.linear!r}")
         if self.quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
+        if self.kv_dtype not in KV_DTYPE_CHOICES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPE_CHOICES)}, got {self.kv_dtype!r}")
         if not 1 <= self.prefill_segments <= MAX_PREFILL_SEGMENTS:
             raise CapacityError(f"prefill_segments must be in [1, {MAX_PREFILL_SEGMENTS}], got {self.prefill_segments}")
         if self.kv_pages is not None and self.kv_pages < 2:

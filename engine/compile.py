@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engine import steps
 from engine.api import EngineConfig
-from engine.attention import K_POOL_AXES, V_POOL_AXES, PrefillPaging, context_block_pages
+from engine.attention import PrefillPaging, context_block_pages
 from engine.model import Transformer
 from engine.placement import named, state_shardings
 from engine.prefill import prefill_rows
@@ -59,7 +59,7 @@ class StepCompiler:
         host KV tier's spill and restore copies run."""
         self.model, self.config, self.dtype, self.mesh, self.rules = model, config, dtype, mesh, rules
         self.host_tier = host_tier
-        self.state_shardings = state_shardings(model.config.num_layers, mesh, rules)
+        self.state_shardings = state_shardings(model.config.num_layers, mesh, rules, config.kv_dtype)
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.init_state = functools.partial(steps.init_state, model.config, config, kv_pages, dtype)
         self.state_abstract: DecodeState = _abstract(jax.eval_shape(self.init_state), self.state_shardings)
@@ -143,20 +143,22 @@ class StepCompiler:
             args = (state_abs, i32)
         elif kind in ("spill", "restore"):
             pages = jax.ShapeDtypeStruct((size,), jnp.int32, sharding=rep)
-            k_sh = named((None, *K_POOL_AXES), self.mesh, self.rules)
-            v_sh = named((None, *V_POOL_AXES), self.mesh, self.rules)
+            # one array [L, W, ...] per leaf of a layer's pools (see steps.spill), split as that leaf is
+            layer = jax.tree.leaves((state_abs.k[0], state_abs.v[0]))
+            arrays_abs = tuple(
+                jax.ShapeDtypeStruct(
+                    (c.num_layers, size, *a.shape[1:]),
+                    a.dtype,
+                    sharding=NamedSharding(self.mesh, PartitionSpec(None, *a.sharding.spec)),
+                )
+                for a in layer
+            )
             if kind == "spill":
-                fn = jax.jit(steps.spill, out_shardings=(k_sh, v_sh))
+                fn = jax.jit(steps.spill, out_shardings=tuple(a.sharding for a in arrays_abs))
                 args = (state_abs, pages)
             else:
                 fn = jax.jit(steps.restore, donate_argnums=(0,), out_shardings=self.state_shardings)
-                k_abs = jax.ShapeDtypeStruct(
-                    (c.num_layers, size, c.num_kv_heads, c.head_dim, e.page_size), self.dtype, sharding=k_sh
-                )
-                v_abs = jax.ShapeDtypeStruct(
-                    (c.num_layers, size, c.num_kv_heads, e.page_size, c.head_dim), self.dtype, sharding=v_sh
-                )
-                args = (state_abs, pages, k_abs, v_abs)
+                args = (state_abs, pages, *arrays_abs)
         elif kind == "generate":
             fn = jax.jit(
                 functools.partial(steps.generate, self.model, e, window=size),

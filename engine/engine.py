@@ -123,7 +123,7 @@ class HostBook:
         self.config = config
         self.host: HostTier | None = None
         self.prefix_stats = PrefixCacheStats()
-        self._restores: list[tuple[list[int], np.ndarray, np.ndarray]] = []  # (pages, k, v) to copy to the device
+        self._restores: list[tuple[list[int], tuple[np.ndarray, ...]]] = []  # (pages, HostTier.read's) to the device
         self._slots: list[_Slot | None] = [None] * config.num_slots
         self._host_lengths = np.zeros(config.num_slots, np.int64)
         self._host_active = np.zeros(config.num_slots, bool)
@@ -239,11 +239,11 @@ class HostBook:
             found = self.host.chain(match.key, p.tokens.tolist(), size, len(match.pages), p.length - 1)
             if found.tokens(size) > match.copy_tokens:  # more than the device's partly matching page
                 keys = [*found.keys, *([found.partial] if found.partial is not None else [])]
-                k, v = self.host.read(keys)
+                arrays = self.host.read(keys)
                 pages = [self.pool.allocate(reserved=True) for _ in keys]
                 p.reserved -= len(keys)
                 p.pages += pages
-                self._restores.append((pages, k, v))
+                self._restores.append((pages, arrays))
                 p.host_cached = found.tokens(size)
                 copy, cached = None, len(match.pages) * size + p.host_cached
                 self.host.stats.hit_tokens += p.host_cached
@@ -451,6 +451,7 @@ class Engine(HostBook):
             packed=packed,
             prefill_attend=prefill_attend,
             quantize=config.quantize,
+            kv_dtype=config.kv_dtype,
         )
 
         self.budget = placement.memory_budget(c, config, self.dtype, self.mesh, self.rules)
@@ -670,18 +671,20 @@ class Engine(HostBook):
             part = spilled[i : i + w]
             pages = np.full((w,), SINK_PAGE, np.int32)
             pages[: len(part)] = [s.page for s in part]
-            k, v = self._compile("spill", w)(self._state, pages)
+            arrays = self._compile("spill", w)(self._state, pages)
             size = self.config.page_size
-            self.host.add([(s.key, s.parent, s.tokens, len(s.tokens) == size) for s in part], k, v)
-        for pages, k, v in self._restores:
+            self.host.add([(s.key, s.parent, s.tokens, len(s.tokens) == size) for s in part], arrays)
+        for pages, arrays in self._restores:
             for i in range(0, len(pages), w):
                 n = len(pages[i : i + w])
                 dest = np.full((w,), SINK_PAGE, np.int32)
                 dest[:n] = pages[i : i + w]
-                kw = np.zeros((k.shape[0], w, *k.shape[2:]), k.dtype)
-                vw = np.zeros((v.shape[0], w, *v.shape[2:]), v.dtype)
-                kw[:, :n], vw[:, :n] = k[:, i : i + n], v[:, i : i + n]
-                self._state = self._compile("restore", w)(self._state, dest, kw, vw)
+                padded = []
+                for a in arrays:
+                    aw = np.zeros((a.shape[0], w, *a.shape[2:]), a.dtype)
+                    aw[:, :n] = a[:, i : i + n]
+                    padded.append(aw)
+                self._state = self._compile("restore", w)(self._state, dest, *padded)
         self._restores = []
 
     # ----- slots ------------------------------------------------------------------------------------------------

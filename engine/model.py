@@ -36,7 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine import quant
-from engine.attention import NEG_INF, paged_decode_attention_xla, prefill_attention_xla, write_prefill_kv
+from engine.attention import (
+    NEG_INF,
+    as_stored,
+    paged_decode_attention_xla,
+    prefill_attention_xla,
+    write_prefill_kv,
+)
 from engine.config import ModelConfig
 
 # Logical axes of every parameter in a checkpoint ([in, out] linear weights; layer params stacked on a leading
@@ -277,6 +283,7 @@ class Block(nn.Module):
     prefill_attend: Callable | None = None  # paged prefill attention, `prefill_attention_xla`'s contract; None: it
     layer: int = 0  # index of this block (which layers have a sliding window is per layer)
     quantize: str = "none"  # "int8": linear weights as engine.quant.Int8 (see QUANTIZED)
+    kv_dtype: str = "auto"  # "int8": K/V as an int8 pool stores them (see Transformer.kv_dtype)
 
     @nn.compact
     def __call__(self, x, rope, pool=None, table=None, lengths=None, segment_ids=None, paging=None, positions=None):
@@ -363,8 +370,11 @@ class Block(nn.Module):
                 k_new = norm(k_new, _param(self, "k_norm", (h,), dt, norm_init), -1)
             q, k_new = apply_rope(q, rope), apply_rope(k_new, rope)
             q = q.reshape(b, t, k, g, h) * c.query_scale
+            # what every read of the new K/V sees (an int8 pool's rounding), whether it reads them from this pack or
+            # later from the pages: a cached prefix or a chunk boundary then changes nothing
+            k_seen, v_seen = as_stored(k_new, self.kv_dtype), as_stored(v_new, self.kv_dtype)
             if pool is None:
-                out = _causal_attention(q, k_new, v_new, segment_ids, window, softcap)
+                out = _causal_attention(q, k_seen, v_seen, segment_ids, window, softcap)
                 kv_out = (k_new, v_new)  # [B, T, K, H] each
             elif paging is None:
                 if custom is not None and self.attend is not None:
@@ -376,7 +386,7 @@ class Block(nn.Module):
                 kv_out = (k_pool, v_pool)
             else:
                 k_pool, v_pool = write_prefill_kv(pool[0], pool[1], k_new[0], v_new[0], paging)
-                args = (q[0], k_new[0], v_new[0], segment_ids[0], k_pool, v_pool, paging)
+                args = (q[0], k_seen[0], v_seen[0], segment_ids[0], k_pool, v_pool, paging)
                 if custom is None:
                     out = (self.prefill_attend or prefill_attention_xla)(*args)[None]
                 elif self.prefill_attend is not None:
@@ -451,6 +461,10 @@ class Transformer(nn.Module):
     quantize: str = "none"
     """"int8": the linear weights, the embedding and the head as int8 values with a float32 scale per output
     channel (engine.quant; weight-only: activations stay in `dtype`); "none": all in `dtype`."""
+    kv_dtype: str = "auto"
+    """"int8": attention sees every K/V vector as an int8 pool stores it (engine.attention.quantize_kv), in the
+    prefill of a pack as in every later read, so the full forward without a pool (the quality figures) computes
+    what the engine does; the pools themselves come from the caller."""
 
     @nn.compact
     def __call__(
@@ -498,7 +512,16 @@ class Transformer(nn.Module):
         kv = []
         for i in range(c.num_layers):
             block = Block(
-                c, self.dtype, self.attend, self.fuse_qkv, self.packed, self.prefill_attend, i, qz, name=layer_name(i)
+                c,
+                self.dtype,
+                self.attend,
+                self.fuse_qkv,
+                self.packed,
+                self.prefill_attend,
+                i,
+                qz,
+                self.kv_dtype,
+                name=layer_name(i),
             )
             layer_rope = local_rope if c.layer_window(i) is not None else rope
             layer_pool = None if pool is None else pool[i]

@@ -25,7 +25,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engine import kernels, pallas_attention, quant
 from engine.api import CapacityError, EngineConfig
-from engine.attention import K_POOL_AXES, V_POOL_AXES, write_decode_kv
+from engine.attention import (
+    K_POOL_AXES,
+    KV_SCALE_DTYPE,
+    SCALE_AXES,
+    V_POOL_AXES,
+    Int8Pages,
+    init_pool,
+    write_decode_kv,
+)
 from engine.config import ModelConfig
 from engine.model import abstract_params, checkpoint_shape, stacked_axes, unfuse_layer, unstack_layers
 from engine.sampling import SlotSampling
@@ -83,7 +91,8 @@ def resolve_engine_rules(
         pages = config.kv_pages or 2  # the count does not change which rules apply, only the bytes
         sizes |= {"slots": config.num_slots, "cache_seq": config.page_size, "kv_pages": pages}
         kv_shape = (2 * c.num_layers * pages, c.num_kv_heads, c.head_dim, config.page_size)
-        arrays.append(ArrayLayout("kv_pool", K_POOL_AXES, kv_shape, itemsize))
+        kv_itemsize = 1 if config.kv_dtype == "int8" else itemsize
+        arrays.append(ArrayLayout("kv_pool", K_POOL_AXES, kv_shape, kv_itemsize))
     # the engine (config given) warns; the checkpoint target and unstacking resolve the same table quietly
     return resolve_rules(DEFAULT_RULES if rules is None else rules, mesh, sizes, arrays, warn=config is not None)
 
@@ -134,14 +143,18 @@ def named(logical: Sequence[str | None], mesh: Mesh, rules: dict[str, MeshAxes])
     return NamedSharding(mesh, logical_to_spec(tuple(logical), rules, mesh))
 
 
-def state_shardings(num_layers: int, mesh: Mesh, rules: dict[str, MeshAxes]) -> DecodeState:
-    """The sharding of every leaf of the device state: the pools split as the rules split kv heads, the slot rows
-    as they split slots."""
+def state_shardings(num_layers: int, mesh: Mesh, rules: dict[str, MeshAxes], kv_dtype: str = "auto") -> DecodeState:
+    """The sharding of every leaf of the device state: the pools (and an int8 pool's scales) split as the rules
+    split kv heads, the slot rows as they split slots."""
     spec = functools.partial(named, mesh=mesh, rules=rules)
     per_slot = spec(("slots",))
+
+    def pool(axes: tuple[str, ...]):
+        return Int8Pages(spec(axes), spec(SCALE_AXES)) if kv_dtype == "int8" else spec(axes)
+
     return DecodeState(
-        k=tuple(spec(K_POOL_AXES) for _ in range(num_layers)),
-        v=tuple(spec(V_POOL_AXES) for _ in range(num_layers)),
+        k=tuple(pool(K_POOL_AXES) for _ in range(num_layers)),
+        v=tuple(pool(V_POOL_AXES) for _ in range(num_layers)),
         lengths=per_slot,
         tokens=per_slot,
         active=per_slot,
@@ -196,6 +209,8 @@ class MemoryBudget:
     kv_pages: int
     page_size: int
     device_bytes: int | None
+    kv_format: str = "float"
+    """How a token is stored: the engine's dtype name, or 'int8' (int8 values + a bfloat16 scale per kv head)."""
 
     @property
     def kv_bytes_total(self) -> int:
@@ -210,7 +225,8 @@ class MemoryBudget:
         gib = 2**30
         dev = "unknown" if self.device_bytes is None else f"{self.device_bytes / gib:.2f} GiB"
         return (
-            f"memory: weights {self.weight_bytes / gib:.3f} GiB; KV pool {self.kv_pages} pages x {self.page_size} "
+            f"memory: weights {self.weight_bytes / gib:.3f} GiB; KV pool ({self.kv_format}) {self.kv_pages} pages x "
+            f"{self.page_size} "
             f"positions = {self.kv_tokens} tokens, {self.kv_bytes_total / gib:.3f} GiB "
             f"({self.kv_bytes_per_token / 1024:.1f} KiB/token); device {dev}"
         )
@@ -229,12 +245,21 @@ def device_memory_bytes(device: jax.Device) -> int | None:
     return None
 
 
+def kv_bytes_per_token(model_config: ModelConfig, dtype: Any, kv_dtype: str = "auto") -> int:
+    """Bytes one cached token takes across all layers, as stored: K and V in `dtype`, or (kv_dtype 'int8') int8
+    values and one scale per kv head each."""
+    c = model_config
+    if kv_dtype == "int8":
+        return 2 * c.num_layers * c.num_kv_heads * (c.head_dim + jnp.dtype(KV_SCALE_DTYPE).itemsize)
+    return c.kv_bytes_per_token(jnp.dtype(dtype).itemsize)
+
+
 def memory_budget(
     model_config: ModelConfig, config: EngineConfig, dtype: jnp.dtype, mesh: Mesh, rules: dict[str, MeshAxes]
 ) -> MemoryBudget:
     """The weights' and the KV pool's bytes; the pool's pages as configured, or sized from the device's memory."""
     c, e = model_config, config
-    per_token = c.kv_bytes_per_token(dtype.itemsize)
+    per_token = kv_bytes_per_token(c, dtype, e.kv_dtype)
     per_page = per_token * e.page_size
     if e.quantize == "none":
         weights = c.num_params * dtype.itemsize
@@ -251,7 +276,8 @@ def memory_budget(
             kv_split = _shards(logical_to_spec(K_POOL_AXES, rules, mesh), mesh)
             free = device * e.kv_memory_fraction * mesh.size - weights
             pages = int(free // per_page * kv_split // mesh.size)
-    return MemoryBudget(weights, per_token, per_page, max(pages, 0), e.page_size, device)
+    kv_format = "int8" if e.kv_dtype == "int8" else jnp.dtype(dtype).name
+    return MemoryBudget(weights, per_token, per_page, max(pages, 0), e.page_size, device, kv_format)
 
 
 def check_fits(budget: MemoryBudget, config: EngineConfig, mesh: Mesh, rules: dict[str, MeshAxes]) -> None:
@@ -303,7 +329,9 @@ def choose_attention(
         config.attention,
         "attention",
         "decode attention",
-        "the sharding rules split head_dim, cache_seq or the pages, which it needs whole on each device"
+        "it reads float32 pools, and this engine has an int8 KV cache (kv_dtype='int8')"
+        if config.kv_dtype == "int8"
+        else "the sharding rules split head_dim, cache_seq or the pages, which it needs whole on each device"
         if k_spec[0] is not None or k_spec[2] is not None or k_spec[3] is not None
         else "the sharding rules split the slots, and every device would then write only its own slots' K/V "
         "into its copy of the shared pool"
@@ -385,8 +413,11 @@ def _choose_pallas(
         return None
     c, e = model_config, config
     q = jax.ShapeDtypeStruct((e.num_slots, c.num_kv_heads, c.q_per_kv, c.head_dim), dtype)
-    pool_k = jax.ShapeDtypeStruct((2, c.num_kv_heads, c.head_dim, e.page_size), dtype)
-    pool_v = jax.ShapeDtypeStruct((2, c.num_kv_heads, e.page_size, c.head_dim), dtype)
+    # the pools as the engine allocates them (Int8Pages for kv_dtype 'int8'), abstract
+    k_shape = (2, c.num_kv_heads, c.head_dim, e.page_size)
+    v_shape = (2, c.num_kv_heads, e.page_size, c.head_dim)
+    pool_k = jax.eval_shape(lambda: init_pool(k_shape, dtype, e.kv_dtype, keys=True))
+    pool_v = jax.eval_shape(lambda: init_pool(v_shape, dtype, e.kv_dtype, keys=False))
     table = jax.ShapeDtypeStruct((e.num_slots, 1), jnp.int32)
     if platform not in ("tpu", "gpu"):
         why = f"it runs on TPU or GPU, and this engine runs on {platform} (tests use interpret mode directly)"
@@ -412,13 +443,17 @@ def pallas_attend(mesh: Mesh, rules: dict[str, MeshAxes]):
     spec = functools.partial(logical_to_spec, rules=rules, mesh=mesh)
     backend = mesh.devices.flat[0].platform
 
+    def pool_spec(pool, axes):  # an int8 pool's scales split as its values (SCALE_AXES)
+        return Int8Pages(spec(axes), spec(SCALE_AXES)) if isinstance(pool, Int8Pages) else spec(axes)
+
     def attend(q, k_new, v_new, k_pool, v_pool, table, lengths):
         k_pool, v_pool = write_decode_kv(k_pool, v_pool, k_new, v_new, table, lengths)
         q_spec = spec(("slots", "kv_heads", None, None))
+        pool_specs = (pool_spec(k_pool, K_POOL_AXES), pool_spec(v_pool, V_POOL_AXES))
         out = jax.shard_map(
             functools.partial(pallas_attention.paged_attend_pallas, backend=backend),
             mesh=mesh,
-            in_specs=(q_spec, spec(K_POOL_AXES), spec(V_POOL_AXES), spec(("slots", None)), spec(("slots",))),
+            in_specs=(q_spec, *pool_specs, spec(("slots", None)), spec(("slots",))),
             out_specs=q_spec,
             check_vma=False,
         )(q, k_pool, v_pool, table, lengths)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from engine.api import EngineConfig
-from engine.attention import PrefillPaging
+from engine.attention import PrefillPaging, init_pool
 from engine.config import ModelConfig
 from engine.model import Transformer, rope_angles
 from engine.sampling import MAX_LOGPROBS, SlotSampling, hits_stop, sample, token_logprobs
@@ -31,7 +31,7 @@ from engine.sampling import MAX_LOGPROBS, SlotSampling, hits_stop, sample, token
 class DecodeState:
     """Everything the decode loop carries on device: the KV pools and one row per slot."""
 
-    k: tuple  # [L] of k_pool [Np, K, H, P]
+    k: tuple  # [L] of k_pool [Np, K, H, P] (an array, or engine.attention.Int8Pages)
     v: tuple  # [L] of v_pool [Np, K, P, H]
     lengths: jax.Array  # [B] tokens in the cache = position of the next input token
     tokens: jax.Array  # [B] next input token (the last one sampled)
@@ -61,8 +61,8 @@ def init_state(model_config: ModelConfig, config: EngineConfig, kv_pages: int, d
     b = e.num_slots
     i32 = functools.partial(jnp.zeros, dtype=jnp.int32)
     return DecodeState(
-        k=tuple(jnp.zeros(k_pool, dtype) for _ in range(c.num_layers)),
-        v=tuple(jnp.zeros(v_pool, dtype) for _ in range(c.num_layers)),
+        k=tuple(init_pool(k_pool, dtype, e.kv_dtype, keys=True) for _ in range(c.num_layers)),
+        v=tuple(init_pool(v_pool, dtype, e.kv_dtype, keys=False) for _ in range(c.num_layers)),
         lengths=i32((b,)),
         tokens=i32((b,)),
         active=jnp.zeros((b,), bool),
@@ -93,10 +93,7 @@ def prefill(model: Transformer, params, state: DecodeState, tokens, positions, s
     starts from by copy (copy_src -> copy_dst, [R]; unused entries copy the sink onto itself) are copied; then
     every layer writes its K/V where `paging` says and attends inside each segment and to the cached pages the
     segment may see; the logits at each prompt's last token (`last` [R]) pick its first token."""
-    pools = tuple(
-        (k.at[copy_dst].set(k[copy_src]), v.at[copy_dst].set(v[copy_src]))
-        for k, v in zip(state.k, state.v, strict=True)
-    )
+    pools = jax.tree.map(lambda a: a.at[copy_dst].set(a[copy_src]), tuple(zip(state.k, state.v, strict=True)))
     logits, pools = model.apply(
         {"params": params},
         tokens,
@@ -139,17 +136,26 @@ def release(state: DecodeState, slot) -> DecodeState:
     return state.replace(active=state.active.at[slot].set(False))
 
 
-def spill(state: DecodeState, pages):
-    """The pools' pages [W] of every layer: k [L, W, K, H, P], v [L, W, K, P, H] (a copy; the pools stay)."""
-    return jnp.stack([k[pages] for k in state.k]), jnp.stack([v[pages] for v in state.v])
+def spill(state: DecodeState, pages) -> tuple:
+    """The pools' pages [W] of every layer, a copy (the pools stay): one array [L, W, ...] per leaf of a layer's
+    (k_pool, v_pool): k [L, W, K, H, P] and v [L, W, K, P, H], each followed by its scales [L, W, K, P] for an
+    int8 pool."""
+    layers = [jax.tree.leaves(kv) for kv in zip(state.k, state.v, strict=True)]
+    return tuple(jnp.stack([leaf[pages] for leaf in leaves]) for leaves in zip(*layers, strict=True))
 
 
-def restore(state: DecodeState, pages, k, v) -> DecodeState:
-    """Writes pages [W] of every layer from k [L, W, K, H, P], v [L, W, K, P, H] (see `spill`)."""
-    return state.replace(
-        k=tuple(pool.at[pages].set(x.astype(pool.dtype)) for pool, x in zip(state.k, k, strict=True)),
-        v=tuple(pool.at[pages].set(x.astype(pool.dtype)) for pool, x in zip(state.v, v, strict=True)),
-    )
+def restore(state: DecodeState, pages, *arrays) -> DecodeState:
+    """Writes pages [W] of every layer from `spill`'s arrays."""
+    layers = list(zip(state.k, state.v, strict=True))
+    treedef = jax.tree.structure(layers[0])
+    restored = [
+        jax.tree.unflatten(
+            treedef,
+            [leaf.at[pages].set(x[i].astype(leaf.dtype)) for leaf, x in zip(jax.tree.leaves(kv), arrays, strict=True)],
+        )
+        for i, kv in enumerate(layers)
+    ]
+    return state.replace(k=tuple(k for k, _ in restored), v=tuple(v for _, v in restored))
 
 
 def generate(model: Transformer, config: EngineConfig, params, state: DecodeState, table, steps, *, window: int):

@@ -46,7 +46,7 @@ import numpy as np
 from absl import app, flags
 
 from bench import roofline as rl
-from engine.attention import paged_attend_xla
+from engine.attention import Int8Pages, dequantize_pool, paged_attend_xla, quantize_kv
 from engine.config import ModelConfig, llama_1b_config, tiny_config
 from engine.pallas_attention import paged_attend_pallas, unsupported_reason
 
@@ -57,6 +57,7 @@ JSON_NAME, SUMMARY_NAME = "device_check.json", "device_check.md"
 # rounded to bfloat16 before the value product (as in paged_attend_xla).
 TOLERANCE = {("xla", "float32"): 5e-3, ("pallas", "float32"): 1e-4, ("xla", "bfloat16"): 3e-2}
 TOLERANCE[("pallas", "bfloat16")] = TOLERANCE[("xla", "bfloat16")]
+TOLERANCE[("xla", "int8")] = TOLERANCE[("pallas", "int8")] = TOLERANCE[("xla", "bfloat16")]  # bf16 q, int8 pages
 
 
 def llama_1b_v32k() -> ModelConfig:
@@ -323,6 +324,42 @@ def attention_case(profile: Profile, b: int, p: int, backend: str, interpret: bo
                     fraction_of_measured_bandwidth=read / seconds / bandwidth,
                 )
             rows.append(row)
+    # int8 pages (EngineConfig.kv_dtype='int8') with bfloat16 q, against the float32 reference on the same pages
+    # dequantized: the int8 rounding is in both, so the error is the bfloat16 products'
+    k8, k8_scale = quantize_kv(k32.transpose(0, 1, 3, 2))
+    k8 = Int8Pages(k8.transpose(0, 1, 3, 2), k8_scale)
+    v8 = Int8Pages(*quantize_kv(v32))
+    args = (q32.astype(jnp.bfloat16), k8, v8, table, lengths)
+    with jax.default_matmul_precision("highest"):
+        want = reference(q32, dequantize_pool(k8, keys=True), dequantize_pool(v8, keys=False), table, lengths)
+    want_max = float(jnp.abs(want).max())
+    page_bytes = p * kh * 2 * (h + k8_scale.dtype.itemsize)  # int8 K and V of one page, all kv heads, and scales
+    for name, fn in subjects.items():
+        impl = "xla" if name == "xla" else "pallas"
+        reason = None if impl == "xla" else unsupported_reason(backend, *args)
+        row = {"B": b, "P": p, "W": w, "impl": name, "dtype": "int8"}
+        if reason:
+            rows.append({**row, "ok": False, "error": f"unsupported: {reason}"})
+            continue
+        got = fn(*args).astype(jnp.float32)
+        err = float(jnp.abs(got - want).max())
+        tol = TOLERANCE[(impl, "int8")]
+        seconds = _time_calls(
+            functools.partial(fn, *args), profile.attn_batches, profile.attn_calls, profile.attn_warmup
+        )
+        read = int((b * w if impl == "xla" else pages_used.sum()) * page_bytes)
+        row.update(
+            ok=bool(jnp.isfinite(got).all()) and err <= tol * want_max,
+            max_abs_err=err,
+            reference_max_abs=want_max,
+            rel_err=err / want_max,
+            tolerance_rel=tol,
+            time_s=seconds,
+            kv_bytes_read=read,
+            bandwidth_bytes_per_s=read / seconds,
+            fraction_of_measured_bandwidth=read / seconds / bandwidth,
+        )
+        rows.append(row)
     return rows
 
 

@@ -206,9 +206,10 @@ def test_roofline_command(tmp_path):
     assert (row["slots"], row["context"]) == (1, 64)
     assert row["step_ms"] == pytest.approx((cfg.num_params * 2 + 64 * v5e["kv_bytes_per_token"]) / 819e9 * 1e3)
     assert len(v5e["table"]) == 4 and all(os.path.getsize(p) > 0 for p in pngs)
-    assert len(pngs) == len(doc["figures"]["devices"]) == 4  # this device, and v5e in bf16, int8 weights, + int8 KV
+    # this device, and v5e in bf16, with an int8 KV cache, int8 weights, and both
+    assert len(pngs) == len(doc["figures"]["devices"]) == 5
     # int8 weights: one byte per linear / embedding weight, a float32 scale per output row, bf16 norms
-    int8, int8_kv = (doc["figures"]["devices"][f"tpu_v5e_int8_{s}"] for s in ("weights", "weights_kv"))
+    int8, kv_only, int8_kv = (doc["figures"]["devices"][f"tpu_v5e_int8_{s}"] for s in ("weights", "kv", "weights_kv"))
     d, f, v, n_layers = cfg.dim, cfg.mlp_dim, cfg.vocab_size, cfg.num_layers
     rows = n_layers * (cfg.num_heads * 16 + 2 * cfg.num_kv_heads * 16 + d + 2 * f + d) + v * (
         1 if cfg.tie_embeddings else 2
@@ -217,8 +218,9 @@ def test_roofline_command(tmp_path):
     assert int8["weight_bytes"] == (cfg.num_params - norms) + 4 * rows + 2 * norms
     assert int8["critical_batch"] == pytest.approx(v5e["critical_batch"] * int8["weight_bytes"] / v5e["weight_bytes"])
     assert int8["kv_bytes_per_token"] == v5e["kv_bytes_per_token"]
-    # int8 KV: one byte per element plus a float32 scale per token, kv head and layer for K and for V
-    assert int8_kv["kv_bytes_per_token"] == 2 * 2 * 2 * 16 + 2 * 2 * 2 * 4
+    # int8 KV: one byte per element plus a bfloat16 scale per token, kv head and layer for K and for V
+    assert int8_kv["kv_bytes_per_token"] == kv_only["kv_bytes_per_token"] == 2 * 2 * 2 * 16 + 2 * 2 * 2 * 2
+    assert kv_only["weight_bytes"] == v5e["weight_bytes"]
 
 
 @pytest.mark.parametrize("attention", ["kernel", "xla"])

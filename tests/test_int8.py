@@ -225,6 +225,7 @@ def test_int8_on_a_mesh_matches_one_device(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(out.read_text())
+    kv = results.pop("kv_int8")
     assert set(results) == {"data:1,tensor:8", "data:2,tensor:4", "data:4,tensor:2"}
     for spec, r in results.items():
         assert r["tokens_equal"], spec
@@ -232,3 +233,13 @@ def test_int8_on_a_mesh_matches_one_device(tmp_path):
     # under tensor parallelism the MLP's scales are split like its columns, the output projection's stay whole
     assert results["data:1,tensor:8"]["w_gate_up_scale"] == [None, "tensor"]
     assert results["data:1,tensor:8"]["w_down_scale"] == [None]
+    # an int8 KV cache: the pool's values and scales split over kv heads alike, the same tokens as one device
+    assert set(kv) == {f"{d} {m}" for d in ("float32", "bfloat16") for m in ("data:1,tensor:8", "data:2,tensor:4")}
+    for name, r in kv.items():
+        assert r["attention"] == "xla", name
+        assert r["values"][:2] == [None, "tensor"] and r["scale"][:2] == [None, "tensor"], (name, r)
+        if name.startswith("float32"):
+            assert r["tokens_equal"], name
+            assert r["max_logprob_diff"] < 1e-4, (name, r["max_logprob_diff"])
+        else:  # bfloat16 sums in another order on each mesh: close, not equal
+            assert r["max_logprob_diff"] < 0.1, (name, r["max_logprob_diff"])

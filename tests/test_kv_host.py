@@ -64,7 +64,7 @@ def test_host_tier_unit():
     tokens = list(range(8))
     keys = [page_key(ROOT, tokens[:2])]
     keys.append(page_key(keys[0], tokens[2:4]))
-    tier.add([(keys[0], ROOT, (0, 1), True), (keys[1], keys[0], (2, 3), True)], k, v)
+    tier.add([(keys[0], ROOT, (0, 1), True), (keys[1], keys[0], (2, 3), True)], (k, v))
     assert tier.chain(ROOT, tokens, 2, 0, 8) == HostMatch(tuple(keys))  # the third page is not there
     assert tier.chain(keys[0], tokens, 2, 1, 8) == HostMatch(tuple(keys[1:]))
     # the limit stops inside the second page: its first token continues the match
@@ -74,11 +74,11 @@ def test_host_tier_unit():
     np.testing.assert_array_equal(got_v, -np.asarray(k)[:, [1, 0]])
     # a partly filled page under keys[1] holding [4]: a prompt continuing [4, 5] matches one token of it
     partial = page_key(keys[1], [4])
-    tier.add([(partial, keys[1], (4,), False)], k, v)
+    tier.add([(partial, keys[1], (4,), False)], (k, v))
     assert tier.chain(ROOT, tokens, 2, 0, 8) == HostMatch(tuple(keys), partial, 1)
     assert tier.chain(ROOT, [0, 1, 2, 3, 9], 2, 0, 5) == HostMatch(tuple(keys))  # diverges at the page's start
     # 4 > 3 pages: the least recently used goes (the partial page: the last lookup touched only the full ones)
-    tier.add([(page_key(ROOT, [9, 9]), ROOT, (9, 9), True)], k, v)
+    tier.add([(page_key(ROOT, [9, 9]), ROOT, (9, 9), True)], (k, v))
     assert tier.pages == 3 and tier.stats.dropped_pages == 1
     assert keys[0] in tier and keys[1] in tier and partial not in tier
     assert tier.chain(ROOT, tokens, 2, 0, 8) == HostMatch(tuple(keys))  # and its index entry went with it

@@ -1,7 +1,9 @@
-"""The quality gate of int8 weights on the bundled SmolLM2 (bench/quality.py): perplexity on the corpus the repo
-ships, teacher-forced argmax agreement and logit error against the float32 engine, greedy agreement over chat
-prompts. Margins (the README's quality table has the measured figures): perplexity at most +2%, argmax agreement
-at least 93%, mean |logit error| at most 0.4.
+"""The quality gate of int8 weights, an int8 KV cache and both on the bundled SmolLM2 (bench/quality.py): perplexity
+on the corpus the repo ships, teacher-forced argmax agreement and logit error against the float32 engine, greedy
+agreement over chat prompts. Margins, the same for each format (the README's quality table has the measured
+figures): perplexity at most +2%, argmax agreement at least 93%, mean |logit error| at most 0.4. The int8 KV rows
+read every K/V as the pool stores it (Transformer.kv_dtype; tests/test_kv_int8.py holds the engine's paged steps to
+that forward).
 
 The int8 engine runs the CPU int8 kernel where it builds (the XLA path computes the same function; tests/test_int8.py
 holds them to each other)."""
@@ -29,8 +31,11 @@ MAX_MEAN_LOGIT_ERROR = 0.4
 @pytest.fixture(scope="module")
 def results():
     f32, tokenizer = load_engine(None, dataclasses.replace(CONFIG, linear="xla"))
-    int8 = Engine(f32.model_config, f32.params, dataclasses.replace(CONFIG, quantize="int8"))
-    out = quality.evaluate({"float32": f32, "int8 weights": int8}, tokenizer, window=1024, stride=512)
+    engines = {"float32": f32} | {
+        name: Engine(f32.model_config, f32.params, dataclasses.replace(CONFIG, **change))
+        for name, change in quality.FORMATS.items()
+    }
+    out = quality.evaluate(engines, tokenizer, window=1024, stride=512)
     print("\n" + quality.table(out))
     return out
 
@@ -39,8 +44,9 @@ def test_corpus_is_a_few_thousand_tokens(results):
     assert 2500 <= results[0].scored_tokens <= 4000
 
 
-def test_int8_weights_hold_the_quality_margins(results):
-    ref, int8 = results
+@pytest.mark.parametrize("row", [1, 2, 3], ids=list(quality.FORMATS))
+def test_int8_formats_hold_the_quality_margins(results, row):
+    ref, int8 = results[0], results[row]
     assert ref.perplexity < 20, "the float32 model should read plain English and code well"
     assert int8.perplexity_ratio(ref) - 1 <= MAX_PERPLEXITY_RISE, quality.table(results)
     assert int8.top1_agreement >= MIN_TOP1_AGREEMENT, quality.table(results)

@@ -42,16 +42,16 @@ class HostStats:
 
 
 class _Batch:
-    """One spill: device arrays k [L, W, ...], v [L, W, ...] until the copier thread replaces them with host
-    copies."""
+    """One spill: device arrays [L, W, ...] (engine.steps.spill's: K and V, and an int8 pool's scales, kept in the
+    form the device holds them) until the copier thread replaces them with host copies."""
 
-    def __init__(self, k, v) -> None:
-        self.k, self.v = k, v
+    def __init__(self, arrays: tuple) -> None:
+        self.arrays = arrays
         self.done = threading.Event()
 
-    def host(self) -> tuple[np.ndarray, np.ndarray]:
+    def host(self) -> tuple[np.ndarray, ...]:
         self.done.wait()
-        return self.k, self.v
+        return self.arrays
 
 
 @dataclasses.dataclass
@@ -111,11 +111,11 @@ class HostTier:
             if key in self._entries:
                 self._entries.move_to_end(key)
 
-    def add(self, pages: Sequence[tuple[bytes, bytes, tuple[int, ...], bool]], k, v) -> None:
-        """Takes a spilled batch: page i of the device arrays k [L, W, ...] / v (W >= len(pages)) is pages[i] =
+    def add(self, pages: Sequence[tuple[bytes, bytes, tuple[int, ...], bool]], arrays: tuple) -> None:
+        """Takes a spilled batch: page i of each of the device arrays [L, W, ...] (W >= len(pages)) is pages[i] =
         (key, parent key, the tokens it holds, whether they fill it); the copy to host memory happens on the copier
         thread."""
-        batch = _Batch(k, v)
+        batch = _Batch(tuple(arrays))
         with self._lock:
             for i, (key, parent, tokens, full) in enumerate(pages):
                 self._drop(key)
@@ -161,18 +161,14 @@ class HostTier:
                 self._entries.move_to_end(best)
         return HostMatch(tuple(keys), best, best_len)
 
-    def read(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """The pages' data stacked along a new page axis 1: k [L, n, ...], v [L, n, ...] (waits for a copy still in
-        flight)."""
+    def read(self, keys: Sequence[bytes]) -> tuple[np.ndarray, ...]:
+        """The pages' data, each of the spilled arrays stacked along a new page axis 1: [L, n, ...] (waits for a
+        copy still in flight)."""
         with self._lock:
             entries = [self._entries[key] for key in keys]
-        ks, vs = [], []
-        for e in entries:
-            k, v = e.batch.host()
-            ks.append(k[:, e.index])
-            vs.append(v[:, e.index])
+        pages = [tuple(a[:, e.index] for a in e.batch.host()) for e in entries]
         self.stats.restored_pages += len(keys)
-        return np.stack(ks, axis=1), np.stack(vs, axis=1)
+        return tuple(np.stack(parts, axis=1) for parts in zip(*pages, strict=True))
 
     def clear(self) -> None:
         with self._lock:
@@ -187,7 +183,7 @@ class HostTier:
         while True:
             batch = self._queue.get()
             try:
-                batch.k, batch.v = np.asarray(batch.k), np.asarray(batch.v)
+                batch.arrays = tuple(np.asarray(a) for a in batch.arrays)
             finally:
                 batch.done.set()
                 self._queue.task_done()
