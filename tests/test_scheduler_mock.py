@@ -215,6 +215,39 @@ def test_token_budget_splits_a_long_prompt_while_others_decode():
     assert run.tokens("short") == expected([50, 51, 52, 53], 30)
 
 
+def test_a_dispatch_runs_only_the_steps_left_and_its_prefill_shrinks_with_it():
+    """The running request has 2 tokens left: the dispatch is 2 steps (not decode_steps = 4) and carries 2/4 of the
+    budget (8 of 16 tokens), so the tokens it streams wait as long per token as in a full dispatch; once nothing
+    decodes, the rest of the prompt is read at once."""
+    run = Run(prefill_token_budget=16)
+    run.submit("short", [50, 51, 52, 53], greedy(7))
+    run.step()
+    assert len(run.tokens("short")) == 1 + 4
+    long_prompt = list(range(60, 100))
+    run.submit("long", long_prompt, greedy(6))
+    plan = run.scheduler.step()
+    assert (plan.decode_steps, plan.prefill_budget, run.engine.prefill_log[-1]) == (2, 8, 8)
+    assert run.last("short").finish_reason == FINISH_LENGTH and len(run.tokens("short")) == 7
+    plan = run.scheduler.step()
+    assert (plan.decode_steps, plan.prefill_budget, run.engine.prefill_log[-1]) == (None, None, 32)
+    run.finish()
+    assert run.tokens("long") == expected(long_prompt, 6)
+
+
+def test_dispatches_stay_full_while_a_prompt_is_read_in_chunks():
+    """Short dispatches while a slot is free (`free_slot_decode_steps`) speed an arrival's prefill; while a long
+    prompt is read they would pay each chunk once per step, so the dispatch keeps its full length."""
+    run = Run(prefill_token_budget=16, free_slot_decode_steps=1)
+    run.submit("short", [50, 51, 52, 53], greedy(40))
+    assert run.scheduler.step().decode_steps == 1  # slots free, nothing read in chunks
+    run.submit("long", list(range(60, 100)), greedy(6))
+    plans = [run.scheduler.step() for _ in range(3)]
+    assert [(p.decode_steps, p.prefill_budget) for p in plans] == [(1, 16), (None, 16), (None, 16)]
+    assert run.engine.prefill_log[-3:] == [16, 16, 8]
+    run.finish()
+    assert run.tokens("short") == expected([50, 51, 52, 53], 40)
+
+
 def test_without_a_budget_every_admitted_prompt_is_read_at_once():
     run = Run(prefills_per_step=4)
     for i in range(3):
