@@ -723,7 +723,7 @@ def test_admin_cli(sqlite_url, tmp_path, postgres_url):  # noqa: F811
     created = json.loads(admin(sqlite_url, "key", "create", "--user=alice", "--name=laptop", "--format=json"))
     assert SECRET_FORMAT.fullmatch(created["secret"])
     listing = admin(sqlite_url, "key", "list")
-    assert created["id"] in listing and "alice" in listing and created["secret"].split("-")[2] not in listing
+    assert created["id"] in listing and "alice" in listing and created["secret"].split("-", 2)[2] not in listing
     admin(sqlite_url, "policy", "set", f"--key={created['id']}", "--quarantine", "--who=oncall")
     shown = admin(sqlite_url, "policy", "show", f"--key={created['id']}", "--audit")
     assert '"quarantine": true' in shown and "oncall" in shown
