@@ -58,6 +58,9 @@ class ReplicaView:
     """Slots decoding a request at the last load report."""
     waiting: int = 0
     """Requests in its own waiting queue at the last load report."""
+    full: bool = False
+    """Its own waiting queue is full: its last load report said so, or it has refused a request as full
+    (RESOURCE_EXHAUSTED) since. No room until a load report says otherwise, whatever this router's counts say."""
     kv_pages_used: int = 0
     """KV pages running requests held at the last load report."""
     kv_pages_total: int = 0
@@ -157,8 +160,8 @@ def available(view: ReplicaView) -> bool:
 
 
 def has_room(view: ReplicaView, config: RoutingConfig) -> bool:
-    """Available and below its bound."""
-    return available(view) and requests_on(view) < bound_of(view, config)
+    """Available, below its bound, and its own queue not full."""
+    return available(view) and not view.full and requests_on(view) < bound_of(view, config)
 
 
 class Policy:

@@ -9,17 +9,19 @@ What it does for each request (`Router.generate`):
 - **Admit.** When no replica has room, the request waits in the gateway queue (`fleet.admission`: priority bands,
   fairness between keys, a bound and a time limit); past that it is refused with 429 / RESOURCE_EXHAUSTED,
   Retry-After and a reason: replicas absent, draining or full.
-- **Fail over.** A replica failure before the first token (UNAVAILABLE, DEADLINE_EXCEEDED, a connection error, its
-  queue full) retries the request on another replica. A stream cut mid-generation is resumed on another replica:
-  the prompt's ids + the ids already streamed, `resumed_tokens` = their count, the same sampling (the router sets a
-  seed when the request has none, so a resumed sampled stream continues as it would have). The consumer sees one
-  stream: one first message, no token twice. Messages that carry tokens but no text yet (the replica holds back an
+- **Fail over.** A replica failure before the first token (UNAVAILABLE, DEADLINE_EXCEEDED, a connection error) retries
+  the request on another replica. A replica whose own queue is full (RESOURCE_EXHAUSTED) has not failed: it gets no
+  new work until its load report shows room, and the request goes to another replica with room or waits in the gateway
+  queue (under its time limit) for one, this replica included. A stream cut mid-generation is resumed on another
+  replica: the prompt's ids + the ids already streamed, `resumed_tokens` = their count, the same sampling (the router
+  sets a seed when the request has none, so a resumed sampled stream continues as it would have). The consumer sees
+  one stream: one first message, no token twice. Messages that carry tokens but no text yet (the replica holds back an
   incomplete character) are held until their text comes, so a cut always falls where the text streamed so far is
   exactly the text of the tokens streamed so far. A request with stop strings resumes too: the replica matches them
   over the resumed tokens' text as well, so the text the cut stream held back (it might have begun a stop string)
   comes out there, or the stop string it began ends the request. Where a resume is impossible - no replica left, too
-  many attempts, a request with stop strings cut after its last token (the text the lost finish message carried
-  cannot be asked for again) - the consumer gets a 503 (UNAVAILABLE) saying how many tokens were completed.
+  many attempts, a request with stop strings cut after its last token (the text the lost finish message carried cannot
+  be asked for again) - the consumer gets a 503 (UNAVAILABLE) saying how many tokens were completed.
 
 What it watches, per replica, every `RouterConfig.poll_period` seconds (0.5 by default): grpc.health.v1 Check and,
 while SERVING, GetLoad (slots, waiting, KV pages, draining). A replica is ejected (no new work) on NOT_SERVING (its
@@ -30,7 +32,9 @@ stopped process keeps its connections open, so its streams would hang): its stre
 elsewhere as for a dead one. A stream whose replica, once it has sent a message, sends nothing for
 `RouterConfig.stall_timeout` seconds is cut the same way, and the stall counts as a failure. A client's bad request
 (INVALID_ARGUMENT, any 4xx) never counts against a replica, nor does an engine failure on one request (INTERNAL:
-passed to the client, not retried). A replica reporting `draining` gets no new work. The replicas file is re-read
+passed to the client, not retried). A replica reporting `draining` gets no new work, and so does one that refuses or
+ends a request saying it drains (UNAVAILABLE with `meshserve-draining` metadata, before its next load report): that
+request goes elsewhere and the replica is not counted as failing. The replicas file is re-read
 when it changes (`fleet.config.ConfigWatcher`): new replicas join, removed ones finish their streams and leave.
 
 Who sent a request (the key, for fairness) and from where (the region) are read from the context variables
@@ -108,17 +112,23 @@ REPLICA = "replica"
 """The replica failed (unreachable, draining, timed out, cut the stream): retried or resumed elsewhere, counted."""
 BUSY = "busy"
 """The replica's own queue is full: retried elsewhere, not counted (it is healthy, just full)."""
+DRAINING = "draining"
+"""The replica is draining for shutdown (it said so, before the next load report could): no new work there, the
+request is retried (or its stream resumed) elsewhere, not counted - counting it would eject the replica and cut the
+streams it is finishing."""
 FINAL = "final"
 """The engine failed on this request (INTERNAL): passed to the client, not retried, not counted."""
 
 
 def classify(error: GateError) -> str:
-    """What a replica call's GateError (`gateway.backend.rpc_error`) means for routing: CLIENT, REPLICA, BUSY or
-    FINAL."""
+    """What a replica call's GateError (`gateway.backend.rpc_error`) means for routing: CLIENT, REPLICA, BUSY,
+    DRAINING or FINAL."""
     if error.status < 499 or error.status == 413:
         return CLIENT
     if error.code == "overloaded":
         return BUSY
+    if error.code == "draining":
+        return DRAINING
     if error.status == 500:
         return FINAL
     # 499 (CANCELLED we did not ask for: the server went away), 502 (an unknown code), 503 (UNAVAILABLE: dead,
@@ -329,6 +339,8 @@ class Router:
         v.num_slots = load.slots_total
         v.active_slots = load.slots_used
         v.waiting = load.waiting_requests
+        # as the replica's scheduler judges it (a burst may fill free slots beyond max_waiting); 0: not reported
+        v.full = load.max_waiting > 0 and load.waiting_requests >= load.max_waiting + load.free_slots
         v.kv_pages_total = load.kv_pages_total
         v.kv_pages_used = load.kv_pages_used
         v.kv_pages_cached = load.kv_pages_cached
@@ -454,7 +466,7 @@ class Router:
         m = self._pick(route, exclude)
         if m is not None:
             return m
-        views = [m.view for m in self._routable() if m.name not in exclude]
+        views = self._views(exclude)
         if not any(policy.available(v) for v in views):
             raise self._refuse(admission.refusal(views, self.config.admission), route.region)
         future: asyncio.Future[_Member] = asyncio.get_running_loop().create_future()
@@ -478,11 +490,17 @@ class Router:
                 self._release(future.result())  # picked for us just as we went away
             raise
 
+    def _views(self, exclude: frozenset[str]) -> list[ReplicaView]:
+        """Every routable replica as the refusal of a request that already failed on those in `exclude` sees them:
+        those count as unavailable (configured, but not serving this request), so the reason is theirs - draining,
+        not serving - rather than "no replica is configured"."""
+        return [dataclasses.replace(m.view, healthy=False) if m.name in exclude else m.view for m in self._routable()]
+
     def _fail_waiter(self, waiter: admission.Waiter, now: float) -> None:
         future, route, exclude = waiter.item
         if future.done():
             return
-        views = [m.view for m in self._routable() if m.name not in exclude]
+        views = self._views(exclude)
         refusal = admission.refusal(
             views, self.config.admission, queued=len(self.queue), waited=max(now - waiter.enqueued_at, 1e-3)
         )
@@ -935,13 +953,22 @@ class RoutedGeneration:
         kind = classify(error)
         if member is not None:  # the work it did happened (and costs money): counted into the final usage
             self._cut_attempts.append((member, self._attempt_tokens, self._attempt_device))
+            if kind == BUSY:  # no new work there until a load report shows room (set before the release dispatches)
+                member.view.full = True
+            elif kind == DRAINING:  # no new work there; its next load report says draining too
+                member.view.draining = True
         self._end_attempt()
         if kind in (CLIENT, FINAL) or self._cancelled:
             raise error
         router = self._router
         if kind == REPLICA and counted:
             router._failure(member, error.message)
-        self._tried.add(member.name)
+        if kind == BUSY:
+            # not an attempt that failed: the request waits for room anywhere, this replica included, and the wait
+            # is the gateway queue's (bounded by its time limit), not a number of attempts
+            self._attempts -= 1
+        else:
+            self._tried.add(member.name)
         self._held.clear()  # their tokens are generated again by the next replica
         if not self._first_sent:
             router._failovers["retry"] += 1

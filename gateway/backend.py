@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 
 from gateway.gate import GateError
+from protos.meshserve.v1 import DRAINING_KEY
 from protos.meshserve.v1 import meshserve_pb2 as pb
 from protos.meshserve.v1 import meshserve_pb2_grpc as pb_grpc
 
@@ -35,7 +36,8 @@ route_key: contextvars.ContextVar[str] = contextvars.ContextVar("route_key", def
 """Routing hint: the caller's key id, set by the front door before `generate`; a router over several replicas uses it
 for fairness between keys in its queue (a single replica ignores it)."""
 client_region: contextvars.ContextVar[str] = contextvars.ContextVar("client_region", default="")
-"""Routing hint: the caller's region ("": the router's own), set by the front door before `generate`."""
+"""Routing hint: the caller's region ("": the router's own), set by `gateway.flow.admit` before `generate` from the
+request's `x-meshserve-region` (HTTP header or gRPC metadata) or its key's policy (`PreparedRequest.region`)."""
 
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a Tokenize reply on a long prompt carries every token's text
 # Retry hint for UNAVAILABLE (warming up, draining, unreachable): the replica gives none.
@@ -137,12 +139,17 @@ def _retry_after(error: grpc.aio.AioRpcError) -> float | None:
     return None
 
 
+def _draining(error: grpc.aio.AioRpcError) -> bool:
+    return any(key == DRAINING_KEY for key, _ in error.trailing_metadata() or ())
+
+
 def rpc_error(error: grpc.aio.AioRpcError, replica: str) -> GateError:
     """The `GateError` a front door answers for a failed replica call.
 
     INVALID_ARGUMENT -> 400 naming the field; RESOURCE_EXHAUSTED (the replica's queue is full) -> 503 with the
     replica's retry hint (a 429 is the caller's own limit, which the gate decides); UNAVAILABLE (warming up, draining,
-    unreachable) -> 503; DEADLINE_EXCEEDED -> 504; CANCELLED -> 499; INTERNAL -> 500; anything else -> 502.
+    unavailable) -> 503, with code "draining" when the replica says so (DRAINING_KEY); DEADLINE_EXCEEDED -> 504;
+    CANCELLED -> 499; INTERNAL -> 500; anything else -> 502.
     """
     code, details = error.code(), error.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -164,7 +171,7 @@ def rpc_error(error: grpc.aio.AioRpcError, replica: str) -> GateError:
             503,
             f"the model is unavailable ({details}); retry later",
             kind="server_error",
-            code="unavailable",
+            code="draining" if _draining(error) else "unavailable",
             retry_after=_UNAVAILABLE_RETRY_SECONDS,
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -22,8 +22,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
-from gateway.backend import Generation, Replica, route_key
-from gateway.gate import Gate, GateError, Outcome, PreparedRequest, Principal, Ticket
+from gateway.backend import Generation, Replica, client_region, route_key
+from gateway.gate import REGION_RE, Gate, GateError, Outcome, PreparedRequest, Principal, Ticket
 from protos.meshserve.v1 import meshserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ DEFAULT_MAX_TOKENS = 256
 MAX_N = 16
 """Most choices (n) per request."""
 SEED_RANGE = 2**32
+REGION_HEADER = "x-meshserve-region"
+"""The HTTP header (and gRPC metadata key) in which a caller names its region: the fleet's replicas there serve it
+first (a key's policy may pin another, see gateway/policy.py)."""
 
 FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
@@ -62,6 +65,20 @@ async def gate_call(gate: Gate, method: str, *args: Any) -> Any:
 
 
 # ----- checks before admission ----------------------------------------------------------------------------------
+
+
+def region_of(value: str | None) -> str:
+    """The region a caller's `x-meshserve-region` value names ("" when it sends none, or an empty one); GateError(400)
+    naming the header for anything but a short token (REGION_RE)."""
+    value = (value or "").strip()
+    if value and not REGION_RE.fullmatch(value):
+        shown = value if len(value) <= 80 else value[:80] + "..."
+        raise GateError(
+            400,
+            f"{REGION_HEADER} must name a region: 1 to 64 of A-Z a-z 0-9 . _ -, got {shown!r}",
+            param=REGION_HEADER,
+        )
+    return value
 
 
 def check_sampling(prepared: PreparedRequest, info: pb.ModelInfo) -> None:
@@ -399,8 +416,9 @@ async def admit(
             admitting.add_done_callback(lambda task: _settle_orphan(task, gate, replica.name, prompt_tokens))
             raise
     # routing hints for a router over several replicas (its generate() runs in the Run's tasks, which copy this
-    # context)
+    # context); both are set on every request, so nothing carries over to the next one a task serves
     route_key.set(principal.key_id or "")
+    client_region.set(prepared.region)  # after the policy, which may pin one
     try:
         return Run(gate, replica, ticket, prompt_tokens, received_at=received_at)
     except BaseException as e:

@@ -21,7 +21,11 @@ operator pages (the fleet dashboard). A gate without it lets only anonymous call
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Protocol
+
+REGION_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""What a caller's region may be (whole match): a short token, as a replica's `region` in the fleet's file."""
 
 
 class GateError(Exception):
@@ -75,6 +79,8 @@ class PreparedRequest:
     quarantined: bool = False  # served under the quarantine persona (never told to the caller)
     log_content: bool = False  # the key's policy opts in to storing prompt and completion text
     client_address: str | None = None
+    region: str = ""  # the caller's region, a routing preference ("": the router's own); the front door sets the
+    # caller's (`x-meshserve-region`), the policy may pin another (gateway/policy.py); must match REGION_RE
 
 
 @dataclasses.dataclass

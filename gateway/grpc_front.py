@@ -6,7 +6,10 @@ Differences from talking to a replica directly:
 - A refusal maps the gate's status onto a gRPC code: 400 / 413 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 403
   PERMISSION_DENIED, 429 RESOURCE_EXHAUSTED with `retry-after` (seconds) and `grpc-retry-pushback-ms` trailing
   metadata, 503 UNAVAILABLE (the replica's full queue stays RESOURCE_EXHAUSTED, with its hint).
-- A request above `max_request_bytes` is INVALID_ARGUMENT naming the limit.
+- A request above `max_request_bytes` is INVALID_ARGUMENT naming the limit, up to `TRANSPORT_BYTES_FACTOR` times the
+  limit (as on a replica); only beyond that does gRPC itself refuse it (RESOURCE_EXHAUSTED).
+- The caller's region is the `x-meshserve-region` metadata, as the HTTP header (see gateway/flow.py): a fleet serves
+  it in that region first; a value that is not a region's name is INVALID_ARGUMENT.
 - Prompts given as token ids are refused (the gate's policy reads text); `priority` keeps the proto's meaning (lower
   runs first).
 - The first response echoes the client's request_id; the gateway's own id (the one `Feedback` and `/v1/feedback`
@@ -35,6 +38,7 @@ from gateway.backend import Replica
 from gateway.gate import ChatTurn, Gate, GateError, PreparedRequest, Principal
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api import ticket_id
+from protos.meshserve.v1 import TRANSPORT_BYTES_FACTOR
 from protos.meshserve.v1 import meshserve_pb2 as pb
 from protos.meshserve.v1 import meshserve_pb2_grpc as pb_grpc
 
@@ -71,13 +75,21 @@ def status_of(error: GateError) -> grpc.StatusCode:
     return grpc.StatusCode.INVALID_ARGUMENT if error.status < 500 else grpc.StatusCode.UNAVAILABLE
 
 
-def _secret(context: grpc.aio.ServicerContext) -> str | None:
+def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
+    """The first value of the invocation metadata `name` (lower case), or None."""
     for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            scheme, _, token = str(value).strip().partition(" ")
-            token = token.strip()
-            return token if scheme.lower() == "bearer" and token else None
+        if key == name:
+            return str(value)
     return None
+
+
+def _secret(context: grpc.aio.ServicerContext) -> str | None:
+    value = _metadata(context, "authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 def _client_address(context: grpc.aio.ServicerContext) -> str | None:
@@ -155,6 +167,7 @@ class GatewayServicer(pb_grpc.MeshServeServicer):
             sampling=sampling,
             priority=-request.priority,  # the gate's priority runs higher first
             client_address=_client_address(context),
+            region=flow.region_of(_metadata(context, flow.REGION_HEADER)),
         )
 
     async def _unary(
@@ -289,9 +302,9 @@ class GrpcFront:
             replica, gate, served_model_name=served_model_name, max_request_bytes=max_request_bytes, metrics=metrics
         )
         self.health = health.aio.HealthServicer()
-        # gRPC's own size limit sits above ours, so an oversized request still reaches the handler and gets the
-        # INVALID_ARGUMENT that names the limit
-        receive_limit = max(2 * max_request_bytes, 4 * 1024 * 1024)
+        # gRPC's own size limit sits well above ours, as the engine's server's does, so an oversized request still
+        # reaches the handler and gets the INVALID_ARGUMENT that names the limit (see TRANSPORT_BYTES_FACTOR)
+        receive_limit = TRANSPORT_BYTES_FACTOR * max_request_bytes
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", receive_limit)])
         pb_grpc.add_MeshServeServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

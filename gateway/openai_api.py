@@ -33,6 +33,9 @@ Decisions:
   (queue full, draining, a limit only the replica knows) still gets its own status instead of a broken stream. Then
   each message is forwarded as it comes (no buffering). An error after the first message ends the stream with an
   SSE `data: {"error": ...}` event and no `[DONE]`.
+- The caller may name its region in the `x-meshserve-region` header: over a fleet, replicas there serve it first
+  (spilling elsewhere when they have no room); a key's policy may pin another (gateway/policy.py). A value that is
+  not a region's name (1 to 64 of A-Z a-z 0-9 . _ -) is a 400 naming the header; an empty one names none.
 - `n` > 1 runs n requests on the replica (seeds seed, seed + 1, ... when a seed is given); usage counts the prompt
   once and the completions of every choice, as OpenAI does; the gate's outcome sums over choices.
 - Token names for log-probabilities come from `Replica.token_bytes`; a replica that cannot name tokens refuses
@@ -237,8 +240,9 @@ def ticket_id(response_id: str) -> str:
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def _prepare(body: _Sampling, client_address: str | None) -> PreparedRequest:
-    """The gate's view of a validated request; raises GateError(400) for a field this server does not implement."""
+def _prepare(body: _Sampling, client_address: str | None, region: str) -> PreparedRequest:
+    """The gate's view of a validated request from `region` (the caller's, "" for none); raises GateError(400) for a
+    field this server does not implement."""
     for field, harmless in UNSUPPORTED.items():
         value = getattr(body, field)
         if value is not None and not harmless(value, body):
@@ -285,6 +289,7 @@ def _prepare(body: _Sampling, client_address: str | None) -> PreparedRequest:
         sampling={k: v for k, v in sampling.items() if v is not None},
         n=body.n,
         client_address=client_address,
+        region=region,
     )
 
 
@@ -710,7 +715,7 @@ class _Api:
         body = await self.parse(request, ChatCompletionRequest if chat else CompletionRequest)
         client = request.client.host if request.client else None
         try:
-            prepared = _prepare(body, client)
+            prepared = _prepare(body, client, flow.region_of(request.headers.get(flow.REGION_HEADER)))
             if prepared.sampling.get("logprobs") is not None and self.replica.token_bytes([]) is None:
                 raise GateError(
                     400, "logprobs are not available: this gateway cannot name the model's tokens", param="logprobs"

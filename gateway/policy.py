@@ -18,7 +18,12 @@ What `apply_policy` does to a request, and why it refuses or clamps:
     behind others (a batch job), never ahead of its class;
   - quarantine: the caller's system and developer messages are replaced by the persona prompt, max_tokens is capped
     at `quarantine_max_tokens`, priority is the lowest; the request is otherwise answered like any other, so
-    nothing in the response tells the caller.
+    nothing in the response tells the caller;
+  - a policy `region` wins over the caller's own (the `x-meshserve-region` header or gRPC metadata): where a key's
+    requests run is the operator's call, like its priority class - a batch or abused key pinned to a cheap region
+    must not jump back onto the premium one by sending a header. A caller's region is a hint the caller may set
+    freely, so it only decides where no policy pins one. Either way it is a preference: a fleet with no room in the
+    region serves the request elsewhere (fleet/policy.py).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from gateway.gate import ChatTurn, GateError, PreparedRequest, Principal
+from gateway.gate import REGION_RE, ChatTurn, GateError, PreparedRequest, Principal
 from gateway.store import MISSING, Store, TtlCache
 from gateway.store.models import Flag, LedgerRow, PolicyAudit, PolicyRow
 
@@ -83,6 +88,9 @@ class Policy:
     operator: bool | None = None
     """The operator role: may open the gateway's operator pages (the fleet dashboard, /fleet and /fleet.json, which
     name replicas and their addresses). Changes nothing about requests."""
+    region: str | None = None
+    """The region whose replicas serve these requests first (a replica's `region` in the fleet's file; REGION_RE):
+    overrides the caller's `x-meshserve-region` (see the module docstring)."""
 
     def __post_init__(self) -> None:
         if self.sampling is not None and not set(self.sampling) <= SAMPLING_FIELDS:
@@ -91,6 +99,8 @@ class Policy:
             raise ValueError(f"unknown parameters {sorted(set(self.allowed_params) - PARAMS)}; known: {sorted(PARAMS)}")
         if self.priority_class is not None and self.priority_class not in PRIORITY_CLASSES:
             raise ValueError(f"priority_class must be one of {sorted(PRIORITY_CLASSES)}, got {self.priority_class!r}")
+        if self.region is not None and not REGION_RE.fullmatch(self.region):
+            raise ValueError(f"region must be 1 to 64 of A-Z a-z 0-9 . _ -, got {self.region!r}")
         for name in ("max_tokens_cap", "quarantine_max_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -183,6 +193,7 @@ def apply_policy(policy: Policy, request: PreparedRequest) -> PreparedRequest:
         priority=policy.priority + min(request.priority, 0),
         quarantined=bool(policy.quarantine),
         log_content=bool(policy.log_content),
+        region=policy.region or request.region,
     )
 
 

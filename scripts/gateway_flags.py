@@ -57,7 +57,10 @@ _ROUTING_POLICY = flags.DEFINE_enum(
     "bounded by load.",
 )
 _FLEET_REGION = flags.DEFINE_string(
-    "fleet_region", "", "With --replicas: this gateway's region (its clients prefer replicas there)."
+    "fleet_region",
+    "",
+    "With --replicas: this gateway's region (its clients prefer replicas there unless a request names its own in "
+    "x-meshserve-region, or its key's policy pins one).",
 )
 _FLEET_QUEUE = flags.DEFINE_integer(
     "fleet_max_queued", 256, "With --replicas: most requests waiting in the gateway for a replica with room."

@@ -53,6 +53,7 @@ from engine.scheduler import (
     StepPlan,
 )
 from engine.tokenizer import Tokenizer
+from protos.meshserve.v1 import DRAINING_KEY, TRANSPORT_BYTES_FACTOR
 from protos.meshserve.v1 import meshserve_pb2 as pb
 from protos.meshserve.v1 import meshserve_pb2_grpc as pb_grpc
 from service.metrics import DispatchCost, ServerMetrics, measure_memory_bandwidth
@@ -101,7 +102,8 @@ class ServerConfig:
     """Most characters of prompt text per request (checked before tokenizing); None: 16 x the context length."""
     max_request_bytes: int = 4 << 20
     """Largest serialized request; a larger one is INVALID_ARGUMENT naming this limit. gRPC itself accepts up to
-    `TRANSPORT_BYTES_FACTOR` times as much (past that its own RESOURCE_EXHAUSTED, which no retry fixes)."""
+    `TRANSPORT_BYTES_FACTOR` (protos.meshserve.v1) times as much (past that its own RESOURCE_EXHAUSTED, which no
+    retry fixes)."""
     max_workers: int | None = None
     """gRPC handler threads (one per open RPC); None: slots + max_waiting + 16, so every admissible stream fits."""
 
@@ -229,10 +231,6 @@ class _Stream:
     def sink(self, output: RequestOutput) -> None:
         # Called on the engine thread: only a timestamp and a put, never anything that could block it.
         self.outputs.put((time.monotonic(), output))
-
-
-TRANSPORT_BYTES_FACTOR = 16
-"""gRPC's receive limit as a multiple of max_request_bytes (see ServerConfig.max_request_bytes)."""
 
 
 class _InvalidRequest(ValueError):
@@ -364,6 +362,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         stream = _Stream(f"{client_id}#{next(self._ids)}")
         with self._lock:
             if self.draining:
+                context.set_trailing_metadata(((DRAINING_KEY, "1"),))
                 self._reject(context, grpc.StatusCode.UNAVAILABLE, "server is draining for shutdown; retry elsewhere")
             scheduled = Request(
                 stream.request_id, prompt, params, stream.sink, priority=request.priority, generated=earlier
@@ -448,6 +447,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
             if out.finish_reason == FINISH_CANCELLED and stream.ended_by_drain:
                 msg.finish_reason = pb.FINISH_REASON_CANCELLED
                 yield msg
+                context.set_trailing_metadata(((DRAINING_KEY, "1"),))
                 context.abort(
                     grpc.StatusCode.UNAVAILABLE,
                     f"server shut down: the request did not finish within the drain timeout of "
@@ -597,8 +597,8 @@ class MeshServeServer:
             # Refuse (RESOURCE_EXHAUSTED) rather than queue RPCs no thread can take: a queued health check would
             # look like a dead server.
             maximum_concurrent_rpcs=workers,
-            # a request over max_request_bytes must reach the servicer to be told INVALID_ARGUMENT: gRPC's own
-            # refusal of an oversized message is RESOURCE_EXHAUSTED, which clients read as "retry later"
+            # a request over max_request_bytes must reach the servicer to be told INVALID_ARGUMENT (see
+            # TRANSPORT_BYTES_FACTOR)
             options=[("grpc.max_receive_message_length", TRANSPORT_BYTES_FACTOR * config.max_request_bytes)],
         )
         pb_grpc.add_MeshServeServicer_to_server(self.service, self._grpc)

@@ -1,7 +1,7 @@
 """Fleet test replicas: a tiny-model meshserve server in a process of its own (so a test can SIGKILL or SIGTERM it),
 and helpers to start several.
 
-    python -m tests.fleet_support --step_delay 0.02 [--drain_timeout 30]
+    python -m tests.fleet_support --step_delay 0.02 [--drain_timeout 30] [--num_slots 4] [--max_waiting 64]
 
 prints `replica listening on 127.0.0.1:<port>` once warm (health SERVING), drains on SIGTERM and exits 0. Every
 replica has the same random weights (seed 0) and byte-level tokenizer, so greedy output is the same on each.
@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 180.0
@@ -46,10 +47,17 @@ class Child:
 def start_replicas(n: int, log_dir: str, *args: str) -> list[Child]:
     """Starts `n` replica processes and waits (bounded) until each is warm; kills them all on failure. They start
     together once the compilation cache holds the tiny model's shapes; before that one goes first and fills it."""
+    return start_each(log_dir, *[args] * n)
+
+
+def start_each(log_dir: str, *arg_lists: Sequence[str]) -> list[Child]:
+    """Starts one replica process per argument list (e.g. one with `--max_waiting 1` beside one with more), as
+    `start_replicas` starts its `n`: together once the compilation cache is warm, bounded, all killed on failure."""
+    n = len(arg_lists)
     if n > 1 and not (os.path.isdir(COMPILE_CACHE) and os.listdir(COMPILE_CACHE)):
-        first = start_replicas(1, log_dir, *args)
+        first = start_each(log_dir, arg_lists[0])
         try:
-            return first + start_replicas(n - 1, log_dir, *args)
+            return first + start_each(log_dir, *arg_lists[1:])
         except BaseException:
             first[0].stop()
             raise
@@ -64,7 +72,7 @@ def start_replicas(n: int, log_dir: str, *args: str) -> list[Child]:
     }
     env.pop("XLA_FLAGS", None)  # one CPU device each
     procs = []
-    for _ in range(n):
+    for args in arg_lists:
         path = tempfile.mktemp(prefix="replica-", suffix=".log", dir=log_dir)
         log = open(path, "w")  # noqa: SIM115 (the child owns it; closed when the parent exits)
         cmd = [sys.executable, "-m", "tests.fleet_support", *args]
@@ -107,6 +115,7 @@ def main() -> None:
     parser.add_argument("--step_delay", type=float, default=0.0, help="seconds slept before each decode dispatch")
     parser.add_argument("--drain_timeout", type=float, default=30.0)
     parser.add_argument("--num_slots", type=int, default=4)
+    parser.add_argument("--max_waiting", type=int, default=64, help="bound of its waiting queue (RESOURCE_EXHAUSTED)")
     args = parser.parse_args()
 
     from service.server import MeshServeServer, ServerConfig
@@ -115,7 +124,9 @@ def main() -> None:
     engine, tokenizer = make_test_engine(num_slots=args.num_slots)
     if args.step_delay > 0:
         engine.generate = slow_generate(engine, args.step_delay)
-    config = ServerConfig(port=0, memory_bandwidth_gbps=20.0, max_waiting=64, drain_timeout=args.drain_timeout)
+    config = ServerConfig(
+        port=0, memory_bandwidth_gbps=20.0, max_waiting=args.max_waiting, drain_timeout=args.drain_timeout
+    )
     server = MeshServeServer(engine, tokenizer, config)
     server.start()
     if not server.wait_until_ready(60):
