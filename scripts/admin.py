@@ -13,6 +13,7 @@ python scripts/admin.py limits show --key=ID
 python scripts/admin.py flags list [--all] | review --flag=3
 python scripts/admin.py usage --by=user,day --since=2026-01-01 --format=csv --png=usage.png
 python scripts/admin.py feedback export --out=feedback.jsonl
+python scripts/admin.py ledger replay [--dir=DIR]   # ledger rows left in the journals of killed gateways
 
 --db=URL selects the database everywhere (default: $MESHSERVE_GATEWAY_DB, else SQLite at $MESHSERVE_CACHE/gateway.db);
 the schema is migrated to the newest version first. Every policy or limits change is audited under --who.
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
+from engine import paths
 from gateway import ledger
 from gateway.keys import KeyStore, NotFoundError
 from gateway.limits import LIMIT_NAMES, Limiter
@@ -58,6 +60,9 @@ _SINCE = flags.DEFINE_string("since", None, "usage: first UTC day (YYYY-MM-DD)."
 _UNTIL = flags.DEFINE_string("until", None, "usage: last UTC day (YYYY-MM-DD).")
 _PNG = flags.DEFINE_string("png", None, "usage: also draw tokens and cost per day per user into this PNG.")
 _OUT = flags.DEFINE_string("out", None, "feedback export: the JSONL file to write.")
+_DIR = flags.DEFINE_string(
+    "dir", None, "ledger replay: the journal directory (default: this database's, plus older spill files)."
+)
 
 # policy set
 _SYSTEM_PROMPT = flags.DEFINE_string("system_prompt", None, "Default system prompt ('' unsets).")
@@ -66,6 +71,11 @@ _SAMPLING = flags.DEFINE_string("sampling", None, 'JSON object of default sampli
 _MAX_TOKENS_CAP = flags.DEFINE_integer("max_tokens_cap", None, "Largest max_tokens (0 unsets).")
 _ALLOWED_PARAMS = flags.DEFINE_list("allowed_params", None, "Sampling parameters the key may set ('' allows all).")
 _PRIORITY_CLASS = flags.DEFINE_string("priority_class", None, "paid, standard, free or quarantine ('' unsets).")
+_REGION = flags.DEFINE_string(
+    "region",
+    None,
+    "Policy: the fleet region whose replicas serve first, over the caller's x-meshserve-region ('' unsets).",
+)
 _ALIASES = flags.DEFINE_string("model_aliases", None, 'JSON object, e.g. {"gpt-4o": "smollm2-135m"}.')
 _LOG_CONTENT = flags.DEFINE_bool("log_content", None, "Keep prompt and completion text in the ledger.")
 _QUARANTINE = flags.DEFINE_bool("quarantine", None, "Serve this key or user under the quarantine persona.")
@@ -90,6 +100,7 @@ COMMANDS = {
     "flags": ("list", "review"),
     "usage": (),
     "feedback": ("export",),
+    "ledger": ("replay",),
 }
 
 
@@ -168,7 +179,7 @@ def _policy_changes() -> dict[str, Any]:
     def present(holder: flags.FlagHolder) -> bool:
         return flags.FLAGS[holder.name].present
 
-    for holder in (_SYSTEM_PROMPT, _PRIORITY_CLASS, _Q_PROMPT):
+    for holder in (_SYSTEM_PROMPT, _PRIORITY_CLASS, _Q_PROMPT, _REGION):
         if present(holder):
             changes[holder.name] = holder.value or None
     for holder in (_MAX_TOKENS_CAP, _Q_MAX_TOKENS):
@@ -344,6 +355,15 @@ def run(command: str, sub: str | None, store: Store) -> None:
                 f.write(json.dumps(row) + "\n")
                 count += 1
         print(f"wrote {count} feedback rows to {_OUT.value}", file=sys.stderr)
+    elif command == "ledger":
+        # what every gateway's start does too; by hand for a journal no gateway of this database will start on
+        directory = _DIR.value or ledger.default_journal_dir(store.url)
+        done = ledger.replay_journals(store, directory, legacy_dir=None if _DIR.value else paths.cache_root())
+        print(
+            f"replayed {done.rows} rows ({done.inserted} not yet in the database) from {done.files} files in "
+            f"{directory}; left {done.live} files of running processes, {done.failed} the database refused; "
+            f"{done.bad_lines} unreadable lines"
+        )
 
 
 def _print_audit(policies: PolicyStore, kind: str, subject_id: str, what: str) -> None:

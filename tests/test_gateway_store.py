@@ -727,8 +727,9 @@ def test_admin_cli(sqlite_url, tmp_path, postgres_url):  # noqa: F811
     admin(sqlite_url, "policy", "set", f"--key={created['id']}", "--quarantine", "--who=oncall")
     shown = admin(sqlite_url, "policy", "show", f"--key={created['id']}", "--audit")
     assert '"quarantine": true' in shown and "oncall" in shown
-    admin(sqlite_url, "policy", "set", "--user=bob", "--operator", "--who=oncall")
-    assert '"operator": true' in admin(sqlite_url, "policy", "show", "--user=bob")
+    admin(sqlite_url, "policy", "set", "--user=bob", "--operator", "--region=eu-west", "--who=oncall")
+    shown = admin(sqlite_url, "policy", "show", "--user=bob")
+    assert '"operator": true' in shown and '"region": "eu-west"' in shown
     limits = admin(sqlite_url, "limits", "set", "--user=bob", "--tokens_per_minute=5000", "--format=json")
     assert json.loads(limits)[0]["tokens_per_minute"] == 5000
 
