@@ -785,11 +785,14 @@ class _Api:
                 finish = flow.FINISH_REASONS.get(message.finish_reason)
                 if finish not in ("stop", "length"):
                     finish = None
+                opening = b""  # a choice's role chunk goes out in one write with its first content (one send)
                 if chat and index not in opened:
                     opened.add(index)
                     role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-                    yield _sse({**base, "choices": [{**role, "finish_reason": None}]})
+                    opening = _sse({**base, "choices": [{**role, "finish_reason": None}]})
                 if not (message.text or message.logprobs or finish):
+                    if opening:
+                        yield opening
                     continue
                 choice: dict[str, Any] = {"index": index}
                 if chat:
@@ -798,7 +801,7 @@ class _Api:
                     choice["text"] = message.text
                 choice["logprobs"] = choices.logprobs_json(index, message.logprobs) if message.logprobs else None
                 choice["finish_reason"] = finish
-                yield _sse({**base, "choices": [choice]})
+                yield opening + _sse({**base, "choices": [choice]})
         except GateError as e:
             yield _sse(error_body(e.message, e.kind, _rename_param(e, chat).param, e.code))
             return
