@@ -277,10 +277,23 @@ PACKED = Packed(kernels.PANEL_ROWS, kernels.linear)
 
 
 # (N, K, M): rows that do and do not fill the last panel, tokens through 64-token tiles, 16-token tiles and the
-# padded tail (M = 1 is one-slot decode), more tokens than one work item's block (256), SmolLM2's decode shapes.
+# padded tail, more tokens than one work item's block (256), SmolLM2's decode shapes; M = 1 (one-slot decode) has its
+# own path: panels read flat in 48-float periods, with K x 6 a whole number of periods or not (the scalar tail).
 @pytest.mark.parametrize(
     ("n", "k", "m"),
-    [(7, 5, 3), (13, 32, 17), (6, 64, 1), (100, 48, 80), (12, 8, 600), (960, 576, 64), (576, 1536, 64)],
+    [
+        (7, 5, 3),
+        (13, 32, 17),
+        (6, 64, 1),
+        (13, 5, 1),
+        (49, 37, 1),
+        (960, 576, 1),
+        (576, 1536, 1),
+        (100, 48, 80),
+        (12, 8, 600),
+        (960, 576, 64),
+        (576, 1536, 64),
+    ],
 )
 def test_linear_kernel_matches_numpy(n, k, m):
     rng = np.random.default_rng(n * 1000 + m)

@@ -16,6 +16,7 @@
 // A tile is kRows weight rows x up to 64 tokens: 24 accumulators, and per input feature 4 activation loads and 6
 // broadcast weights for 24 fused multiply-adds. Work items are (a run of panels, a block of tokens).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -115,6 +116,45 @@ void Run(const float* w, int64_t N, int64_t K, const float* x, int64_t M, float*
   }
 }
 
+// One token (M == 1, a decode step at one slot): the tile above would spend 6 broadcast FMAs per input feature on
+// one useful lane in 16, which on a 2-core Zen 5 VM held batch-1 decode to 70.9 tok/s against llama.cpp's 100.8.
+// Here a panel is read as the flat stream it is (K x 6 floats) and multiplied lane by lane with `xr`, x with each
+// feature repeated 6 times (built once per call, shared by every panel): 6/16 FMA per weight, so the product runs
+// at the memory's speed. The row of a lane repeats every 48 floats (3 vectors), so 3 accumulators take the vectors
+// in turn and their 48 lanes fold into the 6 rows at the panel's end. `xr` is padded to a whole number of 48 floats
+// with zeros; the weight's tail past K x 6 is read only up to K x 6 (scalar).
+void RunOne(const float* w, int64_t N, int64_t K, const float* xr, float* y, const Epilogue& ep, int64_t p0,
+            int64_t p1) {
+  constexpr int64_t kPeriod = 3 * kLanes;  // 48 floats: lcm(kRows, kLanes)
+  static_assert(kPeriod % kRows == 0, "a period holds whole features");
+  const int64_t flat = K * kRows, whole = flat / kPeriod * kPeriod, out = ep.Rows();
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* panel = w + p * flat;
+    Vec acc[3] = {};
+    for (int64_t f = 0; f < whole; f += kPeriod) {
+      __builtin_prefetch(panel + f + kPrefetch, 0, 3);
+      __builtin_prefetch(panel + f + kPrefetch + kLanes, 0, 3);
+      __builtin_prefetch(panel + f + kPrefetch + 2 * kLanes, 0, 3);
+      for (int a = 0; a < 3; ++a) acc[a] += Load(panel + f + a * kLanes) * Load(xr + f + a * kLanes);
+    }
+    alignas(64) float lanes[kPeriod];
+    for (int a = 0; a < 3; ++a) Store(lanes + a * kLanes, acc[a]);
+    float rows[kRows] = {};
+    for (int64_t l = 0; l < kPeriod; ++l) rows[l % kRows] += lanes[l];
+    for (int64_t f = whole; f < flat; ++f) rows[f % kRows] += panel[f] * xr[f];
+    const int64_t n = std::min(out, N - p * out);
+    for (int64_t i = 0; i < n; ++i) {
+      float v = rows[i];
+      if (ep.gated) {
+        const float g = rows[i], e = std::exp(-std::fabs(g));
+        v = g * (g >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e)) * rows[i + kRows / 2];
+      }
+      const int64_t r = p * out + i;
+      y[r] = v + (ep.residual == nullptr ? 0.0f : ep.residual[r]);
+    }
+  }
+}
+
 ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs rest,
                   ffi::ResultBuffer<ffi::F32> y, bool gated) {
   const auto wd = wp.dimensions(), xd = x.dimensions(), yd = y->dimensions();
@@ -136,9 +176,19 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ff
   if (N == 0 || M == 0) return ffi::Error::Success();
   const float *w = wp.typed_data(), *xs = x.typed_data();
   float* ys = y->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (M == 1) {
+    std::vector<float> xr((K * kRows + 3 * kLanes - 1) / (3 * kLanes) * (3 * kLanes), 0.0f);
+    for (int64_t k = 0; k < K; ++k) std::fill_n(xr.data() + k * kRows, kRows, xs[k]);
+    const int64_t run = std::clamp<int64_t>(panels / (8 * threads), 1, 256);
+    const float* xrp = xr.data();
+    meshserve::ParallelFor(pool, (panels + run - 1) / run, [=](int64_t item) {
+      RunOne(w, N, K, xrp, ys, ep, item * run, std::min(panels, (item + 1) * run));
+    });
+    return ffi::Error::Success();
+  }
   const int64_t blocks = (M + kTokenBlock - 1) / kTokenBlock;
   // Runs of panels small enough that every thread gets several (dynamic claiming evens out the tails).
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t run = std::clamp<int64_t>(panels * blocks / (8 * threads), 1, 64);
   const int64_t runs = (panels + run - 1) / run;
   meshserve::ParallelFor(pool, runs * blocks, [=, pad = std::vector<float>()](int64_t item) mutable {
