@@ -1,5 +1,6 @@
-"""W4 through the gateway over three real tiny-model replicas (processes of their own on loopback, bench/fleet_w4.py):
-the cache-aware policy against round-robin, each over the gateway's OpenAI API with a `fleet.router.Router` behind.
+"""W4 through the gateway over three real random-model replicas (processes of their own on loopback, bench/fleet_w4.py):
+the cache-aware policy against round-robin (higher hit rate, fewer prompt tokens computed, lower TTFT, each with a
+margin), each over the gateway's OpenAI API with a `fleet.router.Router` behind.
 
 24 users of three applications (a shared system prompt each) talk for 7 turns at once, resending the whole history
 every turn. Each replica's KV pool holds a third of the conversations, not all of them, so where a turn goes decides
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 from bench import fleet_w4 as fw
 
-CONFIG = fw.ReplicaConfig()  # 8 slots, 1024-token context, 384 pages of 16 tokens
+# 8 slots, 1024-token context, 384 pages of 16 tokens; the "small" random model (~3M parameters, bytes as tokens), so
+# a prompt token recomputed costs prefill time and TTFT shows where routing made replicas recompute histories
+CONFIG = fw.ReplicaConfig(model="small")
 SPEC = fw.chat_spec(users=24, turns=7, stagger_s=0.05, max_tokens=24)
 ORDER = ("cache_aware", "round_robin", "round_robin", "cache_aware")
 
@@ -35,15 +38,11 @@ def test_cache_aware_routing_beats_round_robin_on_w4(tmp_path):
     last = sum(q["prompt_tokens"] for q in reports[0]["requests"] if q["turn"] == SPEC.turns)
     assert last > 2 * CONFIG.kv_pages * CONFIG.page_size
 
-    # Measured (8 ABBA groups, 2 shared cores): hit rate cache-aware 0.63-0.68, round-robin 0.41-0.43 (the ideal
-    # ~0.85); cache-aware computes 0.55-0.64 of round-robin's prompt tokens.
+    # Measured on the small model (3 ABBA groups, 2-core Zen 5 VM, 2026-12-06): hit rate cache-aware 0.77-0.78,
+    # round-robin 0.53-0.55; cache-aware computes 0.46-0.50 of round-robin's prompt tokens; TTFT p50 0.68-0.79 of
+    # round-robin's (296-325 against 411-438 ms).
     assert ca["hit_rate"] >= rr["hit_rate"] + 0.10
     assert ca["computed_tokens"] <= 0.8 * rr["computed_tokens"]
-    # TTFT: on the tiny model a prompt token costs next to nothing; TTFT is the gateway, the router, gRPC and the
-    # wait for a decode dispatch on two shared cores. Cache-aware's p50 measured 0.80-0.96 of round-robin's: lower
-    # every time, but too close to assert "lower" with margin, so the margin is asserted on the computed prompt
-    # tokens above (what TTFT follows once prefill costs, as on a real model). TTFT must at least not be worse by
-    # more than noise, as it would be if affinity piled the conversations onto one replica.
-    assert ca["ttft_ms"]["p50"] <= 1.15 * rr["ttft_ms"]["p50"]
+    assert ca["ttft_ms"]["p50"] <= 0.9 * rr["ttft_ms"]["p50"]
     routed = ca["routed"].values()
     assert len(routed) == 3 and min(routed) >= 0.05 * sum(routed)  # every replica takes its part
