@@ -10,6 +10,7 @@ replica has the same random weights (seed 0) and byte-level tokenizer, so greedy
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
 import re
@@ -42,6 +43,15 @@ class Child:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(10)
+
+
+async def wait_until(predicate, timeout: float, what: str, poll: float = 0.05) -> None:
+    """Polls `predicate` until it holds; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(poll)
 
 
 def start_replicas(n: int, log_dir: str, *args: str) -> list[Child]:

@@ -44,6 +44,7 @@ from gateway.store import Store
 from gateway.store_gate import StoreGate
 from protos.meshserve.v1 import meshserve_pb2 as pb
 from protos.meshserve.v1 import meshserve_pb2_grpc as pb_grpc
+from tests import fleet_support
 from tests.fleet_support import Child, start_each
 
 STEP_DELAY = 0.05  # seconds before each decode dispatch (4 tokens): a hold of HOLD_TOKENS lasts >= 1.5 s
@@ -98,11 +99,7 @@ def generate(router: Router, req: pb.GenerateRequest, key: str = "") -> RoutedGe
 
 
 async def wait_until(predicate, what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
+    await fleet_support.wait_until(predicate, timeout, what, poll=0.01)
 
 
 async def up(router: Router) -> Router:

@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from typing import Any
 
 import httpx
@@ -29,7 +28,7 @@ from fleet.router import Router, RouterConfig
 from gateway.backend import GrpcReplica
 from gateway.open_gate import OpenGate
 from gateway.server import Gateway, GatewayConfig
-from tests.fleet_support import Child, start_replicas
+from tests.fleet_support import Child, start_replicas, wait_until
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 pytestmark = pytest.mark.skipif(
@@ -59,14 +58,6 @@ def specs(children: list[Child]) -> list[ReplicaSpec]:
         ReplicaSpec(name=f"r{i}", address=c.address, region=REGIONS[i], price_per_chip_hour=PRICES[i], chips=2)
         for i, c in enumerate(children)
     ]
-
-
-async def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 # ----- rendering and reading the page -------------------------------------------------------------------------------

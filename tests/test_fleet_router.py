@@ -42,7 +42,7 @@ from gateway.store import Store
 from gateway.store.models import LedgerRow
 from gateway.store_gate import StoreGate
 from protos.meshserve.v1 import meshserve_pb2 as pb
-from tests.fleet_support import ROOT, Child, start_replicas
+from tests.fleet_support import ROOT, Child, start_replicas, wait_until
 from tests.postgres_support import create_database, postgres_url  # noqa: F401  (the session fixture)
 
 STEP_DELAY = 0.03  # seconds before each decode dispatch: streams last long enough to be cut mid-way
@@ -89,14 +89,6 @@ def text_of(messages: list[pb.GenerateResponse]) -> str:
 
 def ids_of(messages: list[pb.GenerateResponse]) -> list[int]:
     return [t for m in messages for t in m.token_ids]
-
-
-async def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def up_router(children: list[Child], config: RouterConfig = FAST, **kw) -> Router:

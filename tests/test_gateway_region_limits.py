@@ -22,6 +22,7 @@ import grpc.aio
 import httpx
 import pytest
 
+from fleet.config import ReplicaSpec
 from fleet.router import Router, RouterConfig
 from gateway import policy
 from gateway.flow import REGION_HEADER
@@ -34,8 +35,7 @@ from gateway.store_gate import StoreGate
 from protos.meshserve.v1 import TRANSPORT_BYTES_FACTOR
 from protos.meshserve.v1 import meshserve_pb2 as pb
 from protos.meshserve.v1 import meshserve_pb2_grpc as pb_grpc
-from tests.fleet_support import Child, start_replicas
-from tests.test_fleet_router import FAST, specs, wait_until
+from tests.fleet_support import Child, start_replicas, wait_until
 
 TIMEOUT = 60.0  # of every request: a broken gateway fails the test instead of hanging it
 MAX_TOKENS = 4
@@ -54,7 +54,8 @@ def replicas(tmp_path_factory) -> list[Child]:
 async def fleet_gateway(children: list[Child], gate=None) -> AsyncIterator[Gateway]:
     """A gateway (HTTP and gRPC on free loopback ports) over a router whose own region is "a", once both replicas
     are up."""
-    router = Router(specs(children, REGIONS), RouterConfig(poll_period=FAST.poll_period, region="a"))
+    specs = [ReplicaSpec(name=f"r{i}", address=c.address, region=REGIONS[i]) for i, c in enumerate(children)]
+    router = Router(specs, RouterConfig(poll_period=0.2, region="a"))
     await router.start()
     gateway = Gateway(router, gate or OpenGate(), GatewayConfig(http_port=0, grpc_port=0, drain_timeout=5.0))
     try:  # the gateway owns the router: its stop closes it
