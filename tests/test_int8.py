@@ -180,25 +180,63 @@ def _packed(n, k, seed, gated=False):
     return (quant.pack_gated if gated else quant.pack)(w, kernels.INT8_PANEL_ROWS), dense
 
 
-@pytest.mark.parametrize("n, k", [(37, 50), (200, 33)])
-@pytest.mark.parametrize("m", [1, 5, 13, 70])  # one token, a partial tile, a tile and one more, several blocks
+def _activations_as_the_kernel_reads_them(x: np.ndarray) -> np.ndarray:
+    """x [K, M] as the int8 kernel's integer path sees it (engine/kernels/linear_int8.cc): per token t, s_t = max |x| /
+    32767 and x / s_t rounded half up to an integer, in float32 arithmetic as the kernel does it."""
+    amax = np.abs(x).max(axis=0)
+    scale = np.where(amax > 0, amax / np.float32(32767), np.float32(1)).astype(np.float32)
+    inverse = np.where(amax > 0, np.float32(32767) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    u = np.floor((x * inverse).astype(np.float32) + np.float32(32768.5)).astype(np.int64) - 32768
+    return u * scale.astype(np.float64)
+
+
+@pytest.mark.parametrize("n, k", [(37, 50), (200, 33), (64, 576), (40, 1537)])
+# one token, a partial tile, the integer path's first M (a tile and a part), several of its tiles, two token blocks
+@pytest.mark.parametrize("m", [1, 5, 8, 13, 70])
 def test_int8_kernel_products_match_numpy(n, k, m):
+    """Below kernels.int8_activation_min_tokens() the product is weight-only (float32 sums of the int8 values):
+    numpy's float64 product to 1e-5. From there (CPUs with AVX-512 VNNI) activations are rounded to 16 bits per
+    token and the sums are integers: numpy's product of the same rounded activations to 1e-5, and against the
+    unrounded activations within the rounding's bound, sum_k |w[n, k]| s_t / 2 (an outlier of 300 and an all-zero
+    token included)."""
     _kernels_or_skip()
-    rng = np.random.default_rng(n * m)
+    integer = 0 < kernels.int8_activation_min_tokens() <= m
+    rng = np.random.default_rng(n * m + k)
     w, dense = _packed(n, k, seed=n + k)
     x = rng.normal(size=(k, m)).astype(np.float32)
+    x[k // 3, 0] = 300.0  # one token with an outlier: its other features get coarser steps
+    if m > 2:
+        x[:, 2] = 0.0
     residual = rng.normal(size=(n, m)).astype(np.float32)
-    ref = dense @ x
-    scale = np.abs(ref).max()
+    seen = _activations_as_the_kernel_reads_them(x) if integer else x.astype(np.float64)
+    bound = np.abs(dense).sum(axis=1)[:, None] * (np.abs(x).max(axis=0) / 32767 / 2)[None, :] if integer else 0.0
+
+    def check(got, want, want_unrounded):
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+        excess = np.abs(got - want_unrounded) - bound - 1e-5 * np.abs(want).max()
+        assert excess.max() <= 0, f"off the unrounded product by {excess.max()} beyond the rounding's bound"
+
     got = np.asarray(jax.jit(lambda w, x: kernels.packed_int8_product(w, x, n))(w, x))
-    np.testing.assert_allclose(got, ref, atol=1e-5 * scale)
+    check(got, dense @ seen, dense @ x)
     got = np.asarray(jax.jit(lambda w, x, r: kernels.packed_int8_product(w, x, n, residual=r))(w, x, residual))
-    np.testing.assert_allclose(got, ref + residual, atol=1e-5 * scale)
+    check(got, dense @ seen + residual, dense @ x + residual)
     w, dense = _packed(n, k, seed=n + k + 1, gated=True)
-    gate_up = dense @ x
-    ref = gate_up[:n] / (1 + np.exp(-gate_up[:n])) * gate_up[n:]
+    gate_up = dense @ seen
+    ref = gate_up[:n] * np.exp(-np.logaddexp(0, -gate_up[:n])) * gate_up[n:]  # silu(gate) * up, no overflow
     got = np.asarray(jax.jit(lambda w, x: kernels.packed_int8_product(w, x, n, gated=True))(w, x))
     np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+    if m > 2:
+        assert not got[:, 2].any(), "an all-zero token gives zeros"
+
+
+def test_int8_kernel_multiplies_integers_where_the_cpu_has_vnni():
+    """The integer path is compiled where the build's CPU has AVX-512 VNNI and VBMI (-march=native), and only
+    there: the kernel reports it as the CPU's flags say."""
+    _kernels_or_skip()
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    has = {"avx512_vnni", "avx512vbmi", "avx512bw"} <= set(flags)
+    assert (kernels.int8_activation_min_tokens() > 0) == has, flags
 
 
 def test_int8_kernel_refuses_mismatched_shapes():

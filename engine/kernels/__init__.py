@@ -11,7 +11,9 @@ in float32:
   kernel runs ~400 (same VM).
 - The same products on int8 weights (`linear_int8.cc`, engine.quant's per-row scales): a decode step at a few slots
   streams every weight once, so a quarter of float32's bytes is up to 4x the speed. Measured on the same VM at one
-  token: a [49152, 576] head in 0.65 ms (44 GB/s of int8 weights) against 7.0 ms in float32.
+  token: a [49152, 576] head in 0.65 ms (44 GB/s of int8 weights) against 7.0 ms in float32. At 8 tokens or more,
+  on CPUs with AVX-512 VNNI, activations are quantized to 16 bits per token and the products run on integers
+  (`int8_activation_min_tokens`).
 
 The sources are compiled on first use, into one library, with the system's C++ compiler (`$CXX`, else
 `c++`/`g++`/`clang++`) for the host CPU, into `$MESHSERVE_CACHE/kernels`, keyed by the sources, the flags, the
@@ -127,6 +129,16 @@ def load() -> Path:
         jax.ffi.register_ffi_target(LINEAR_INT8, jax.ffi.pycapsule(lib.MeshserveLinearInt8), platform="cpu")
         _loaded = (lib, path)
         return path
+
+
+def int8_activation_min_tokens() -> int:
+    """The fewest tokens (x's M) at which this machine's int8 kernel quantizes activations to 16 bits per token and
+    multiplies integers (AVX-512 VNNI; see linear_int8.cc), or 0 where it was built without that path (every M then
+    runs weight-only in float32). Builds the kernels if needed."""
+    load()
+    fn = _loaded[0].MeshserveInt8VnniMinTokens
+    fn.restype = ctypes.c_int64
+    return int(fn())
 
 
 def decode_attention(
