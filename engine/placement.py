@@ -329,9 +329,7 @@ def choose_attention(
         config.attention,
         "attention",
         "decode attention",
-        "it reads float32 pools, and this engine has an int8 KV cache (kv_dtype='int8')"
-        if config.kv_dtype == "int8"
-        else "the sharding rules split head_dim, cache_seq or the pages, which it needs whole on each device"
+        "the sharding rules split head_dim, cache_seq or the pages, which it needs whole on each device"
         if k_spec[0] is not None or k_spec[2] is not None or k_spec[3] is not None
         else "the sharding rules split the slots, and every device would then write only its own slots' K/V "
         "into its copy of the shared pool"
@@ -469,12 +467,14 @@ def kernel_attend(mesh: Mesh, rules: dict[str, MeshAxes]):
 
     def attend(q, k_new, v_new, k_pool, v_pool, table, lengths):
         q_spec, new_spec = spec(("slots", "kv_heads", None, None)), spec(("slots", "kv_heads", None))
+        k_spec, v_spec = spec(K_POOL_AXES), spec(V_POOL_AXES)
+        if isinstance(k_pool, Int8Pages):  # values, then their scales
+            k_spec, v_spec = Int8Pages(k_spec, spec(SCALE_AXES)), Int8Pages(v_spec, spec(SCALE_AXES))
         return jax.shard_map(
             kernels.decode_attention,
             mesh=mesh,
-            in_specs=(q_spec, new_spec, new_spec, spec(K_POOL_AXES), spec(V_POOL_AXES), spec(("slots", None)),
-                      spec(("slots",))),
-            out_specs=(q_spec, spec(K_POOL_AXES), spec(V_POOL_AXES)),
+            in_specs=(q_spec, new_spec, new_spec, k_spec, v_spec, spec(("slots", None)), spec(("slots",))),
+            out_specs=(q_spec, k_spec, v_spec),
             check_vma=False,
         )(q, k_new, v_new, k_pool, v_pool, table, lengths)  # fmt: skip
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from engine import kernels
-from engine.attention import paged_decode_attention_xla
+from engine.attention import Int8Pages, paged_decode_attention_xla, quantize_kv
 from engine.config import tiny_config
 from engine.engine import ATTENTION_CHOICES, Engine, EngineConfig
 from engine.model import Packed, init_params, unfuse_layer, unpack_head
@@ -157,6 +157,62 @@ def test_positions_past_a_slots_length_are_never_read(fn, b, k, g, h, p, window,
                 page, off = case[5][s, n // p], n % p
                 np.testing.assert_array_equal(k_out[page, :, :, off], clean[1][page, :, :, off])
                 np.testing.assert_array_equal(v_out[page, :, off, :], clean[2][page, :, off, :])
+
+
+def int8_case(case, hide=None):
+    """The case with its pools as an int8 KV cache (each position's vector quantized as the engine writes it); `hide`
+    [Np, P] bool: those positions' scales become NaN (bfloat16), which any read of them would spread."""
+    q, k_new, v_new, k_pool, v_pool, table, lengths = case
+    k_values, k_scale = quantize_kv(jnp.swapaxes(jnp.asarray(k_pool), 2, 3))  # per position: [Np, K, P, H]
+    v_values, v_scale = quantize_kv(jnp.asarray(v_pool))
+    if hide is not None:
+        mask = jnp.asarray(hide)[:, None, :]
+        k_scale, v_scale = (jnp.where(mask, jnp.nan, s).astype(s.dtype) for s in (k_scale, v_scale))
+    pools = Int8Pages(jnp.swapaxes(k_values, 2, 3), k_scale), Int8Pages(v_values, v_scale)
+    return q, k_new, v_new, *pools, table, lengths
+
+
+def run_int8(fn, case):
+    """(out, k_pool, v_pool) of `fn` jitted on an int8 case, the pools as Int8Pages of numpy arrays."""
+    q, k_new, v_new, k_pool, v_pool, table, lengths = case
+    pools = jax.tree.map(jnp.copy, (k_pool, v_pool))  # donated, as the engine donates them; the case stays whole
+    out, k_out, v_out = jax.jit(fn, donate_argnums=(3, 4))(q, k_new, v_new, *pools, table, lengths)
+    return np.asarray(out), jax.tree.map(np.asarray, k_out), jax.tree.map(np.asarray, v_out)
+
+
+@pytest.mark.parametrize(("b", "k", "g", "h", "p", "window", "lengths", "shared"), CASES)
+def test_int8_kernel_matches_xla_decode_attention(b, k, g, h, p, window, lengths, shared):
+    """An int8 KV cache: the kernel reads the int8 values and their bfloat16 scales in place, and gives what XLA's
+    formulation gives on the same pools (XLA writes the new K/V for both, so the pools come out bit-equal)."""
+    kernels.load()
+    case = int8_case(random_case(np.random.default_rng(3), b, k, g, h, p, window, lengths, shared=shared))
+    got, want = run_int8(kernels.decode_attention, case), run_int8(paged_decode_attention_xla, case)
+    rows = live_rows(case)
+    np.testing.assert_allclose(got[0][rows], want[0][rows], rtol=2e-5, atol=2e-6)
+    for a, b_ in ((got[1], want[1]), (got[2], want[2])):
+        np.testing.assert_array_equal(a.values, b_.values)
+        np.testing.assert_array_equal(a.scale, b_.scale)
+    # not the float32 answer under another name: the int8 rounding shows, within its reach
+    f32 = run(paged_decode_attention_xla, random_case(np.random.default_rng(3), b, k, g, h, p, window, lengths,
+                                                       shared=shared))  # fmt: skip
+    assert 0 < np.abs(got[0][rows] - f32[0][rows]).max() < 0.1
+
+
+@pytest.mark.parametrize(("b", "k", "g", "h", "p", "window", "lengths", "shared"), CASES[5:] + CASES[:2])
+def test_int8_kernel_never_reads_past_a_slots_length(b, k, g, h, p, window, lengths, shared):
+    """NaN scales at every position no live slot may see (past each length, unheld pages, the sink) change nothing."""
+    kernels.load()
+    base = random_case(np.random.default_rng(4), b, k, g, h, p, window, lengths, shared=shared)
+    table, lens = base[5], base[6]
+    hide = np.ones((base[3].shape[0], p), bool)
+    for s in live_rows(base):
+        for pos in range(min(int(lens[s]), window * p)):  # the position `length` is written before the read
+            hide[table[s, pos // p], pos % p] = False
+    clean = run_int8(kernels.decode_attention, int8_case(base))
+    out = run_int8(kernels.decode_attention, int8_case(base, hide))[0]
+    rows = live_rows(base)
+    assert np.isfinite(out[rows]).all()
+    np.testing.assert_array_equal(out[rows], clean[0][rows])
 
 
 def test_softmax_stays_exact_at_large_scores():

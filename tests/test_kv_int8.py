@@ -9,7 +9,7 @@ one bfloat16 scale per (page, kv head, position), dequantized as attention reads
   change nothing (tokens equal, logprobs within 1e-4 of computing everything cold), and the engine's paged steps
   compute what the model's full forward with kv_dtype='int8' computes;
 - memory: the pool, the budget, the host tier's pages and GetLoad's figures count the int8 bytes (2 * (H + 2) per
-  token, kv head and layer), and the kernels that do not read int8 pages are refused by name.
+  token, kv head and layer); the CPU decode kernel reads int8 pages in place and decodes as XLA's formulation does.
 
 The quality of the bundled model with an int8 KV cache is gated in tests/test_quality.py; meshes in
 tests/int8_child.py.
@@ -207,11 +207,22 @@ def test_the_pool_is_int8_and_counted_in_int8_bytes(engines):
     assert device_only.describe_sharding().kv_bytes_per_device == held
     # the host tier sizes its pages in the same bytes
     assert host.host.capacity_pages == 64
-    # the CPU kernel does not read int8 pages (the Pallas kernels do: tests/test_pallas_attention.py): 'auto' runs
-    # XLA's formulation on CPU, the kernel asked for by name is refused naming why
-    assert device_only.attention == "xla"
-    with pytest.raises(ValueError, match="int8 KV cache"):
-        Engine(cfg, engines[1], dataclasses.replace(CONFIG, attention="kernel"))
+    # 'auto' decodes through the CPU kernel, which reads int8 pages in place (tests/test_kernels.py; the Pallas
+    # kernels read them too: tests/test_pallas_attention.py)
+    assert device_only.attention == "kernel"
+
+
+def test_the_decode_kernel_and_xla_decode_an_int8_cache_alike(engines):
+    """The CPU decode kernel on an int8 cache against XLA's formulation, through the engine: the same tokens, logprobs
+    within 1e-4 (prefill runs XLA's formulation in both: the prefill kernel reads float32 pools only)."""
+    cfg, params, _, device_only = engines
+    xla = Engine(cfg, params, dataclasses.replace(CONFIG, attention="xla"))
+    assert (device_only.attention, xla.attention) == ("kernel", "xla")
+    assert device_only.model.prefill_attend is None
+    tok = make_tiny_tokenizer()
+    device_only.clear_prefix_cache()
+    for prompt in CONVERSATIONS[:2]:
+        assert_same(run(Scheduler(device_only, tok), prompt, max_tokens=30), run(Scheduler(xla, tok), prompt, 30))
 
 
 def test_cached_chunked_and_host_restored_prompts_equal_cold(engines):

@@ -40,12 +40,13 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from engine.attention import PrefillPaging
+from engine.attention import Int8Pages, PrefillPaging, write_decode_kv
 from engine.paths import cache_root
 
 log = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "meshserve_decode_attention"
+DECODE_ATTENTION_INT8 = "meshserve_decode_attention_int8"
 PREFILL_ATTENTION = "meshserve_prefill_attention"
 LINEAR = "meshserve_linear"
 LINEAR_INT8 = "meshserve_linear_int8"
@@ -124,6 +125,9 @@ def load() -> Path:
             _build(cxx, path)
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(lib.MeshserveDecodeAttention), platform="cpu")
+        jax.ffi.register_ffi_target(
+            DECODE_ATTENTION_INT8, jax.ffi.pycapsule(lib.MeshserveDecodeAttentionInt8), platform="cpu"
+        )
         jax.ffi.register_ffi_target(PREFILL_ATTENTION, jax.ffi.pycapsule(lib.MeshservePrefillAttention), platform="cpu")
         jax.ffi.register_ffi_target(LINEAR, jax.ffi.pycapsule(lib.MeshserveLinear), platform="cpu")
         jax.ffi.register_ffi_target(LINEAR_INT8, jax.ffi.pycapsule(lib.MeshserveLinearInt8), platform="cpu")
@@ -153,7 +157,12 @@ def decode_attention(
     """`engine.attention.paged_decode_attention_xla`'s contract: writes k_new / v_new [B, K, H] at each slot's
     length through its page table row (in place: the pool results alias the pool arguments) and attends q [B, K, G,
     H] (pre-scaled) to positions <= length; k_pool [Np, K, H, P], v_pool [Np, K, P, H], table [B, W], lengths [B]
-    -> (out [B, K, G, H], k_pool, v_pool). float32 on CPU; call `load()` first."""
+    -> (out [B, K, G, H], k_pool, v_pool). float32 on CPU; call `load()` first.
+
+    Int8Pages pools (an int8 KV cache): XLA writes the new K/V, quantized as `engine.attention.write_decode_kv`
+    does everywhere, and the kernel reads the int8 values and their scales in place."""
+    if isinstance(k_pool, Int8Pages):
+        return decode_attention_int8(q, k_new, v_new, k_pool, v_pool, table, lengths)
     if q.dtype != jnp.float32:
         raise TypeError(f"the CPU decode-attention kernel takes float32, got {q.dtype}")
     call = jax.ffi.ffi_call(
@@ -166,6 +175,31 @@ def decode_attention(
         input_output_aliases={5: 1, 6: 2},
     )
     return call(q, k_new, v_new, lengths.astype(jnp.int32), table.astype(jnp.int32), k_pool, v_pool)
+
+
+def decode_attention_int8(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    k_pool: Int8Pages,
+    v_pool: Int8Pages,
+    table: jax.Array,
+    lengths: jax.Array,
+) -> tuple[jax.Array, Int8Pages, Int8Pages]:
+    """`decode_attention` on an int8 KV cache (see there)."""
+    if q.dtype != jnp.float32:
+        raise TypeError(f"the CPU decode-attention kernel takes float32 queries, got {q.dtype}")
+    k_pool, v_pool = write_decode_kv(k_pool, v_pool, k_new, v_new, table, lengths)
+    out = jax.ffi.ffi_call(DECODE_ATTENTION_INT8, jax.ShapeDtypeStruct(q.shape, q.dtype))(
+        q,
+        lengths.astype(jnp.int32),
+        table.astype(jnp.int32),
+        k_pool.values,
+        k_pool.scale,
+        v_pool.values,
+        v_pool.scale,
+    )
+    return out, k_pool, v_pool
 
 
 def prefill_attention(

@@ -2,6 +2,8 @@
 // XLA intra-op thread pool that the FFI hands each call.
 #pragma once
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -18,6 +20,33 @@ typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(si
 
 inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+
+// 16 int8 values -> 16 floats: a sign-extending load and a convert (intrinsics: GCC's __builtin_convertvector from
+// an int8 vector compiles to 16 scalar loads).
+inline Vec LoadInt8(const int8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<Vec>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+  Vec v;
+  __builtin_memcpy(&v, &lo, sizeof(lo));
+  __builtin_memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+  return v;
+#else
+  typedef int8_t I8Vec __attribute__((vector_size(kLanes), aligned(1)));
+  typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  return __builtin_convertvector(__builtin_convertvector(*reinterpret_cast<const I8Vec*>(p), IVec), Vec);
+#endif
+}
+
+// A bfloat16 (its bits) as a float: the float's upper half.
+inline float Bf16(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &wide, sizeof(f));
+  return f;
+}
 
 // exp(x) for x <= 0 (softmax inputs minus their max), ~1 ulp: x = k ln2 + r with |r| <= ln2 / 2, e^r by a
 // degree-6 polynomial, 2^k through the exponent bits. Inputs below -87 give ~0 instead of denormals.

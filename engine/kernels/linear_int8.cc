@@ -45,6 +45,7 @@
 namespace ffi = xla::ffi;
 using meshserve::kLanes;
 using meshserve::Load;
+using meshserve::LoadInt8;
 using meshserve::Vec;
 
 namespace {
@@ -53,25 +54,6 @@ constexpr int64_t kRows = 32;    // weight rows per panel: two vectors (engine/k
 constexpr int64_t kTokens = 12;  // tokens per tile: 24 accumulators (12 tokens x 2 row vectors)
 constexpr int64_t kPrefetch = 1024;  // bytes of weights prefetched ahead (past the 4 KiB hardware prefetch limit)
 static_assert(kRows == 2 * kLanes, "a panel's row block is two vectors");
-
-// 16 int8 weights -> 16 floats: a sign-extending load and a convert. Spelled with intrinsics because GCC's
-// __builtin_convertvector from an int8 vector compiles to 16 scalar loads (measured: 1.7 GB/s of weights).
-inline Vec Weights(const int8_t* p) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<Vec>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
-#elif defined(__AVX2__)
-  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
-  Vec v;
-  std::memcpy(&v, &lo, sizeof(lo));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
-  return v;
-#else
-  typedef int8_t I8Vec __attribute__((vector_size(kLanes), aligned(1)));
-  typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-  return __builtin_convertvector(__builtin_convertvector(*reinterpret_cast<const I8Vec*>(p), IVec), Vec);
-#endif
-}
 
 inline Vec Silu(Vec x) {
   const Vec e = meshserve::ExpNonPositive(x < 0.0f ? x : -x);
@@ -112,7 +94,7 @@ void Tile(const int8_t* __restrict panel, int64_t K, const float* __restrict x, 
   Vec acc[T][2] = {};  // local, so the accumulators live in registers for the whole loop
   for (int64_t k = 0; k < K; ++k) {
     if (k % 2 == 0) __builtin_prefetch(panel + k * kRows + kPrefetch, 0, 3);  // one 64-byte line per 2 features
-    const Vec w0 = Weights(panel + k * kRows), w1 = Weights(panel + k * kRows + kLanes);
+    const Vec w0 = LoadInt8(panel + k * kRows), w1 = LoadInt8(panel + k * kRows + kLanes);
     const float* xk = x + k * M + m;
     for (int t = 0; t < T; ++t) {
       acc[t][0] += w0 * xk[t];
@@ -131,13 +113,13 @@ void TileOne(const int8_t* __restrict panel, int64_t K, const float* __restrict 
     __builtin_prefetch(panel + k * kRows + kPrefetch, 0, 3);
     for (int j = 0; j < 2; ++j) {
       const float xv = x[(k + j) * M + m];
-      a[j][0] += Weights(panel + (k + j) * kRows) * xv;
-      a[j][1] += Weights(panel + (k + j) * kRows + kLanes) * xv;
+      a[j][0] += LoadInt8(panel + (k + j) * kRows) * xv;
+      a[j][1] += LoadInt8(panel + (k + j) * kRows + kLanes) * xv;
     }
   }
   for (; k < K; ++k) {
-    a[0][0] += Weights(panel + k * kRows) * x[k * M + m];
-    a[0][1] += Weights(panel + k * kRows + kLanes) * x[k * M + m];
+    a[0][0] += LoadInt8(panel + k * kRows) * x[k * M + m];
+    a[0][1] += LoadInt8(panel + k * kRows + kLanes) * x[k * M + m];
   }
   out[0][0] = a[0][0] + a[1][0];
   out[0][1] = a[0][1] + a[1][1];
