@@ -229,6 +229,26 @@ def test_int8_kernel_products_match_numpy(n, k, m):
         assert not got[:, 2].any(), "an all-zero token gives zeros"
 
 
+@pytest.mark.parametrize("m", [1, 13])
+def test_int8_kernel_spreads_nan_and_inf_from_a_token(m):
+    """A NaN or inf in one token's activations makes that token's outputs non-finite (NaN where it was NaN), on both
+    paths, and leaves the other tokens' outputs as they were: the integer path never turns them into finite values."""
+    _kernels_or_skip()
+    n, k = 40, 64
+    w, _ = _packed(n, k, seed=7)
+    x = np.random.default_rng(8).normal(size=(k, m)).astype(np.float32)
+    product = jax.jit(lambda w, x: kernels.packed_int8_product(w, x, n))
+    clean = np.asarray(product(w, x))
+    for bad in (np.nan, np.inf):
+        poisoned = x.copy()
+        poisoned[5, m - 1] = bad
+        got = np.asarray(product(w, poisoned))
+        assert not np.isfinite(got[:, m - 1]).any(), bad
+        if np.isnan(bad):
+            assert np.isnan(got[:, m - 1]).all()
+        np.testing.assert_array_equal(got[:, : m - 1], clean[:, : m - 1])
+
+
 def test_int8_kernel_multiplies_integers_where_the_cpu_has_vnni():
     """The integer path is compiled where the build's CPU has AVX-512 VNNI and VBMI (-march=native), and only
     there: the kernel reports it as the CPU's flags say."""

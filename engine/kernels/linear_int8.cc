@@ -158,15 +158,20 @@ void Run(const int8_t* w, int64_t N, int64_t K, const float* x, int64_t M, float
 constexpr int64_t kVnniMinTokens = 8;  // fewer tokens: the float path (memory bound there, and no quantizing pass)
 constexpr int64_t kVnniTokens = 6;     // tokens per tile: 24 int32 accumulators (6 tokens x 2 row vectors x hi, lo)
 
-// x [K, M] float32 -> s_t [M] and its inverse (0 where x's column is all zero, s_t then 1).
+// x [K, M] float32 -> s_t [M] and its inverse (0 where x's column is all zero, s_t then 1). A NaN or inf in a
+// token makes its s_t NaN or inf, so its outputs come out NaN as the float product's would, never finite garbage.
 void TokenScales(const float* x, int64_t K, int64_t M, float* scale, float* inverse) {
   std::fill_n(inverse, M, 0.0f);  // max |x| first (rows of x are contiguous in M: vectorizes over tokens)
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t m = 0; m < M; ++m) inverse[m] = std::max(inverse[m], std::fabs(x[k * M + m]));
+    for (int64_t m = 0; m < M; ++m) {
+      const float a = std::fabs(x[k * M + m]);
+      inverse[m] = (a > inverse[m] || a != a) ? a : inverse[m];  // NaN-propagating max
+    }
   for (int64_t m = 0; m < M; ++m) {
     const float amax = inverse[m];
-    scale[m] = amax > 0.0f ? amax / 32767.0f : 1.0f;
-    inverse[m] = amax > 0.0f ? 32767.0f / amax : 0.0f;
+    const bool zero = amax == 0.0f;  // false for NaN
+    scale[m] = zero ? 1.0f : amax / 32767.0f;
+    inverse[m] = zero ? 0.0f : 32767.0f / amax;
   }
 }
 
@@ -185,7 +190,7 @@ void QuantizeGroups(const float* x, int64_t K, int64_t M, const float* inverse, 
       __m512i h = _mm512_setzero_si512(), l = _mm512_setzero_si512();
       for (int64_t b = 0; b < features; ++b) {
         const __m512i u = _mm512_cvttps_epi32(_mm512_fmadd_ps(_mm512_loadu_ps(x + (4 * g + b) * M + m), inv, half));
-        h = _mm512_or_si512(h, _mm512_slli_epi32(_mm512_srli_epi32(u, 8), 8 * b));
+        h = _mm512_or_si512(h, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 8), bytes), 8 * b));
         l = _mm512_or_si512(l, _mm512_slli_epi32(_mm512_and_si512(u, bytes), 8 * b));
       }
       _mm512_storeu_si512(hi + g * M + m, h);
@@ -195,7 +200,7 @@ void QuantizeGroups(const float* x, int64_t K, int64_t M, const float* inverse, 
       uint32_t h = 0, l = 0;
       for (int64_t b = 0; b < features; ++b) {
         const uint32_t u = static_cast<uint32_t>(static_cast<int32_t>(x[(4 * g + b) * M + m] * inverse[m] + 32768.5f));
-        h |= (u >> 8) << (8 * b);
+        h |= ((u >> 8) & 255u) << (8 * b);
         l |= (u & 255u) << (8 * b);
       }
       hi[g * M + m] = h;
