@@ -440,9 +440,7 @@ class Engine(HostBook):
         attend = prefill_attend = None
         if self.attention == "kernel":
             attend = placement.kernel_attend(self.mesh, self.rules)
-            # the prefill kernel reads float32 pools only: an int8 cache's prefill runs XLA's formulation
-            if config.kv_dtype != "int8":
-                prefill_attend = placement.kernel_prefill_attend(self.mesh, self.rules)
+            prefill_attend = placement.kernel_prefill_attend(self.mesh, self.rules)
         elif self.attention == "pallas":
             attend = placement.pallas_attend(self.mesh, self.rules)
         self.model = Transformer(

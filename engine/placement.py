@@ -460,6 +460,14 @@ def pallas_attend(mesh: Mesh, rules: dict[str, MeshAxes]):
     return attend
 
 
+def _pool_specs(pool, spec) -> tuple[Any, Any]:
+    """The key and value pools' PartitionSpecs, as pytrees matching the pools (an int8 pool: values, then scales)."""
+    k_spec, v_spec = spec(K_POOL_AXES), spec(V_POOL_AXES)
+    if isinstance(pool, Int8Pages):
+        return Int8Pages(k_spec, spec(SCALE_AXES)), Int8Pages(v_spec, spec(SCALE_AXES))
+    return k_spec, v_spec
+
+
 def kernel_attend(mesh: Mesh, rules: dict[str, MeshAxes]):
     """Decode attention (`paged_decode_attention_xla`'s contract) through the CPU kernel on each device's kv heads
     (attention never mixes heads, so no collective)."""
@@ -467,9 +475,7 @@ def kernel_attend(mesh: Mesh, rules: dict[str, MeshAxes]):
 
     def attend(q, k_new, v_new, k_pool, v_pool, table, lengths):
         q_spec, new_spec = spec(("slots", "kv_heads", None, None)), spec(("slots", "kv_heads", None))
-        k_spec, v_spec = spec(K_POOL_AXES), spec(V_POOL_AXES)
-        if isinstance(k_pool, Int8Pages):  # values, then their scales
-            k_spec, v_spec = Int8Pages(k_spec, spec(SCALE_AXES)), Int8Pages(v_spec, spec(SCALE_AXES))
+        k_spec, v_spec = _pool_specs(k_pool, spec)
         return jax.shard_map(
             kernels.decode_attention,
             mesh=mesh,
@@ -488,11 +494,11 @@ def kernel_prefill_attend(mesh: Mesh, rules: dict[str, MeshAxes]):
 
     def attend(q, k, v, segment_ids, k_pool, v_pool, paging):
         q_spec, new_spec = spec((None, "kv_heads", None, None)), spec((None, "kv_heads", None))
+        k_spec, v_spec = _pool_specs(k_pool, spec)
         return jax.shard_map(
             kernels.prefill_attention,
             mesh=mesh,
-            in_specs=(q_spec, new_spec, new_spec, PartitionSpec(), spec(K_POOL_AXES), spec(V_POOL_AXES),
-                      PartitionSpec()),
+            in_specs=(q_spec, new_spec, new_spec, PartitionSpec(), k_spec, v_spec, PartitionSpec()),
             out_specs=q_spec,
             check_vma=False,
         )(q, k, v, segment_ids, k_pool, v_pool, paging)  # fmt: skip

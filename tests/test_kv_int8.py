@@ -212,17 +212,21 @@ def test_the_pool_is_int8_and_counted_in_int8_bytes(engines):
     assert device_only.attention == "kernel"
 
 
-def test_the_decode_kernel_and_xla_decode_an_int8_cache_alike(engines):
-    """The CPU decode kernel on an int8 cache against XLA's formulation, through the engine: the same tokens, logprobs
-    within 1e-4 (prefill runs XLA's formulation in both: the prefill kernel reads float32 pools only)."""
+def test_the_cpu_kernels_and_xla_attend_to_an_int8_cache_alike(engines):
+    """The CPU decode and prefill kernels on an int8 cache against XLA's formulation, through the engine: the same
+    tokens, logprobs within 1e-4, for prompts prefilled in 32-token chunks (later chunks read the earlier ones' pages)
+    and for a prompt whose first 70 tokens come from the prefix cache."""
     cfg, params, _, device_only = engines
     xla = Engine(cfg, params, dataclasses.replace(CONFIG, attention="xla"))
     assert (device_only.attention, xla.attention) == ("kernel", "xla")
-    assert device_only.model.prefill_attend is None
+    assert device_only.model.prefill_attend is not None and xla.model.prefill_attend is None
     tok = make_tiny_tokenizer()
     device_only.clear_prefix_cache()
-    for prompt in CONVERSATIONS[:2]:
-        assert_same(run(Scheduler(device_only, tok), prompt, max_tokens=30), run(Scheduler(xla, tok), prompt, 30))
+    kernel_side, xla_side = Scheduler(device_only, tok), Scheduler(xla, tok)
+    for prompt in (CONVERSATIONS[1], CONVERSATIONS[2], CONVERSATIONS[1] + [5, 9]):
+        got, want = run(kernel_side, prompt, max_tokens=30), run(xla_side, prompt, max_tokens=30)
+        assert_same(got, want)
+    assert got.cached_tokens == want.cached_tokens == 70
 
 
 def test_cached_chunked_and_host_restored_prompts_equal_cold(engines):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from engine import kernels
-from engine.attention import PrefillPaging, prefill_attention_xla, write_prefill_kv
+from engine.attention import Int8Pages, PrefillPaging, prefill_attention_xla, quantize_kv, write_prefill_kv
 from engine.config import tiny_config
 from engine.model import Transformer, init_params
 
@@ -155,6 +155,43 @@ def test_thousands_of_positions_of_context():
     """A ~20-token chunk of a long prompt with ~4,800 positions before it, and a second prompt sharing half of them."""
     case = make_case(np.random.default_rng(4), 32, 3, 3, 64, 16, [20, 12], 300, 16)
     assert_close(kernel(case), run(prefill_attention_xla, case))
+
+
+def as_int8(case, hide=None):
+    """The case with its pools as an int8 KV cache (each position's vector quantized as the engine writes it); `hide`
+    [Np, P] bool: those positions' scales become NaN."""
+    q, k, v, seg, k_pool, v_pool, paging = case
+    k_values, k_scale = quantize_kv(jnp.swapaxes(jnp.asarray(k_pool), 2, 3))  # per position: [Np, K, P, H]
+    v_values, v_scale = quantize_kv(jnp.asarray(v_pool))
+    if hide is not None:
+        mask = jnp.asarray(hide)[:, None, :]
+        k_scale, v_scale = (jnp.where(mask, jnp.nan, s).astype(s.dtype) for s in (k_scale, v_scale))
+    return q, k, v, seg, Int8Pages(jnp.swapaxes(k_values, 2, 3), k_scale), Int8Pages(v_values, v_scale), paging
+
+
+@pytest.mark.parametrize(("t", "k", "g", "h", "p", "segments", "n_ctx", "cb"), CASES)
+def test_int8_kernel_matches_xla(t, k, g, h, p, segments, n_ctx, cb):
+    """An int8 KV cache: context pages dequantized as they are gathered give what XLA's formulation gives on the same
+    int8 pools (clean pools: stale positions hold zeros here, NaN scales in the next test)."""
+    case = as_int8(make_case(np.random.default_rng(0), t, k, g, h, p, segments, n_ctx, cb, poison=0.0))
+    assert_close(kernel(case), run(prefill_attention_xla, case))
+
+
+def test_int8_kernel_never_reads_what_no_query_may_see():
+    """NaN scales at every position no counted entry names within its fill (and past the block count) change
+    nothing, and the int8 rounding shows against the float32 pools, within its reach."""
+    rng_case = dict(t=32, k=3, g=3, h=64, p=16, segments=[20, 12], n_ctx=16, block_pages=8)
+    clean = make_case(np.random.default_rng(1), **rng_case, ctx_blocks=2, extra=24, poison=0.0)
+    q, k, v, seg, k_pool, v_pool, paging = clean
+    hide = np.ones((k_pool.shape[0], 16), bool)
+    pages, valid = np.asarray(paging.ctx_pages), np.asarray(paging.ctx_valid)
+    for j in range(16):
+        hide[pages[j], : valid[j]] = False
+    hide[np.asarray(paging.dest_page), np.asarray(paging.dest_offset)] = False  # the pack's own K/V
+    want = kernel(as_int8(clean))
+    assert_close(kernel(as_int8(clean, hide)), want)
+    f32 = kernel(clean)
+    assert 0 < np.abs(want - f32).max() < 0.05
 
 
 def test_float32_only():

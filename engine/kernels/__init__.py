@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 DECODE_ATTENTION = "meshserve_decode_attention"
 DECODE_ATTENTION_INT8 = "meshserve_decode_attention_int8"
 PREFILL_ATTENTION = "meshserve_prefill_attention"
+PREFILL_ATTENTION_INT8 = "meshserve_prefill_attention_int8"
 LINEAR = "meshserve_linear"
 LINEAR_INT8 = "meshserve_linear_int8"
 PANEL_ROWS = 6
@@ -129,6 +130,9 @@ def load() -> Path:
             DECODE_ATTENTION_INT8, jax.ffi.pycapsule(lib.MeshserveDecodeAttentionInt8), platform="cpu"
         )
         jax.ffi.register_ffi_target(PREFILL_ATTENTION, jax.ffi.pycapsule(lib.MeshservePrefillAttention), platform="cpu")
+        jax.ffi.register_ffi_target(
+            PREFILL_ATTENTION_INT8, jax.ffi.pycapsule(lib.MeshservePrefillAttentionInt8), platform="cpu"
+        )
         jax.ffi.register_ffi_target(LINEAR, jax.ffi.pycapsule(lib.MeshserveLinear), platform="cpu")
         jax.ffi.register_ffi_target(LINEAR_INT8, jax.ffi.pycapsule(lib.MeshserveLinearInt8), platform="cpu")
         _loaded = (lib, path)
@@ -207,28 +211,32 @@ def prefill_attention(
     k: jax.Array,
     v: jax.Array,
     segment_ids: jax.Array,
-    k_pool: jax.Array,
-    v_pool: jax.Array,
+    k_pool: jax.Array | Int8Pages,
+    v_pool: jax.Array | Int8Pages,
     paging: PrefillPaging,
 ) -> jax.Array:
     """The paged case of `engine.attention.prefill_attention_xla`: q [T, K, G, H] (pre-scaled), k / v [T, K, H] of
     one packed row attend to the earlier keys of their own segment (segment_ids [T], -1: padding) and to the cached
     positions `paging` lets their segment see, read from k_pool [Np, K, H, P] / v_pool [Np, K, P, H] -> [T, K, G, H].
-    The pools must already hold the pack's own K/V (`write_prefill_kv`); this only reads them. float32 on CPU; call
-    `load()` first."""
-    if any(a.dtype != jnp.float32 for a in (q, k, v, k_pool, v_pool)):
+    The pools must already hold the pack's own K/V (`write_prefill_kv`); this only reads them. Int8Pages pools (an
+    int8 KV cache): the context pages are dequantized as they are read (k / v are the pack's K/V as stored,
+    `engine.attention.as_stored`). float32 on CPU; call `load()` first."""
+    int8 = isinstance(k_pool, Int8Pages)
+    floats = (q, k, v) if int8 else (q, k, v, k_pool, v_pool)
+    if any(a.dtype != jnp.float32 for a in floats):
         raise TypeError(
-            f"the CPU prefill-attention kernel takes float32, got {q.dtype}, {k.dtype}, {v.dtype}, {k_pool.dtype}, "
-            f"{v_pool.dtype}"
+            f"the CPU prefill-attention kernel takes float32, got {', '.join(str(a.dtype) for a in floats)}"
         )
+    pools = (k_pool.values, k_pool.scale, v_pool.values, v_pool.scale) if int8 else (k_pool, v_pool)
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
-    return jax.ffi.ffi_call(PREFILL_ATTENTION, jax.ShapeDtypeStruct(q.shape, q.dtype))(
+    return jax.ffi.ffi_call(
+        PREFILL_ATTENTION_INT8 if int8 else PREFILL_ATTENTION, jax.ShapeDtypeStruct(q.shape, q.dtype)
+    )(
         q,
         k,
         v,
         i32(segment_ids),
-        k_pool,
-        v_pool,
+        *pools,
         i32(paging.ctx_pages),
         i32(paging.ctx_rows),
         i32(paging.ctx_valid),

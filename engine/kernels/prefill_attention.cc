@@ -361,7 +361,9 @@ Scratch& ThreadScratch(const Plan& d) {
 }
 
 struct Inputs {
-  const float *q, *k, *v, *k_pool, *v_pool;
+  const float *q, *k, *v, *k_pool, *v_pool;  // the pools: float32 (null for an int8 cache)
+  const int8_t *k_int8, *v_int8;              // an int8 cache's values (null for float32 pools)
+  const uint16_t *k_scale, *v_scale;          // and their bfloat16 scales [Np, K, P]
   const int32_t* seg;
   const int32_t *ctx_pages, *ctx_rows, *ctx_valid;
   const int32_t* useful;  // the context entries some row of the pack sees, in order
@@ -389,11 +391,36 @@ uint32_t TileBits(const Plan& d, const Inputs& in, int64_t tile) {
   return bits;
 }
 
+// One page of an int8 cache into the gather buffers: keys [H, P] int8 x their per-position scale into rows of kc
+// (row stride ld; positions past `valid` zero), the first `valid` value rows [P, H] x theirs into vc.
+void DequantizePage(const int8_t* kp, const uint16_t* k_scale, const int8_t* vp, const uint16_t* v_scale, int64_t H,
+                    int64_t P, int64_t valid, float* kc, int64_t ld, float* vc) {
+  thread_local std::vector<float> scale;
+  scale.assign(P + kLanes, 0.0f);  // positions past `valid` scale to 0: their keys come out zero
+  for (int64_t p = 0; p < valid; ++p) scale[p] = meshserve::Bf16(k_scale[p]);
+  for (int64_t h = 0; h < H; ++h) {
+    const int8_t* src = kp + h * P;
+    float* row = kc + h * ld;
+    int64_t p = 0;
+    for (; p + kLanes <= P; p += kLanes) Store(row + p, meshserve::LoadInt8(src + p) * Load(scale.data() + p));
+    for (; p < P; ++p) row[p] = static_cast<float>(src[p]) * scale[p];
+  }
+  for (int64_t p = 0; p < valid; ++p) {
+    const float s = meshserve::Bf16(v_scale[p]);
+    const int8_t* src = vp + p * H;
+    float* row = vc + p * H;
+    int64_t h = 0;
+    for (; h + kLanes <= H; h += kLanes) Store(row + h, meshserve::LoadInt8(src + h) * s);
+    for (; h < H; ++h) row[h] = static_cast<float>(src[h]) * s;
+  }
+}
+
 // The tile's rows (loaded by LoadTile, state from InitState) against one split of the context entries. Pages whose
 // size is a multiple of kLanes are read in place; others are gathered into w.kc / w.vc first.
 void ContextPass(const Plan& d, const Inputs& in, int64_t tile, int64_t kv, int64_t split, int64_t R, Scratch& w) {
   const int64_t H = d.h, P = d.p, ld = d.sc;
-  const bool in_place = P % kLanes == 0;
+  const bool int8 = in.k_int8 != nullptr;
+  const bool in_place = P % kLanes == 0 && !int8;  // an int8 page is dequantized into the gather buffers
   for (int64_t r = 0; r < R; ++r) w.shift[r] = w.row_seg[r] < 0 ? -1 : std::min(w.row_seg[r], 31);
   const uint32_t tile_bits = TileBits(d, in, tile);
   const ContextMask mask{w.a.data(), w.shift.data()};
@@ -409,8 +436,13 @@ void ContextPass(const Plan& d, const Inputs& in, int64_t tile, int64_t kv, int6
       const int64_t c = in.useful[e];
       if ((static_cast<uint32_t>(in.ctx_rows[c]) & tile_bits) == 0) continue;
       const int64_t base = (in.ctx_pages[c] * d.k + kv) * H * P, valid = std::min<int64_t>(in.ctx_valid[c], P);
-      w.prefetch.Add(in.k_pool + base, H * P);
-      w.prefetch.Add(in.v_pool + base, valid * H);
+      if (int8) {  // bytes, counted in floats
+        w.prefetch.Add(reinterpret_cast<const float*>(in.k_int8 + base), (H * P + 3) / 4);
+        w.prefetch.Add(reinterpret_cast<const float*>(in.v_int8 + base), (valid * H + 3) / 4);
+      } else {
+        w.prefetch.Add(in.k_pool + base, H * P);
+        w.prefetch.Add(in.v_pool + base, valid * H);
+      }
       ++found;
     }
     const int64_t n = pages * P, blocks = (n + kLanes - 1) / kLanes;
@@ -427,12 +459,19 @@ void ContextPass(const Plan& d, const Inputs& in, int64_t tile, int64_t kv, int6
     const uint32_t bits = static_cast<uint32_t>(in.ctx_rows[c]);
     if ((bits & tile_bits) == 0) continue;
     const int64_t page = in.ctx_pages[c], valid = std::min<int64_t>(in.ctx_valid[c], P), at = pages * P;
-    const float* kp = in.k_pool + (page * d.k + kv) * H * P;  // [H, P]
-    const float* vp = in.v_pool + (page * d.k + kv) * P * H;  // [P, H]
-    if (in_place) {
+    const int64_t base = (page * d.k + kv) * H * P;
+    if (int8) {
+      DequantizePage(in.k_int8 + base, in.k_scale + (page * d.k + kv) * P, in.v_int8 + base,
+                     in.v_scale + (page * d.k + kv) * P, H, P, valid, w.kc.data() + at, ld, w.vc.data() + at * H);
+      chunk.values[pages] = w.vc.data() + at * H;
+    } else if (in_place) {
+      const float* kp = in.k_pool + base;  // [H, P]
+      const float* vp = in.v_pool + base;  // [P, H]
       for (int64_t b = 0; b < P / kLanes; ++b) chunk.keys[at / kLanes + b] = kp + b * kLanes;
       chunk.values[pages] = vp;
     } else {
+      const float* kp = in.k_pool + base;
+      const float* vp = in.v_pool + base;
       for (int64_t h = 0; h < H; ++h) {
         float* row = w.kc.data() + h * ld + at;
         std::copy_n(kp + h * P, valid, row);
@@ -530,28 +569,25 @@ void PackPass(const Plan& d, const Inputs& in, int64_t tile, int64_t kv, int64_t
   }
 }
 
-ffi::Error PrefillAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment_ids, ffi::Buffer<ffi::F32> k_pool,
-                            ffi::Buffer<ffi::F32> v_pool, ffi::Buffer<ffi::S32> ctx_pages,
-                            ffi::Buffer<ffi::S32> ctx_rows, ffi::Buffer<ffi::S32> ctx_valid,
-                            ffi::Buffer<ffi::S32> ctx_blocks, ffi::ResultBuffer<ffi::F32> out, int64_t block_pages) {
-  const auto qd = q.dimensions(), kd = k_pool.dimensions(), vd = v_pool.dimensions();
-  if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be [T, K, G, H]");
+// The pools' shapes ([Np, K, H, P] keys, [Np, K, P, H] values) are checked by the caller; `in` holds their data.
+ffi::Error Prefill(ffi::ThreadPool& thread_pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                   ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::S32>& segment_ids, int64_t pool_pages, int64_t P,
+                   Inputs in, ffi::Buffer<ffi::S32>& ctx_pages, ffi::Buffer<ffi::S32>& ctx_rows,
+                   ffi::Buffer<ffi::S32>& ctx_valid, ffi::Buffer<ffi::S32>& ctx_blocks, ffi::ResultBuffer<ffi::F32>& out,
+                   int64_t block_pages) {
+  const auto qd = q.dimensions();
   const int64_t T = qd[0], K = qd[1], G = qd[2], H = qd[3];
   const size_t new_count = static_cast<size_t>(T * K * H);
   if (k.element_count() != new_count || v.element_count() != new_count)
     return ffi::Error::InvalidArgument("k and v must be [T, K, H]");
   if (segment_ids.element_count() != static_cast<size_t>(T))
     return ffi::Error::InvalidArgument("segment_ids must be [T]");
-  if (kd.size() != 4 || vd.size() != 4 || kd[0] != vd[0] || kd[1] != K || vd[1] != K || kd[2] != H || vd[3] != H ||
-      kd[3] != vd[2])
-    return ffi::Error::InvalidArgument("pools must be [Np, K, H, P] (keys) and [Np, K, P, H] (values)");
   const size_t C = ctx_pages.element_count();
   if (ctx_rows.element_count() != C || ctx_valid.element_count() != C || ctx_blocks.element_count() != 1)
     return ffi::Error::InvalidArgument("ctx_pages, ctx_rows and ctx_valid must be [C], ctx_blocks a scalar");
   if (T == 0 || K == 0 || G == 0 || H == 0) return ffi::Error::Success();
 
-  Plan d{T, K, G, H, kd[3], kd[0], 0, 0, 0, 0};
+  Plan d{T, K, G, H, P, pool_pages, 0, 0, 0, 0};
   d.cp = std::max<int64_t>(1, kChunk / d.p);
   d.sc = (std::max(d.cp * d.p, kChunk) + kLanes - 1) / kLanes * kLanes;
   d.tiles = (T * G + kTileRows - 1) / kTileRows;
@@ -578,8 +614,16 @@ ffi::Error PrefillAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q
   int64_t splits = 0;
   if (n_useful > 0)
     splits = std::clamp<int64_t>((2 * threads + d.tiles * K - 1) / (d.tiles * K), 1, (n_useful + d.cp - 1) / d.cp);
-  const Inputs in{q.typed_data(),     k.typed_data(),  v.typed_data(), k_pool.typed_data(), v_pool.typed_data(), seg,
-                  pages,             rows,            valid,          useful.data(),       n_useful,            splits};
+  in.q = q.typed_data();
+  in.k = k.typed_data();
+  in.v = v.typed_data();
+  in.seg = seg;
+  in.ctx_pages = pages;
+  in.ctx_rows = rows;
+  in.ctx_valid = valid;
+  in.useful = useful.data();
+  in.n_useful = n_useful;
+  in.splits = splits;
   float* op = out->typed_data();
   if (splits <= 1) {  // one pass per (tile, kv head)
     meshserve::ParallelFor(thread_pool, d.tiles * K, [=](int64_t i) {
@@ -613,6 +657,53 @@ ffi::Error PrefillAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q
   return ffi::Error::Success();
 }
 
+
+bool PoolShapes(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd, ffi::Span<const int64_t> vd) {
+  return qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && kd[0] == vd[0] && kd[1] == qd[1] && vd[1] == qd[1] &&
+         kd[2] == qd[3] && vd[3] == qd[3] && kd[3] == vd[2];
+}
+
+ffi::Error PrefillAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment_ids, ffi::Buffer<ffi::F32> k_pool,
+                            ffi::Buffer<ffi::F32> v_pool, ffi::Buffer<ffi::S32> ctx_pages,
+                            ffi::Buffer<ffi::S32> ctx_rows, ffi::Buffer<ffi::S32> ctx_valid,
+                            ffi::Buffer<ffi::S32> ctx_blocks, ffi::ResultBuffer<ffi::F32> out, int64_t block_pages) {
+  const auto qd = q.dimensions(), kd = k_pool.dimensions(), vd = v_pool.dimensions();
+  if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be [T, K, G, H]");
+  if (!PoolShapes(qd, kd, vd))
+    return ffi::Error::InvalidArgument("pools must be [Np, K, H, P] (keys) and [Np, K, P, H] (values)");
+  Inputs in{};
+  in.k_pool = k_pool.typed_data();
+  in.v_pool = v_pool.typed_data();
+  return Prefill(thread_pool, q, k, v, segment_ids, kd[0], kd[3], in, ctx_pages, ctx_rows, ctx_valid, ctx_blocks, out,
+                 block_pages);
+}
+
+// An int8 cache (engine.attention.Int8Pages): the pools' int8 values in the same layouts, and one bfloat16 scale per
+// (page, kv head, position) for each; context pages are dequantized as they are gathered.
+ffi::Error PrefillAttentionInt8(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment_ids,
+                                ffi::Buffer<ffi::S8> k_values, ffi::Buffer<ffi::BF16> k_scale,
+                                ffi::Buffer<ffi::S8> v_values, ffi::Buffer<ffi::BF16> v_scale,
+                                ffi::Buffer<ffi::S32> ctx_pages, ffi::Buffer<ffi::S32> ctx_rows,
+                                ffi::Buffer<ffi::S32> ctx_valid, ffi::Buffer<ffi::S32> ctx_blocks,
+                                ffi::ResultBuffer<ffi::F32> out, int64_t block_pages) {
+  const auto qd = q.dimensions(), kd = k_values.dimensions(), vd = v_values.dimensions();
+  if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be [T, K, G, H]");
+  if (!PoolShapes(qd, kd, vd))
+    return ffi::Error::InvalidArgument("pools must be [Np, K, H, P] (keys) and [Np, K, P, H] (values)");
+  const size_t scales = static_cast<size_t>(kd[0] * kd[1] * kd[3]);
+  if (k_scale.element_count() != scales || v_scale.element_count() != scales)
+    return ffi::Error::InvalidArgument("the pools' scales must be [Np, K, P]");
+  Inputs in{};
+  in.k_int8 = k_values.typed_data();
+  in.v_int8 = v_values.typed_data();
+  in.k_scale = reinterpret_cast<const uint16_t*>(k_scale.untyped_data());
+  in.v_scale = reinterpret_cast<const uint16_t*>(v_scale.untyped_data());
+  return Prefill(thread_pool, q, k, v, segment_ids, kd[0], kd[3], in, ctx_pages, ctx_rows, ctx_valid, ctx_blocks, out,
+                 block_pages);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshservePrefillAttention, PrefillAttention,
@@ -629,4 +720,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshservePrefillAttention, PrefillAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // ctx_valid
                                   .Arg<ffi::Buffer<ffi::S32>>()  // ctx_blocks
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Attr<int64_t>("block_pages"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshservePrefillAttentionInt8, PrefillAttentionInt8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // segment_ids
+                                  .Arg<ffi::Buffer<ffi::S8>>()    // key values
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // key scales
+                                  .Arg<ffi::Buffer<ffi::S8>>()    // value values
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // value scales
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // ctx_pages
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // ctx_rows
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // ctx_valid
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // ctx_blocks
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Attr<int64_t>("block_pages"));
