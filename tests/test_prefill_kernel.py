@@ -182,7 +182,7 @@ def test_int8_kernel_never_reads_what_no_query_may_see():
     nothing, and the int8 rounding shows against the float32 pools, within its reach."""
     rng_case = dict(t=32, k=3, g=3, h=64, p=16, segments=[20, 12], n_ctx=16, block_pages=8)
     clean = make_case(np.random.default_rng(1), **rng_case, ctx_blocks=2, extra=24, poison=0.0)
-    q, k, v, seg, k_pool, v_pool, paging = clean
+    k_pool, paging = clean[4], clean[6]
     hide = np.ones((k_pool.shape[0], 16), bool)
     pages, valid = np.asarray(paging.ctx_pages), np.asarray(paging.ctx_valid)
     for j in range(16):
