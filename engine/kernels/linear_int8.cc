@@ -199,7 +199,8 @@ void QuantizeGroups(const float* x, int64_t K, int64_t M, const float* inverse, 
     for (; m < M; ++m) {
       uint32_t h = 0, l = 0;
       for (int64_t b = 0; b < features; ++b) {
-        const uint32_t u = static_cast<uint32_t>(static_cast<int32_t>(x[(4 * g + b) * M + m] * inverse[m] + 32768.5f));
+        const float f = x[(4 * g + b) * M + m] * inverse[m] + 32768.5f;  // NaN / inf only in a NaN-scaled token
+        const uint32_t u = std::isfinite(f) ? static_cast<uint32_t>(static_cast<int32_t>(f)) : 0u;
         h |= ((u >> 8) & 255u) << (8 * b);
         l |= (u & 255u) << (8 * b);
       }
