@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kv_support import int8_pools
 
 from engine import kernels
-from engine.attention import Int8Pages, paged_decode_attention_xla, quantize_kv
+from engine.attention import paged_decode_attention_xla
 from engine.config import tiny_config
 from engine.engine import ATTENTION_CHOICES, Engine, EngineConfig
 from engine.model import Packed, init_params, unfuse_layer, unpack_head
@@ -160,16 +161,9 @@ def test_positions_past_a_slots_length_are_never_read(fn, b, k, g, h, p, window,
 
 
 def int8_case(case, hide=None):
-    """The case with its pools as an int8 KV cache (each position's vector quantized as the engine writes it); `hide`
-    [Np, P] bool: those positions' scales become NaN (bfloat16), which any read of them would spread."""
+    """The case with its pools as an int8 KV cache (see `kv_support.int8_pools`)."""
     q, k_new, v_new, k_pool, v_pool, table, lengths = case
-    k_values, k_scale = quantize_kv(jnp.swapaxes(jnp.asarray(k_pool), 2, 3))  # per position: [Np, K, P, H]
-    v_values, v_scale = quantize_kv(jnp.asarray(v_pool))
-    if hide is not None:
-        mask = jnp.asarray(hide)[:, None, :]
-        k_scale, v_scale = (jnp.where(mask, jnp.nan, s).astype(s.dtype) for s in (k_scale, v_scale))
-    pools = Int8Pages(jnp.swapaxes(k_values, 2, 3), k_scale), Int8Pages(v_values, v_scale)
-    return q, k_new, v_new, *pools, table, lengths
+    return q, k_new, v_new, *int8_pools(k_pool, v_pool, hide), table, lengths
 
 
 def run_int8(fn, case):

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kv_support import int8_pools
 
 from engine import kernels
-from engine.attention import Int8Pages, PrefillPaging, prefill_attention_xla, quantize_kv, write_prefill_kv
+from engine.attention import PrefillPaging, prefill_attention_xla, write_prefill_kv
 from engine.config import tiny_config
 from engine.model import Transformer, init_params
 
@@ -158,15 +159,9 @@ def test_thousands_of_positions_of_context():
 
 
 def as_int8(case, hide=None):
-    """The case with its pools as an int8 KV cache (each position's vector quantized as the engine writes it); `hide`
-    [Np, P] bool: those positions' scales become NaN."""
+    """The case with its pools as an int8 KV cache (see `kv_support.int8_pools`)."""
     q, k, v, seg, k_pool, v_pool, paging = case
-    k_values, k_scale = quantize_kv(jnp.swapaxes(jnp.asarray(k_pool), 2, 3))  # per position: [Np, K, P, H]
-    v_values, v_scale = quantize_kv(jnp.asarray(v_pool))
-    if hide is not None:
-        mask = jnp.asarray(hide)[:, None, :]
-        k_scale, v_scale = (jnp.where(mask, jnp.nan, s).astype(s.dtype) for s in (k_scale, v_scale))
-    return q, k, v, seg, Int8Pages(jnp.swapaxes(k_values, 2, 3), k_scale), Int8Pages(v_values, v_scale), paging
+    return q, k, v, seg, *int8_pools(k_pool, v_pool, hide), paging
 
 
 @pytest.mark.parametrize(("t", "k", "g", "h", "p", "segments", "n_ctx", "cb"), CASES)

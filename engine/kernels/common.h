@@ -48,6 +48,13 @@ inline float Bf16(uint16_t bits) {
   return f;
 }
 
+// Whether the KV pools fit the queries q [., K, G, H]: keys [Np, K, H, P] (transposed), values [Np, K, P, H].
+inline bool PoolShapes(xla::ffi::Span<const int64_t> qd, xla::ffi::Span<const int64_t> kd,
+                       xla::ffi::Span<const int64_t> vd) {
+  return qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && kd[0] == vd[0] && kd[1] == qd[1] && vd[1] == qd[1] &&
+         kd[2] == qd[3] && vd[3] == qd[3] && kd[3] == vd[2];
+}
+
 // exp(x) for x <= 0 (softmax inputs minus their max), ~1 ulp: x = k ln2 + r with |r| <= ln2 / 2, e^r by a
 // degree-6 polynomial, 2^k through the exponent bits. Inputs below -87 give ~0 instead of denormals.
 inline Vec ExpNonPositive(Vec x) {

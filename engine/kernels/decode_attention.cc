@@ -219,8 +219,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q,
   const auto qd = q.dimensions(), td = table.dimensions(), kd = k_pool.dimensions(), vd = v_pool.dimensions();
   if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be [B, K, G, H]");
   if (td.size() != 2 || td[0] != qd[0]) return ffi::Error::InvalidArgument("table must be [B, W]");
-  if (kd.size() != 4 || vd.size() != 4 || kd[0] != vd[0] || kd[1] != qd[1] || vd[1] != qd[1] || kd[2] != qd[3] ||
-      vd[3] != qd[3] || kd[3] != vd[2])
+  if (!meshserve::PoolShapes(qd, kd, vd))
     return ffi::Error::InvalidArgument("pools must be [Np, K, H, P] (keys) and [Np, K, P, H] (values)");
   Shape s{qd[0], qd[1], qd[2], qd[3], kd[3], td[1]};
   if (lengths.element_count() != static_cast<size_t>(s.b))
@@ -252,8 +251,7 @@ ffi::Error DecodeAttentionInt8(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32
   const auto qd = q.dimensions(), td = table.dimensions(), kd = k_values.dimensions(), vd = v_values.dimensions();
   if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be [B, K, G, H]");
   if (td.size() != 2 || td[0] != qd[0]) return ffi::Error::InvalidArgument("table must be [B, W]");
-  if (kd.size() != 4 || vd.size() != 4 || kd[0] != vd[0] || kd[1] != qd[1] || vd[1] != qd[1] || kd[2] != qd[3] ||
-      vd[3] != qd[3] || kd[3] != vd[2])
+  if (!meshserve::PoolShapes(qd, kd, vd))
     return ffi::Error::InvalidArgument("pools must be [Np, K, H, P] (keys) and [Np, K, P, H] (values)");
   const size_t scales = static_cast<size_t>(kd[0] * kd[1] * kd[3]);
   if (k_scale.element_count() != scales || v_scale.element_count() != scales)

@@ -25,8 +25,8 @@
 //
 //     sum_k w[n, k] (u[k] - 32768) = 256 (sum_k w hi - 128 W[n]) + sum_k w lo,   W[n] = sum_k w[n, k]
 //
-// (|sum_k w hi - 128 W[n]| <= 127 * 128 * K fits int32 for K < 132,000, so the hi sums start from -128 W[n], which
-// a pass over the panel computes first). y = scale_w[n] * s_t * that. Two vpdpbusd per 4 features (64 products
+// (|sum_k w hi - 128 W[n]| <= 127 * 128 * K fits int32 for K < 132,000; -128 W[n] comes from the pass that
+// regroups the panel, and is added to each tile's hi sums). y = scale_w[n] * s_t * that. Two vpdpbusd per 4 features (64 products
 // each) against 4 FMAs of 16: twice the products per instruction, and no conversion. The only rounding beyond
 // float32's is the activation's to 16 bits, at most s_t / 2 per element (tests/test_int8.py checks that bound and
 // the quality gate runs through this path). The panel's [K, 32] bytes are regrouped in registers to [32 rows, 4
@@ -150,7 +150,6 @@ void Run(const int8_t* w, int64_t N, int64_t K, const float* x, int64_t M, float
     }
   }
 }
-
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #define MESHSERVE_INT8_VNNI 1

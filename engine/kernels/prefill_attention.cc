@@ -658,11 +658,6 @@ ffi::Error Prefill(ffi::ThreadPool& thread_pool, ffi::Buffer<ffi::F32>& q, ffi::
 }
 
 
-bool PoolShapes(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd, ffi::Span<const int64_t> vd) {
-  return qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && kd[0] == vd[0] && kd[1] == qd[1] && vd[1] == qd[1] &&
-         kd[2] == qd[3] && vd[3] == qd[3] && kd[3] == vd[2];
-}
-
 ffi::Error PrefillAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment_ids, ffi::Buffer<ffi::F32> k_pool,
                             ffi::Buffer<ffi::F32> v_pool, ffi::Buffer<ffi::S32> ctx_pages,
@@ -670,7 +665,7 @@ ffi::Error PrefillAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q
                             ffi::Buffer<ffi::S32> ctx_blocks, ffi::ResultBuffer<ffi::F32> out, int64_t block_pages) {
   const auto qd = q.dimensions(), kd = k_pool.dimensions(), vd = v_pool.dimensions();
   if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be [T, K, G, H]");
-  if (!PoolShapes(qd, kd, vd))
+  if (!meshserve::PoolShapes(qd, kd, vd))
     return ffi::Error::InvalidArgument("pools must be [Np, K, H, P] (keys) and [Np, K, P, H] (values)");
   Inputs in{};
   in.k_pool = k_pool.typed_data();
@@ -690,7 +685,7 @@ ffi::Error PrefillAttentionInt8(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F3
                                 ffi::ResultBuffer<ffi::F32> out, int64_t block_pages) {
   const auto qd = q.dimensions(), kd = k_values.dimensions(), vd = v_values.dimensions();
   if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be [T, K, G, H]");
-  if (!PoolShapes(qd, kd, vd))
+  if (!meshserve::PoolShapes(qd, kd, vd))
     return ffi::Error::InvalidArgument("pools must be [Np, K, H, P] (keys) and [Np, K, P, H] (values)");
   const size_t scales = static_cast<size_t>(kd[0] * kd[1] * kd[3]);
   if (k_scale.element_count() != scales || v_scale.element_count() != scales)
