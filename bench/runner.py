@@ -91,6 +91,8 @@ class Options:
     """Weight format: none or int8 (EngineConfig.quantize)."""
     kv_dtype: str = "auto"
     """KV cache format: auto or int8 (EngineConfig.kv_dtype)."""
+    huge_pages: bool = True
+    """CPU: weights in 2 MiB pages (EngineConfig.huge_pages)."""
     workload: str = "w2"
     """Synthetic prompt set: w1, w2 or w3; `serve` also runs w4 (multi-turn chat) and w5 (long prompt)."""
     prompts_file: str | None = None
@@ -216,6 +218,7 @@ def engine_config(opts: Options, num_slots: int | None = None) -> EngineConfig:
         linear=opts.linear,
         quantize=opts.quantize,
         kv_dtype=opts.kv_dtype,
+        huge_pages=opts.huge_pages,
     )
 
 

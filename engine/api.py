@@ -104,6 +104,10 @@ class EngineConfig:
     """Weight format: 'int8' quantizes the linear weights, the embedding and the head at load to int8 with a float32
     scale per output channel (engine.quant; weight-only, activations stay in `dtype`), a quarter of float32's bytes
     and half of bfloat16's; 'none' runs them in `dtype`."""
+    huge_pages: bool = True
+    """On CPU, copy the weights at load into one mapping in 2 MiB pages where the kernel allows transparent huge
+    pages (engine.host_memory): a decode step streams every weight, and 4 KiB pages cost it TLB misses and prefetch
+    stops. No effect on other devices."""
     kv_dtype: str = "auto"
     """KV cache format: 'auto' stores K and V in `dtype`; 'int8' stores int8 values with one bfloat16 scale per
     token and kv head beside the pages (engine.attention.Int8Pages), which attention dequantizes as it reads: per

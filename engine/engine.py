@@ -61,6 +61,7 @@ from engine.api import (
 from engine.attention import SINK_PAGE
 from engine.compile import HOST_COPY_PAGES, StepCompiler
 from engine.config import ModelConfig
+from engine.host_memory import to_huge_pages
 from engine.kv import Match, PagePool
 from engine.kv.host import HostTier
 from engine.model import Packed, Transformer, abstract_params, runtime_head, runtime_layer
@@ -477,11 +478,14 @@ class Engine(HostBook):
             functools.partial(runtime_layer, config=c, fuse_qkv=self.fuse_qkv, packed=packed, quantize=config.quantize)
         )
         head = jax.jit(functools.partial(runtime_head, config=c, packed=packed, quantize=config.quantize))
+        given = params
         params = {
             **head({k: v for k, v in params.items() if not k.startswith("layer_")}),
             **{k: prepare(v) for k, v in params.items() if k.startswith("layer_")},
         }
         self.params = jax.device_put(params, self.param_shardings)
+        if config.huge_pages:
+            self.params = to_huge_pages(self.params, keep=given)
         self.compiler = StepCompiler(
             self.model,
             config,

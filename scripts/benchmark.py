@@ -78,6 +78,7 @@ _ATTENTION = flags.DEFINE_enum(
     "attention", "auto", ["auto", "kernel", "pallas", "xla"], "Decode attention implementation."
 )
 _LINEAR = flags.DEFINE_enum("linear", "auto", ["auto", "kernel", "xla"], "Weight products implementation.")
+_HUGE_PAGES = flags.DEFINE_bool("huge_pages", True, "CPU: weights in 2 MiB pages (EngineConfig.huge_pages).")
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "Weight format (int8: weight-only, at load).")
 _WORKLOAD = flags.DEFINE_enum(
     "workload", "w2", ["w1", "w2", "w3", "w4", "w5"], "Synthetic workload (shared/PERFORMANCE.md); w4, w5: serve only."
@@ -224,6 +225,7 @@ def options() -> Options:
         host_kv_bytes=_HOST_KV_BYTES.value,
         attention=_ATTENTION.value,
         linear=_LINEAR.value,
+        huge_pages=_HUGE_PAGES.value,
         quantize=_QUANTIZE.value,
         workload=_WORKLOAD.value,
         prompts_file=_PROMPTS_FILE.value,

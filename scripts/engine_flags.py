@@ -94,6 +94,12 @@ _KV_DTYPE = flags.DEFINE_enum(
     "KV cache format: 'auto' stores K/V in --dtype; 'int8' stores int8 values with a bfloat16 scale per token and kv "
     "head (1.94x bfloat16's tokens in the same memory, 3.9x float32's); attention runs XLA's formulation.",
 )
+_HUGE_PAGES = flags.DEFINE_bool(
+    "huge_pages",
+    True,
+    "CPU: copy the weights at load into 2 MiB pages (transparent huge pages, where the kernel allows them); a decode "
+    "step streams every weight, and 4 KiB pages cost it TLB misses. No effect on TPU/GPU.",
+)
 _MESH = flags.DEFINE_string(
     "mesh",
     "auto",
@@ -170,6 +176,7 @@ def engine_config(**overrides) -> EngineConfig:
         linear=_LINEAR.value,
         quantize=_QUANTIZE.value,
         kv_dtype=_KV_DTYPE.value,
+        huge_pages=_HUGE_PAGES.value,
     )
     values.update(overrides)
     return EngineConfig(**values)
