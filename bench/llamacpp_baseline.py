@@ -40,6 +40,7 @@ What is compared, and how (shared/PERFORMANCE.md, "a fair side-by-side"):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -212,6 +213,37 @@ def source_gguf(checkpoint: str | None) -> str:
     return path
 
 
+def make_spec(
+    source: str,
+    variant: str,
+    workload: str,
+    prompts: Sequence[Sequence[int]],
+    max_tokens: int,
+    repeats: int,
+    threads: int,
+    kv_type: str = "f16",
+    flash_attn: str = "auto",
+    bandwidth: float | None = None,
+) -> dict[str, Any]:
+    """What the llama.cpp process runs (`run_spec`, `serve_w1`) for `variant`'s GGUF of `source` (written if
+    missing). W1 takes the first prompt only."""
+    path = comparison_gguf(source, variant)
+    facts = gguf_facts(path)
+    return {
+        "model": path,
+        "workload": workload,
+        "prompts": [list(map(int, p)) for p in (prompts[:1] if workload == "w1" else prompts)],
+        "max_tokens": max_tokens,
+        "repeats": repeats,
+        "threads": threads,
+        "kv_type": kv_type,
+        "flash_attn": flash_attn,
+        "weight_bytes_per_token": facts["weight_bytes_per_token"],
+        "kv_elements_per_token": facts["kv_elements_per_token"],
+        "bandwidth": bandwidth,
+    }
+
+
 def compare(
     python: str,
     source: str,
@@ -230,21 +262,10 @@ def compare(
     GGUF of `source`, one subprocess per variant, one after another. W2 rows keep the first prompt's tokens only."""
     rows = []
     for variant in variants:
-        path = comparison_gguf(source, variant)
-        facts = gguf_facts(path)
-        spec = {
-            "model": path,
-            "workload": workload,
-            "prompts": [list(map(int, p)) for p in (prompts[:1] if workload == "w1" else prompts)],
-            "max_tokens": max_tokens,
-            "repeats": repeats,
-            "threads": threads,
-            "kv_type": kv_type,
-            "flash_attn": flash_attn,
-            "weight_bytes_per_token": facts["weight_bytes_per_token"],
-            "kv_elements_per_token": facts["kv_elements_per_token"],
-            "bandwidth": bandwidth,
-        }
+        spec = make_spec(
+            source, variant, workload, prompts, max_tokens, repeats, threads, kv_type, flash_attn, bandwidth
+        )
+        facts = gguf_facts(spec["model"])
         # llama.cpp's threads spin at barriers, so a busy machine slows it many times over (seen here: 50x under
         # a load average of 5 on 2 cores); the load around each row tells a quiet run from a spoiled one
         load_before = os.getloadavg()[0]
@@ -281,6 +302,71 @@ def run(python: str, spec: dict[str, Any], *, timeout: float | None = None) -> d
             raise RuntimeError(f"llama.cpp baseline failed (exit {proc.returncode}) on {spec.get('model')}:\n{tail}")
         with open(out_path, encoding="utf-8") as f:
             return json.load(f)
+
+
+class W1Session:
+    """One llama.cpp process holding one GGUF (`serve_w1`), timing one W1 pass per `run()`: passes of meshserve and
+    llama.cpp can then alternate, so both see the same machine. A VM's memory bandwidth drifts by a third within
+    minutes (seen on the Zen 5 VM: 72 -> 96 tok/s and back within one minute, in both programs), which decides a
+    comparison of runs taken one after the other; rounds that alternate do not depend on it."""
+
+    def __init__(self, python: str, spec: dict[str, Any], *, timeout: float = 600.0) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="llamacpp-")
+        spec_path = os.path.join(self._dir.name, "spec.json")
+        with open(spec_path, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+        self._log = open(os.path.join(self._dir.name, "log.txt"), "w+", encoding="utf-8")  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [python, os.path.abspath(__file__), "--serve", spec_path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        self.model = spec["model"]
+        if self._read_line() != "ready":
+            raise self._failed("did not start")
+
+    def _read_line(self) -> str:
+        return self._proc.stdout.readline().strip()
+
+    def _failed(self, what: str) -> RuntimeError:
+        self._proc.kill()
+        self._proc.wait()
+        self._log.seek(0)
+        return RuntimeError(
+            f"llama.cpp baseline {what} (exit {self._proc.returncode}) on {self.model}:\n{self._log.read()[-3000:]}"
+        )
+
+    def run(self) -> dict[str, Any]:
+        """One W1 pass: ttft_s, decode_s, decode_tokens_per_s, tokens."""
+        try:
+            self._proc.stdin.write("pass\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            raise self._failed("stopped") from None
+        line = self._read_line()
+        if not line:
+            raise self._failed("stopped")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError):
+                self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> W1Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ----- the llama.cpp venv's side ----------------------------------------------------------------------------------
@@ -397,22 +483,26 @@ class _Model:
         return first, ready
 
 
+def _w1_pass(m: _Model, ids: Sequence[int], n_new: int) -> tuple[list[int], float, float]:
+    """(tokens, TTFT seconds, decode seconds) of one W1 generation from an empty cache."""
+    m.clear()
+    start = time.perf_counter()
+    (token,), _ = m.prefill([ids])
+    ttft = time.perf_counter() - start
+    tokens = [token]
+    start = time.perf_counter()
+    for k in range(n_new - 1):
+        (token,) = m.decode([(tokens[-1], len(ids) + k, 0, True)])
+        tokens.append(int(token))
+    return tokens, ttft, time.perf_counter() - start
+
+
 def _w1(m: _Model, spec: dict[str, Any]) -> dict[str, Any]:
     (ids,) = spec["prompts"]
     n_new, repeats = int(spec["max_tokens"]), int(spec["repeats"])
 
     def generate() -> tuple[list[int], float, float]:
-        """(tokens, TTFT seconds, decode seconds) of one generation from an empty cache."""
-        m.clear()
-        start = time.perf_counter()
-        (token,), _ = m.prefill([ids])
-        ttft = time.perf_counter() - start
-        tokens = [token]
-        start = time.perf_counter()
-        for k in range(n_new - 1):
-            (token,) = m.decode([(tokens[-1], len(ids) + k, 0, True)])
-            tokens.append(int(token))
-        return tokens, ttft, time.perf_counter() - start
+        return _w1_pass(m, ids, n_new)
 
     generate()  # warm-up, excluded
     runs = []
@@ -520,7 +610,29 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def serve_w1(spec: dict[str, Any]) -> None:
+    """`W1Session`'s other end: loads the model once, runs one untimed pass, says "ready", then answers each line of
+    stdin with one W1 pass as a JSON line (ttft_s, decode_s, decode_tokens_per_s, tokens) until stdin closes."""
+    (ids,) = spec["prompts"]
+    n_new = int(spec["max_tokens"])
+    m = _Model(spec, 1, len(ids) + n_new)
+    try:
+        _w1_pass(m, ids, n_new)
+        print("ready", flush=True)
+        for _ in sys.stdin:
+            tokens, ttft, seconds = _w1_pass(m, ids, n_new)
+            steps = n_new - 1
+            line = {"ttft_s": ttft, "decode_s": seconds, "decode_tokens_per_s": steps / seconds, "tokens": tokens}
+            print(json.dumps(line), flush=True)
+    finally:
+        m.close()
+
+
 def main(argv: Sequence[str]) -> int:
+    if len(argv) == 3 and argv[1] == "--serve":
+        with open(argv[2], encoding="utf-8") as f:
+            serve_w1(json.load(f))
+        return 0
     if len(argv) != 3:
         print("usage: llamacpp_baseline.py SPEC.json OUT.json (run by bench.llamacpp_baseline.run)", file=sys.stderr)
         return 2

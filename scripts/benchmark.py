@@ -33,11 +33,13 @@ meshserve again with int8 weights in the same run (one JSON per format, each wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import statistics
 import sys
 
 # Run as a plain script, Python puts scripts/ on the path, not the repository root that holds the packages.
@@ -47,7 +49,7 @@ from absl import app, flags
 
 from bench import gateway_load, llamacpp_baseline, multiturn, workloads
 from bench import roofline as rl
-from bench.runner import COMMANDS, Options, load_model, prompts, run_command
+from bench.runner import COMMANDS, Options, decode_pass, load_model, prompts, run_command
 from checkpoints.errors import CheckpointError
 from engine.engine import default_dtype
 
@@ -180,6 +182,13 @@ _LLAMACPP_THREADS = flags.DEFINE_integer(
 _LLAMACPP_KV = flags.DEFINE_enum("llamacpp_kv", "f16", ["f16", "f32"], "llama.cpp's KV cache type (its default f16).")
 _LLAMACPP_FLASH_ATTN = flags.DEFINE_enum(
     "llamacpp_flash_attn", "auto", list(llamacpp_baseline.FLASH_ATTN), "llama.cpp's flash attention (its default)."
+)
+_LLAMACPP_ROUNDS = flags.DEFINE_integer(
+    "llamacpp_rounds",
+    8,
+    "latency --llamacpp: rounds of one meshserve W1 decode pass per format and one llama.cpp pass per variant, "
+    "alternating (order reversed every other round), with the median of the per-round ratios: a VM's bandwidth "
+    "drifts too much between runs taken one after the other. 0: none.",
 )
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "bench_results", "Where JSON results and plots go.")
 _PLOT = flags.DEFINE_bool("plot", True, "Draw PNG plots.")
@@ -438,6 +447,74 @@ def llamacpp_figures(command: str, opts: Options, plan: dict, figures: dict) -> 
     )
 
 
+def llamacpp_rounds(opts: Options, plan: dict, formats: list[str], rounds: int) -> dict:
+    """W1 decode of meshserve (one engine of one slot per weight format) and llama.cpp (one process per variant,
+    `llamacpp_baseline.W1Session`) in alternating rounds: tokens/s per pass, and per pair the median over rounds of
+    meshserve's over llama.cpp's (above 1: meshserve ahead)."""
+    ids = plan["ids"][0]
+    engines = {q: load_model(dataclasses.replace(opts, quantize=q), num_slots=1)[0] for q in formats}
+    threads = _LLAMACPP_THREADS.value or len(os.sched_getaffinity(0))
+    passes: list[dict[str, float]] = []
+    with contextlib.ExitStack() as stack:
+        sessions = {
+            v: stack.enter_context(
+                llamacpp_baseline.W1Session(
+                    plan["python"],
+                    llamacpp_baseline.make_spec(
+                        plan["source"],
+                        v,
+                        "w1",
+                        [ids],
+                        opts.max_tokens,
+                        1,
+                        threads,
+                        _LLAMACPP_KV.value,
+                        _LLAMACPP_FLASH_ATTN.value,
+                    ),
+                )
+            )
+            for v in plan["variants"]
+        }
+        for q in formats:  # warm-up, excluded (llama.cpp's ran when its process started)
+            decode_pass(engines[q], ids, opts.max_tokens)
+        for r in range(rounds):
+            order = [("meshserve", q) for q in formats] + [("llama.cpp", v) for v in plan["variants"]]
+            row = {}
+            for who, name in order[:: -1 if r % 2 else 1]:
+                if who == "meshserve":
+                    p = decode_pass(engines[name], ids, opts.max_tokens)
+                    row[f"meshserve {name}"] = p.tokens / p.seconds
+                else:
+                    row[f"llama.cpp {name}"] = sessions[name].run()["decode_tokens_per_s"]
+            passes.append(row)
+    ratios = [
+        {
+            "meshserve": q,
+            "variant": v,
+            "median_ratio": statistics.median(r[f"meshserve {q}"] / r[f"llama.cpp {v}"] for r in passes),
+            "ratios": [r[f"meshserve {q}"] / r[f"llama.cpp {v}"] for r in passes],
+        }
+        for q in formats
+        for v in plan["variants"]
+    ]
+    return {"rounds": rounds, "threads": threads, "decode_tokens_per_s": passes, "ratios": ratios}
+
+
+def llamacpp_rounds_headline(paired: dict) -> list[str]:
+    lines = []
+    for name in paired["decode_tokens_per_s"][0]:
+        runs = [r[name] for r in paired["decode_tokens_per_s"]]
+        lines.append(
+            f"alternating rounds, {name}: median {statistics.median(runs):.1f} tok/s ({min(runs):.1f}-{max(runs):.1f})"
+        )
+    for r in paired["ratios"]:
+        lines.append(
+            f"alternating rounds, meshserve {r['meshserve']} / llama.cpp {r['variant']} decode: median "
+            f"{r['median_ratio']:.3f}x over {paired['rounds']} rounds ({min(r['ratios']):.2f}-{max(r['ratios']):.2f})"
+        )
+    return lines
+
+
 def with_llamacpp(command: str, figures: dict, llamacpp: dict) -> dict:
     """`figures` with the llama.cpp rows and, per row, meshserve's figure over llama.cpp's (above 1: ahead)."""
 
@@ -488,6 +565,8 @@ def main(argv: list[str]) -> None:
                 print(line if len(formats) == 1 else f"[quantize={quantize}] {line}")
         if plan is not None:
             llamacpp = llamacpp_figures(command, opts, plan, runs[0][0]["figures"])
+            if command == "latency" and _LLAMACPP_ROUNDS.value > 0:
+                llamacpp["alternating"] = llamacpp_rounds(opts, plan, formats, _LLAMACPP_ROUNDS.value)
     except (CheckpointError, ValueError, OSError, RuntimeError) as exc:  # CapacityError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -501,6 +580,9 @@ def main(argv: list[str]) -> None:
             for line in llamacpp_headline(command, doc["figures"]):
                 print(prefix + line)
         print(f"wrote {path}" + "".join(f", {p}" for p in pngs))
+    if plan is not None and "alternating" in llamacpp:
+        for line in llamacpp_rounds_headline(llamacpp["alternating"]):
+            print(line)
 
 
 if __name__ == "__main__":

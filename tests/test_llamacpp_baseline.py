@@ -280,3 +280,46 @@ def test_llamacpp_w2_batched_matches_one_at_a_time(bundled_f32):
         for ids, tokens in zip(prompts, batched["tokens"], strict=True):
             alone = lb.run(python, _spec(path, "w1", [ids], 4), timeout=600)
             assert tokens[:3] == alone["tokens"][:3], (path, tokens, alone["tokens"])
+
+
+@pytest.mark.slow
+@needs_llamacpp
+def test_w1_session_alternates_passes_with_the_one_shot_tokens(bundled_f32):
+    """The long-lived llama.cpp process (`W1Session`, what the benchmark's alternating rounds use) answers each
+    pass with the tokens the one-shot run gives, and a process that dies says so."""
+    from bench import workloads
+
+    _, tokenizer, f32, _ = bundled_f32
+    ids = workloads.encode(workloads.workload("w1")[0], tokenizer)
+    python = lb.venv_python(VENV)
+    once = lb.run(python, _spec(f32, "w1", [ids], W1_TOKENS), timeout=600)
+    with lb.W1Session(python, _spec(f32, "w1", [ids], W1_TOKENS)) as session:
+        passes = [session.run() for _ in range(2)]
+        for p in passes:
+            assert p["tokens"] == once["tokens"]
+            assert p["decode_tokens_per_s"] == pytest.approx((W1_TOKENS - 1) / p["decode_s"])
+        session._proc.kill()
+        session._proc.wait()
+        with pytest.raises(RuntimeError, match="baseline stopped"):
+            session.run()
+    with pytest.raises(RuntimeError, match="did not start"):
+        lb.W1Session(python, {**_spec(f32, "w1", [ids], W1_TOKENS), "model": f32 + ".missing"})
+
+
+def test_alternating_rounds_headline():
+    from scripts import benchmark
+
+    paired = {
+        "rounds": 3,
+        "decode_tokens_per_s": [
+            {"meshserve none": 80.0, "llama.cpp f32": 100.0},
+            {"llama.cpp f32": 70.0, "meshserve none": 77.0},
+            {"meshserve none": 90.0, "llama.cpp f32": 90.0},
+        ],
+        "ratios": [{"meshserve": "none", "variant": "f32", "median_ratio": 1.0, "ratios": [0.8, 1.1, 1.0]}],
+    }
+    assert benchmark.llamacpp_rounds_headline(paired) == [
+        "alternating rounds, meshserve none: median 80.0 tok/s (77.0-90.0)",
+        "alternating rounds, llama.cpp f32: median 90.0 tok/s (70.0-100.0)",
+        "alternating rounds, meshserve none / llama.cpp f32 decode: median 1.000x over 3 rounds (0.80-1.10)",
+    ]
