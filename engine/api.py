@@ -98,8 +98,8 @@ class EngineConfig:
     CPU in float32 where a C++ compiler exists, Pallas on TPU/GPU where it takes the shapes, else xla)."""
     linear: str = "auto"
     """Weight products: 'kernel' (weights packed at load for the hand-written CPU kernel, engine.kernels), 'xla'
-    (XLA's dot, any backend and sharding) or 'auto' (the kernel on a one-device CPU mesh in float32 with at least
-    MIN_KERNEL_LINEAR_SLOTS slots, where a C++ compiler exists, else xla)."""
+    (XLA's dot, any backend and sharding) or 'auto' (the kernel on a one-device CPU mesh in float32 with one slot or
+    at least MIN_KERNEL_LINEAR_SLOTS, or with int8 weights, where a C++ compiler exists, else xla)."""
     quantize: str = "none"
     """Weight format: 'int8' quantizes the linear weights, the embedding and the head at load to int8 with a float32
     scale per output channel (engine.quant; weight-only, activations stay in `dtype`), a quarter of float32's bytes

@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 
 MIN_KERNEL_LINEAR_SLOTS = 16
 """Slots from which `linear='auto'` packs the weights for the CPU kernel: a decode step's products then fill at
-least one 16-float vector of tokens; below that XLA's matrix-vector products already stream the weights near the
-machine's bandwidth, and the kernel would compute 16 lanes for each token."""
+least one 16-float vector of tokens. One slot is the other case 'auto' takes: the kernel's one-token path streams a
+panel as the flat run of floats it is (1.10x XLA's matrix-vector products in W1 on a 2-core Zen 5 VM, alternating
+rounds, both with weights in 2 MiB pages). From 2 to 15 slots the kernel would compute 16 lanes for each token, and
+XLA stays."""
 MIN_PALLAS_GPU_SLOTS = 8
 """Slots from which `attention='auto'` picks the Pallas kernel on GPU. Measured on an H200 (random 1.1B Llama, bf16,
 1000-token prompts, decode step): 1 slot 1.51 ms Pallas vs 1.37 ms XLA (one program per kv head leaves most of the
@@ -368,7 +370,7 @@ def choose_linear(model_config: ModelConfig, config: EngineConfig, dtype: jnp.dt
         dtype,
         # int8: the kernel reads a quarter of float32's bytes where XLA:CPU converts the int8 weights to float32 in
         # memory first (slower than float32 itself), so it is worth it at any slot count
-        worth_it=config.num_slots >= MIN_KERNEL_LINEAR_SLOTS or config.quantize == "int8",
+        worth_it=config.num_slots == 1 or config.num_slots >= MIN_KERNEL_LINEAR_SLOTS or config.quantize == "int8",
     )
 
 

@@ -78,7 +78,8 @@ _LINEAR = flags.DEFINE_enum(
     "auto",
     ["auto", "kernel", "xla"],
     "Weight products: 'kernel' (weights packed at load for a hand-written CPU kernel, built like --attention's), "
-    "'xla' (any backend and mesh), 'auto' (the kernel on one CPU device in float32 with >= 16 slots).",
+    "'xla' (any backend and mesh), 'auto' (the kernel on one CPU device in float32 with 1 or >= 16 slots, or with "
+    "int8 weights).",
 )
 _QUANTIZE = flags.DEFINE_enum(
     "quantize",

@@ -417,9 +417,11 @@ def test_engine_decodes_the_same_with_packed_weights_and_with_xla_dots(num_slots
         np.testing.assert_array_equal(np.asarray(a), eng_x.params[name])
 
 
-def test_auto_packs_weights_from_16_slots_on_one_cpu_device_in_float32():
+def test_auto_packs_weights_at_one_slot_and_from_16_slots_on_one_cpu_device_in_float32():
     cfg = tiny_config()
     params = init_params(cfg, jnp.float32)
+    assert Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, num_slots=1)).linear == "kernel"
+    assert Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, num_slots=2)).linear == "xla"
     assert Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, num_slots=15)).linear == "xla"
     assert Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, num_slots=16)).linear == "kernel"
     bf16 = dataclasses.replace(ENGINE_CONFIG, num_slots=16, dtype="bfloat16")
