@@ -224,12 +224,12 @@ def make_spec(
     kv_type: str = "f16",
     flash_attn: str = "auto",
     bandwidth: float | None = None,
-) -> dict[str, Any]:
-    """What the llama.cpp process runs (`run_spec`, `serve_w1`) for `variant`'s GGUF of `source` (written if
-    missing). W1 takes the first prompt only."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(spec, facts): what the llama.cpp process runs (`run_spec`, `serve_w1`) for `variant`'s GGUF of `source`
+    (written if missing; W1 takes the first prompt only), and that file's `gguf_facts`."""
     path = comparison_gguf(source, variant)
     facts = gguf_facts(path)
-    return {
+    spec = {
         "model": path,
         "workload": workload,
         "prompts": [list(map(int, p)) for p in (prompts[:1] if workload == "w1" else prompts)],
@@ -242,6 +242,7 @@ def make_spec(
         "kv_elements_per_token": facts["kv_elements_per_token"],
         "bandwidth": bandwidth,
     }
+    return spec, facts
 
 
 def compare(
@@ -262,10 +263,9 @@ def compare(
     GGUF of `source`, one subprocess per variant, one after another. W2 rows keep the first prompt's tokens only."""
     rows = []
     for variant in variants:
-        spec = make_spec(
+        spec, facts = make_spec(
             source, variant, workload, prompts, max_tokens, repeats, threads, kv_type, flash_attn, bandwidth
         )
-        facts = gguf_facts(spec["model"])
         # llama.cpp's threads spin at barriers, so a busy machine slows it many times over (seen here: 50x under
         # a load average of 5 on 2 cores); the load around each row tells a quiet run from a spoiled one
         load_before = os.getloadavg()[0]
@@ -310,7 +310,7 @@ class W1Session:
     minutes (seen on the Zen 5 VM: 72 -> 96 tok/s and back within one minute, in both programs), which decides a
     comparison of runs taken one after the other; rounds that alternate do not depend on it."""
 
-    def __init__(self, python: str, spec: dict[str, Any], *, timeout: float = 600.0) -> None:
+    def __init__(self, python: str, spec: dict[str, Any]) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="llamacpp-")
         spec_path = os.path.join(self._dir.name, "spec.json")
         with open(spec_path, "w", encoding="utf-8") as f:

@@ -423,7 +423,8 @@ def llamacpp_prepare(command: str, opts: Options) -> dict | None:
     # the engine the command loads first (kept for it), so its tokenizer encodes the very ids meshserve reads
     engine, tokenizer = load_model(opts, num_slots=min(opts.slot_counts) if command == "latency" else None)
     ids = [workloads.encode(p, tokenizer) for p in prompts(opts, engine.model_config.vocab_size)]
-    return {"python": python, "source": source, "variants": variants, "ids": ids}
+    threads = _LLAMACPP_THREADS.value or len(os.sched_getaffinity(0))
+    return {"python": python, "source": source, "variants": variants, "ids": ids, "threads": threads}
 
 
 def llamacpp_figures(command: str, opts: Options, plan: dict, figures: dict) -> dict:
@@ -440,7 +441,7 @@ def llamacpp_figures(command: str, opts: Options, plan: dict, figures: dict) -> 
         plan["ids"],
         max_tokens=opts.max_tokens,
         repeats=opts.repeats,
-        threads=_LLAMACPP_THREADS.value or len(os.sched_getaffinity(0)),
+        threads=plan["threads"],
         kv_type=_LLAMACPP_KV.value,
         flash_attn=_LLAMACPP_FLASH_ATTN.value,
         bandwidth=bandwidth,
@@ -453,7 +454,7 @@ def llamacpp_rounds(opts: Options, plan: dict, formats: list[str], rounds: int) 
     meshserve's over llama.cpp's (above 1: meshserve ahead)."""
     ids = plan["ids"][0]
     engines = {q: load_model(dataclasses.replace(opts, quantize=q), num_slots=1)[0] for q in formats}
-    threads = _LLAMACPP_THREADS.value or len(os.sched_getaffinity(0))
+    threads = plan["threads"]
     passes: list[dict[str, float]] = []
     with contextlib.ExitStack() as stack:
         sessions = {
@@ -470,7 +471,7 @@ def llamacpp_rounds(opts: Options, plan: dict, formats: list[str], rounds: int) 
                         threads,
                         _LLAMACPP_KV.value,
                         _LLAMACPP_FLASH_ATTN.value,
-                    ),
+                    )[0],
                 )
             )
             for v in plan["variants"]
@@ -487,16 +488,13 @@ def llamacpp_rounds(opts: Options, plan: dict, formats: list[str], rounds: int) 
                 else:
                     row[f"llama.cpp {name}"] = sessions[name].run()["decode_tokens_per_s"]
             passes.append(row)
-    ratios = [
-        {
-            "meshserve": q,
-            "variant": v,
-            "median_ratio": statistics.median(r[f"meshserve {q}"] / r[f"llama.cpp {v}"] for r in passes),
-            "ratios": [r[f"meshserve {q}"] / r[f"llama.cpp {v}"] for r in passes],
-        }
-        for q in formats
-        for v in plan["variants"]
-    ]
+    ratios = []
+    for q in formats:
+        for v in plan["variants"]:
+            per_round = [r[f"meshserve {q}"] / r[f"llama.cpp {v}"] for r in passes]
+            ratios.append(
+                {"meshserve": q, "variant": v, "median_ratio": statistics.median(per_round), "ratios": per_round}
+            )
     return {"rounds": rounds, "threads": threads, "decode_tokens_per_s": passes, "ratios": ratios}
 
 
