@@ -42,8 +42,9 @@ def test_arrays_alias_one_huge_page_mapping_with_the_same_values():
     big = jnp.asarray(rng.normal(size=(1536, 1024)).astype(np.float32))  # 6 MiB: whole 2 MiB pages
     small = jnp.asarray(rng.normal(size=(7, 3)).astype(np.float32))
     codes = jnp.asarray(rng.integers(-127, 128, size=(33,)).astype(np.int8))
+    half = jnp.asarray(rng.normal(size=(65, 9)).astype(np.float32)).astype(jnp.bfloat16)  # TPU/GPU's dtype
     kept = jnp.arange(5, dtype=jnp.int32)
-    tree = {"big": big, "small": small, "codes": codes, "kept": kept, "again": big}
+    tree = {"big": big, "small": small, "codes": codes, "half": half, "kept": kept, "again": big}
     expect = {k: np.asarray(v) for k, v in tree.items()}
     out = host_memory.to_huge_pages(tree, keep={"kept": kept})
 
@@ -55,7 +56,7 @@ def test_arrays_alias_one_huge_page_mapping_with_the_same_values():
         assert host_memory.in_arena(pointer) and pointer % 64 == 0
     assert out["again"] is out["big"]  # one array at two places stays one
     # the sources not kept are freed as they are copied; the kept one is untouched
-    assert big.is_deleted() and small.is_deleted() and codes.is_deleted() and not kept.is_deleted()
+    assert all(x.is_deleted() for x in (big, small, codes, half)) and not kept.is_deleted()
     assert _anon_huge_kib(out["big"].unsafe_buffer_pointer()) >= 2048
     # already there: nothing is copied again
     assert host_memory.to_huge_pages(out) is out
