@@ -49,6 +49,7 @@ QUANTIZE_CHOICES = ("none", "int8")
 KV_DTYPE_CHOICES = ("auto", "int8")
 ADMISSION_CHOICES = ("reserve", "grow")
 MAX_PREFILL_SEGMENTS = 32  # a context page names the rows that see it in one int32 bit mask
+MAX_KERNEL_SPIN_US = 1_000_000  # a second of spinning per call is a mistake, not a setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +109,11 @@ class EngineConfig:
     """On CPU, copy the weights at load into one mapping in 2 MiB pages where the kernel allows transparent huge
     pages (engine.host_memory): a decode step streams every weight, and 4 KiB pages cost it TLB misses and prefetch
     stops. No effect on other devices."""
+    kernel_spin_us: int = 200
+    """The CPU kernels' helper threads wait this long for the next call spinning, then sleep (process-wide: the
+    last engine built sets it). A batch-1 decode step makes ~150 kernel calls; waking a sleeping thread for each
+    cost ~1-2 us of ~30. 0 hands every call's work to XLA's thread pool instead (no spinning, e.g. where several
+    processes share the cores)."""
     kv_dtype: str = "auto"
     """KV cache format: 'auto' stores K and V in `dtype`; 'int8' stores int8 values with one bfloat16 scale per
     token and kv head beside the pages (engine.attention.Int8Pages), which attention dequantizes as it reads: per
@@ -145,6 +151,8 @@ class EngineConfig:
             raise ValueError(f"admission must be one of {', '.join(ADMISSION_CHOICES)}, got {self.admission!r}")
         if self.host_kv_bytes < 0:
             raise CapacityError(f"host_kv_bytes must be >= 0, got {self.host_kv_bytes}")
+        if not 0 <= self.kernel_spin_us <= MAX_KERNEL_SPIN_US:
+            raise ValueError(f"kernel_spin_us must be in [0, {MAX_KERNEL_SPIN_US}], got {self.kernel_spin_us}")
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:

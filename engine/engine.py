@@ -431,6 +431,8 @@ class Engine(HostBook):
         # q, k and v as one product wherever no mesh axis splits heads (see fuse_qkv_layer)
         self.fuse_qkv = all(logical_to_spec((a,), self.rules, self.mesh)[0] is None for a in ("q_heads", "kv_heads"))
         self.linear = placement.choose_linear(c, config, self.dtype, self.mesh)
+        if "kernel" in (self.attention, self.linear):
+            kernels.set_spin_micros(config.kernel_spin_us)
 
         # The model: constructed here and nowhere else; the kernels chosen above plug into it (None: XLA's ops).
         packed = None

@@ -9,6 +9,7 @@ from absl import flags
 from checkpoints.bundled import resolve_checkpoint
 from checkpoints.orbax_io import load_config
 from engine import multihost
+from engine.api import MAX_KERNEL_SPIN_US
 from engine.engine import Engine, EngineConfig, default_dtype
 from engine.load import enable_compilation_cache as enable_compilation_cache_in
 from engine.load import load_engine
@@ -101,6 +102,14 @@ _HUGE_PAGES = flags.DEFINE_bool(
     "CPU: copy the weights at load into 2 MiB pages (transparent huge pages, where the kernel allows them); a decode "
     "step streams every weight, and 4 KiB pages cost it TLB misses. No effect on TPU/GPU.",
 )
+_KERNEL_SPIN_US = flags.DEFINE_integer(
+    "kernel_spin_us",
+    200,
+    "CPU kernels: how long their helper threads wait for the next call spinning before they sleep; 0 hands each "
+    "call's work to XLA's thread pool (no spinning, for cores shared with other processes).",
+    lower_bound=0,
+    upper_bound=MAX_KERNEL_SPIN_US,
+)
 _MESH = flags.DEFINE_string(
     "mesh",
     "auto",
@@ -178,6 +187,7 @@ def engine_config(**overrides) -> EngineConfig:
         quantize=_QUANTIZE.value,
         kv_dtype=_KV_DTYPE.value,
         huge_pages=_HUGE_PAGES.value,
+        kernel_spin_us=_KERNEL_SPIN_US.value,
     )
     values.update(overrides)
     return EngineConfig(**values)

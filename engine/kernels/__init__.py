@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from engine.api import MAX_KERNEL_SPIN_US
 from engine.attention import Int8Pages, PrefillPaging, write_decode_kv
 from engine.paths import cache_root
 
@@ -137,6 +138,16 @@ def load() -> Path:
         jax.ffi.register_ffi_target(LINEAR_INT8, jax.ffi.pycapsule(lib.MeshserveLinearInt8), platform="cpu")
         _loaded = (lib, path)
         return path
+
+
+def set_spin_micros(micros: int) -> None:
+    """How long the kernels' helper threads wait for the next call spinning before they sleep, for the whole
+    process (`EngineConfig.kernel_spin_us`); 0 hands every call's work to XLA's thread pool. Builds the kernels if
+    needed."""
+    if not 0 <= micros <= MAX_KERNEL_SPIN_US:
+        raise ValueError(f"spin micros must be in [0, {MAX_KERNEL_SPIN_US}], got {micros}")
+    load()
+    _loaded[0].MeshserveSetSpinMicros(ctypes.c_int64(micros))
 
 
 def int8_activation_min_tokens() -> int:

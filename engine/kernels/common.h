@@ -1,14 +1,20 @@
-// What the CPU kernels share: one AVX-512 register of floats as a GCC/Clang vector type, and work spread over the
-// XLA intra-op thread pool that the FFI hands each call.
+// What the CPU kernels share: one AVX-512 register of floats as a GCC/Clang vector type, and work spread over as
+// many threads as the XLA intra-op pool that the FFI hands each call has (helper threads of their own that spin
+// between calls, else that pool's).
 #pragma once
 
 #include <immintrin.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -74,26 +80,177 @@ inline Vec ExpNonPositive(Vec x) {
   return e * scale;
 }
 
-// Runs body(i) for i in [0, items) on the caller and up to pool.num_threads() - 1 pool tasks, claiming items from a
-// shared counter; returns when all are done. Tasks that start after every item is claimed touch nothing but the
-// shared counters (kept alive by their shared_ptr), so the caller never waits for a task that has not started.
-// body must be copyable; each worker gets its own copy (its own scratch, if it keeps one).
+// Helper threads of the kernels' own, which wait for work spinning (for spin_micros() after their last job, then
+// asleep on a condition variable). Handing work to the XLA pool instead costs a thread's wake-up per call, and a
+// batch-1 decode step makes ~150 calls of 10-150 us each. One caller at a time: a second one (two computations at
+// once) is told no and uses the XLA pool.
+class SpinPool {
+ public:
+  static SpinPool& Get() {
+    static SpinPool* pool = Create();
+    if (forked().load(std::memory_order_relaxed)) {  // a child process: the parent's threads are not here
+      std::lock_guard<std::mutex> lock(fork_mu());
+      if (forked().load()) {
+        pool = new SpinPool();  // the copied one is left alone: its mutexes may be held
+        forked().store(false);
+      }
+    }
+    return *pool;
+  }
+
+  static std::atomic<int64_t>& spin_micros() {
+    static std::atomic<int64_t> micros{200};
+    return micros;
+  }
+
+  // Runs job(ctx, 0) on the caller and job(ctx, i) on helpers i = 1..helpers, returning when the caller's has
+  // returned and so has every helper's that started: a helper that had not started by then never will. False,
+  // having run nothing, when another caller holds the pool.
+  bool Run(int64_t helpers, void (*job)(void*, int64_t), void* ctx) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    while (static_cast<int64_t>(threads_.size()) < helpers) {
+      const int64_t index = threads_.size() + 1;
+      threads_.emplace_back([this, index] { Loop(index); });
+      threads_.back().detach();
+    }
+    job_ = job;
+    ctx_ = ctx;
+    helpers_ = helpers;
+    finished_.store(0, std::memory_order_relaxed);
+    const uint64_t epoch = (state_.load(std::memory_order_relaxed) >> kEpochShift) + 1;
+    state_.store(epoch << kEpochShift);  // open, nobody joined; seq_cst, against a helper about to sleep:
+    if (sleepers_.load() > 0) {        // either it sees the new epoch or this sees it counted
+      std::lock_guard<std::mutex> lock(sleep_mu_);
+      wake_.notify_all();
+    }
+    job(ctx, 0);
+    const uint64_t joined = state_.fetch_or(kClosed, std::memory_order_acq_rel) & kJoined;
+    while (finished_.load(std::memory_order_acquire) < static_cast<int64_t>(joined)) _mm_pause();
+    return true;
+  }
+
+ private:
+  // state_: the job's epoch, whether it is closed to helpers, and how many joined it.
+  static constexpr int kEpochShift = 32;
+  static constexpr uint64_t kClosed = uint64_t{1} << 31, kJoined = kClosed - 1;
+
+  static std::atomic<bool>& forked() {
+    static std::atomic<bool> flag{false};
+    return flag;
+  }
+  static std::mutex& fork_mu() {
+    static std::mutex mu;
+    return mu;
+  }
+  static SpinPool* Create() {
+    pthread_atfork(nullptr, nullptr, [] { forked().store(true); });
+    return new SpinPool();  // never deleted: detached threads use it until the process ends
+  }
+
+  void Loop(int64_t index) {
+    uint64_t seen = 0;  // the last epoch this thread saw
+    for (;;) {
+      uint64_t state = state_.load(std::memory_order_acquire);
+      if (state >> kEpochShift == seen) {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_micros().load());
+        for (int spins = 1; (state = state_.load(std::memory_order_acquire)) >> kEpochShift == seen; ++spins) {
+          _mm_pause();
+          if (spins % 64 == 0 && std::chrono::steady_clock::now() > until) break;
+        }
+      }
+      if (state >> kEpochShift == seen) {
+        std::unique_lock<std::mutex> lock(sleep_mu_);
+        sleepers_.fetch_add(1);
+        wake_.wait(lock, [&] { return (state = state_.load()) >> kEpochShift != seen; });
+        sleepers_.fetch_sub(1);
+      }
+      seen = state >> kEpochShift;
+      // join unless closed (or a newer job came meanwhile: then the next turn of the loop takes it)
+      while (!(state & kClosed) && state >> kEpochShift == seen &&
+             !state_.compare_exchange_weak(state, state + 1, std::memory_order_acquire)) {
+      }
+      if ((state & kClosed) || state >> kEpochShift != seen) continue;
+      if (index <= helpers_) job_(ctx_, index);
+      finished_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  std::mutex busy_;  // held by the one caller
+  std::vector<std::thread> threads_;
+  alignas(64) std::atomic<uint64_t> state_{0};  // with the job, one cache line: what a helper reads to start
+  void (*job_)(void*, int64_t) = nullptr;
+  void* ctx_ = nullptr;
+  int64_t helpers_ = 0;
+  alignas(64) std::atomic<int64_t> finished_{0};
+  std::mutex sleep_mu_;
+  std::condition_variable wake_;
+  std::atomic<int64_t> sleepers_{0};
+};
+
+// Runs body(i) for i in [0, items < 2^32) on the caller and up to pool.num_threads() - 1 helpers. Each worker owns
+// an equal contiguous share, which it takes item by item from the front; one that runs out takes items from the
+// back of the others' shares. A claim is one uncontended compare-and-swap on the worker's own cache
+// line until someone steals (one shared counter costs a cross-core transfer per claim), and the contiguous shares
+// keep each worker's weight stream sequential. The helpers are SpinPool's when it is free and spinning is on,
+// else tasks on the XLA pool: tasks that start after every item is claimed touch nothing but the shared state (kept
+// alive by its shared_ptr), so the caller never waits for a task that has not started. body must be copyable;
+// each worker gets its own copy (its own scratch, if it keeps one).
 template <typename Body>
 void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, Body body) {
-  struct Work {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
+  if (items <= 0) return;
+  struct alignas(64) Share {
+    std::atomic<uint64_t> span;  // front << 32 | back
   };
-  auto work = std::make_shared<Work>();
-  auto run = [items, body](Work& w) mutable {
-    for (int64_t i; (i = w.next.fetch_add(1)) < items;) {
-      body(i);
-      w.done.fetch_add(1, std::memory_order_release);
+  struct Work {
+    Work(int64_t items, int64_t workers) : workers(workers), shares(new Share[workers]) {
+      for (int64_t t = 0; t < workers; ++t)
+        shares[t].span.store(static_cast<uint64_t>(items * t / workers) << 32 |
+                             static_cast<uint64_t>(items * (t + 1) / workers));
+    }
+    const int64_t workers;
+    std::unique_ptr<Share[]> shares;
+    std::atomic<int64_t> started{1};  // the caller is worker 0
+    alignas(64) std::atomic<int64_t> done{0};
+  };
+  // an item off share s, from its front or its back; false when the share is empty
+  auto claim = [](Share& s, bool front, int64_t& item) {
+    uint64_t span = s.span.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t lo = span >> 32, hi = span & 0xffffffffu;
+      if (lo >= hi) return false;
+      if (s.span.compare_exchange_weak(span, front ? (lo + 1) << 32 | hi : lo << 32 | (hi - 1),
+                                       std::memory_order_relaxed)) {
+        item = front ? lo : hi - 1;
+        return true;
+      }
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, run]() mutable { run(*work); });
-  run(*work);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), items));
+  auto work = std::make_shared<Work>(items, workers);
+  auto run = [body, claim](Work& w, int64_t self) mutable {
+    int64_t count = 0, item;
+    for (; self < w.workers && claim(w.shares[self], true, item); ++count) body(item);
+    for (int64_t k = 1; k < w.workers; ++k)
+      for (Share& s = w.shares[(self + k) % w.workers]; claim(s, false, item); ++count) body(item);
+    w.done.fetch_add(count, std::memory_order_release);
+  };
+  const int64_t helpers = workers - 1;
+  if (helpers > 0 && SpinPool::spin_micros().load(std::memory_order_relaxed) > 0) {
+    struct Ctx {
+      decltype(run) worker;
+      Work* work;
+    } ctx{run, work.get()};
+    auto job = [](void* p, int64_t self) {
+      auto& c = *static_cast<Ctx*>(p);
+      auto own = c.worker;  // each thread its own copy of the body
+      own(*c.work, self);
+    };
+    if (SpinPool::Get().Run(helpers, job, &ctx)) return;
+  }
+  for (int64_t t = 0; t < helpers; ++t)
+    pool.Schedule([work, run]() mutable { run(*work, work->started.fetch_add(1)); });
+  run(*work, 0);
   while (work->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
