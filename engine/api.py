@@ -113,7 +113,8 @@ class EngineConfig:
     """The CPU kernels' helper threads wait this long for the next call spinning, then sleep (process-wide: the
     last engine built sets it). A batch-1 decode step makes ~150 kernel calls; waking a sleeping thread for each
     cost ~1-2 us of ~30. 0 hands every call's work to XLA's thread pool instead (no spinning, e.g. where several
-    processes share the cores)."""
+    processes share the cores; scripts/serve.py's default: spinning cost TTFT through the gateway 3-4 ms on a
+    2-core VM)."""
     kv_dtype: str = "auto"
     """KV cache format: 'auto' stores K and V in `dtype`; 'int8' stores int8 values with one bfloat16 scale per
     token and kv head beside the pages (engine.attention.Int8Pages), which attention dequantizes as it reads: per

@@ -106,7 +106,8 @@ _KERNEL_SPIN_US = flags.DEFINE_integer(
     "kernel_spin_us",
     200,
     "CPU kernels: how long their helper threads wait for the next call spinning before they sleep; 0 hands each "
-    "call's work to XLA's thread pool (no spinning, for cores shared with other processes).",
+    "call's work to XLA's thread pool (no spinning, for cores shared with other processes). serve.py's default is 0 "
+    "(a server shares its cores with its request threads and the gateway).",
     lower_bound=0,
     upper_bound=MAX_KERNEL_SPIN_US,
 )

@@ -5,6 +5,7 @@ way, so every path must give the same bits, and every item must be computed once
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -119,3 +120,18 @@ def test_spin_time_is_checked():
         EngineConfig(kernel_spin_us=-1)
     with pytest.raises(ValueError, match=r"spin micros must be in \[0, 1000000\], got 2000000"):
         kernels.set_spin_micros(2_000_000)
+
+
+def test_the_server_does_not_spin_by_default():
+    """serve.py shares its cores with its request threads and the gateway, so its kernels do not spin unless asked;
+    the engine's own default (offline jobs, benchmarks) does."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "scripts", "serve.py"), "--helpfull"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    block = out[out.index("--kernel_spin_us") :].split("\n  --", 1)[0]
+    assert "(default: '0')" in block, block
+    assert DEFAULT_SPIN > 0
