@@ -14,7 +14,6 @@
 #include <memory>
 #include <mutex>
 #include <thread>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -109,11 +108,7 @@ class SpinPool {
   bool Run(int64_t helpers, void (*job)(void*, int64_t), void* ctx) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
-    while (static_cast<int64_t>(threads_.size()) < helpers) {
-      const int64_t index = threads_.size() + 1;
-      threads_.emplace_back([this, index] { Loop(index); });
-      threads_.back().detach();
-    }
+    for (; threads_ < helpers; ++threads_) std::thread([this, index = threads_ + 1] { Loop(index); }).detach();
     job_ = job;
     ctx_ = ctx;
     helpers_ = helpers;
@@ -177,7 +172,7 @@ class SpinPool {
   }
 
   std::mutex busy_;  // held by the one caller
-  std::vector<std::thread> threads_;
+  int64_t threads_ = 0;  // helpers started (detached; they live as long as the process)
   alignas(64) std::atomic<uint64_t> state_{0};  // with the job, one cache line: what a helper reads to start
   void (*job_)(void*, int64_t) = nullptr;
   void* ctx_ = nullptr;
