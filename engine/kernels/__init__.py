@@ -59,7 +59,16 @@ INT8_PANEL_ROWS = 32
 _DIR = Path(__file__).parent
 _SOURCES = (_DIR / "decode_attention.cc", _DIR / "prefill_attention.cc", _DIR / "linear.cc", _DIR / "linear_int8.cc")
 _HEADERS = (_DIR / "common.h",)
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+ARCH_ENV = "MESHSERVE_KERNEL_ARCH"
+"""Environment variable naming the `-march` the kernels are built for (default native: this CPU). Tests set it to
+build the AVX2 code paths (x86-64-v3) on an AVX-512 machine; a value the CPU cannot run faults when called."""
+
+
+def _flags() -> tuple[str, ...]:
+    arch = os.environ.get(ARCH_ENV) or "native"
+    return ("-O3", f"-march={arch}", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
 _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL, Path] | None = None  # the library (kept referenced) and its path
 
@@ -91,7 +100,7 @@ def library_path(cxx: str) -> Path:
     key = hashlib.sha256()
     for path in (*_SOURCES, *_HEADERS):
         key.update(path.read_bytes())
-    for part in (" ".join(_FLAGS), cxx, jaxlib.__version__, _cpu_id()):
+    for part in (" ".join(_flags()), cxx, jaxlib.__version__, _cpu_id()):
         key.update(part.encode())
     return Path(cache_root()) / "kernels" / f"meshserve_kernels-{key.hexdigest()[:16]}.so"
 
@@ -100,7 +109,7 @@ def _build(cxx: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", tmp]
+    cmd = [cxx, *_flags(), f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", tmp]
     log.info("building the CPU kernels: %s", " ".join(cmd))
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:

@@ -13,8 +13,11 @@
 // ~0.2 GFLOP, and in a decode step, one after another, those products ran at ~240 GFLOP/s against the ~400 the
 // machine does (2-core AVX-512 VM). The weights never change, so they are packed once, at load.
 //
-// A tile is kRows weight rows x up to 64 tokens: 24 accumulators, and per input feature 4 activation loads and 6
-// broadcast weights for 24 fused multiply-adds. Work items are (a run of panels, a block of tokens).
+// A tile is kRows weight rows x kVecs native vectors of tokens: with AVX-512, 6 x 64 tokens, 24 accumulators of 32
+// registers, per input feature 4 activation loads and 6 broadcast weights for 24 fused multiply-adds; with AVX2,
+// 6 x 16 tokens, 12 accumulators of 16 registers (BLIS's Haswell shape). (With 16-float vectors on an AVX2 machine,
+// which GCC compiles through memory, a [1536, 576] product at 41 tokens took 17.7 ms on a 2-core AMD EPYC Zen 3 VM,
+// 26x XLA's dot.) Work items are (a run of panels, a block of tokens).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,15 +28,16 @@
 #include "common.h"
 
 namespace ffi = xla::ffi;
-using meshserve::kLanes;
 using meshserve::Load;
 using meshserve::Store;
-using meshserve::Vec;
+using NVec = meshserve::Vec;
 
 namespace {
 
+constexpr int64_t kL = meshserve::kLanes;  // floats per vector: the machine's register (common.h)
+constexpr int64_t kVecs = kL == 16 ? 4 : 2;  // token vectors per tile: 64 tokens (AVX-512) or 16 (AVX2)
+
 constexpr int64_t kRows = 6;       // weight rows per panel (packed layout; engine/kernels/__init__.py must agree)
-constexpr int64_t kVecs = 4;       // token vectors per tile: 64 tokens
 constexpr int64_t kTokenBlock = 256;  // tokens per work item: its activations stay in L2 across the item's panels
 // Weights are prefetched this many floats (2 KiB) ahead, into the next panel at a panel's end (panels are
 // contiguous). The hardware prefetcher stops at 4 KiB page boundaries: measured on the AVX-512 VM, a [3072, 576]
@@ -47,24 +51,24 @@ struct Epilogue {
 };
 
 // silu(x) = x * sigmoid(x), with e = exp(-|x|) <= 1: sigmoid is 1 / (1 + e) for x >= 0 and e / (1 + e) below.
-inline Vec Silu(Vec x) {
-  const Vec e = meshserve::ExpNonPositive(x < 0.0f ? x : -x);
-  return x * ((x < 0.0f ? e : Vec{} + 1.0f) / (1.0f + e));
+inline NVec Silu(NVec x) {
+  const NVec e = meshserve::ExpNonPositive(x < 0.0f ? x : -x);
+  return x * ((x < 0.0f ? e : NVec{} + 1.0f) / (1.0f + e));
 }
 
-// The first `rows` output rows of one panel for TV * kLanes tokens: y (row stride M) from x (row stride xm);
+// The first `rows` output rows of one panel for TV * kL tokens: y (row stride M) from x (row stride xm);
 // `residual` (row stride M) is the residual at the same place, or null.
 template <int TV>
 void Tile(const float* __restrict panel, int64_t K, const float* __restrict x, int64_t xm, float* y, int64_t M,
           int64_t rows, const float* residual, bool gated) {
-  Vec acc[kRows][TV] = {};
+  NVec acc[kRows][TV] = {};
   for (int64_t k = 0; k < K; ++k) {
     if (k % 8 == 0) {  // the 3 cache lines of weights 8 features hold, kPrefetch floats ahead (see kPrefetch)
       const char* ahead = reinterpret_cast<const char*>(panel + k * kRows + kPrefetch);
       for (int line = 0; line < 3; ++line) __builtin_prefetch(ahead + 64 * line, 0, 3);
     }
-    Vec xv[TV];
-    for (int j = 0; j < TV; ++j) xv[j] = Load(x + k * xm + j * kLanes);
+    NVec xv[TV];
+    for (int j = 0; j < TV; ++j) xv[j] = Load(x + k * xm + j * kL);
     const float* w = panel + k * kRows;
     for (int i = 0; i < kRows; ++i) {
       const float b = w[i];
@@ -73,24 +77,24 @@ void Tile(const float* __restrict panel, int64_t K, const float* __restrict x, i
   }
   for (int64_t i = 0; i < rows; ++i)
     for (int j = 0; j < TV; ++j) {
-      Vec v = gated ? Silu(acc[i][j]) * acc[i + kRows / 2][j] : acc[i][j];
-      if (residual != nullptr) v += Load(residual + i * M + j * kLanes);
-      Store(y + i * M + j * kLanes, v);
+      NVec v = gated ? Silu(acc[i][j]) * acc[i + kRows / 2][j] : acc[i][j];
+      if (residual != nullptr) v += Load(residual + i * M + j * kL);
+      Store(y + i * M + j * kL, v);
     }
 }
 
-// One work item: panels [p0, p1) x tokens [m0, m1) of y [N, M] (rows past N dropped). Tokens go through 64-token
-// tiles, then one tile of the 16-48 left; the last < 16 through a zero-padded copy of x (`pad`) made once for all
-// of the item's panels.
+// One work item: panels [p0, p1) x tokens [m0, m1) of y [N, M] (rows past N dropped). Tokens go through tiles of
+// kVecs vectors, then one tile of the whole vectors left; the last < kL through a zero-padded copy of x (`pad`)
+// made once for all of the item's panels.
 void Run(const float* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, const Epilogue& ep,
          int64_t p0, int64_t p1, int64_t m0, int64_t m1, std::vector<float>& pad) {
-  const int64_t whole = m0 + (m1 - m0) / kLanes * kLanes, tail = m1 - whole, out = ep.Rows();
+  const int64_t whole = m0 + (m1 - m0) / kL * kL, tail = m1 - whole, out = ep.Rows();
   float *px = nullptr, *py = nullptr;
   if (tail > 0) {
-    pad.assign(K * kLanes + kRows * kLanes, 0.0f);
+    pad.assign(K * kL + kRows * kL, 0.0f);
     px = pad.data();
-    py = px + K * kLanes;
-    for (int64_t k = 0; k < K; ++k) std::memcpy(px + k * kLanes, x + k * M + whole, tail * sizeof(float));
+    py = px + K * kL;
+    for (int64_t k = 0; k < K; ++k) std::memcpy(px + k * kL, x + k * M + whole, tail * sizeof(float));
   }
   for (int64_t p = p0; p < p1; ++p) {
     const float* panel = w + p * K * kRows;
@@ -101,17 +105,17 @@ void Run(const float* w, int64_t N, int64_t K, const float* x, int64_t M, float*
       Tile<decltype(tv)::value>(panel, K, x + m, M, yp + m, M, rows, rp == nullptr ? nullptr : rp + m, ep.gated);
     };
     int64_t m = m0;
-    for (; m + kVecs * kLanes <= whole; m += kVecs * kLanes) tile(std::integral_constant<int, kVecs>(), m);
-    switch ((whole - m) / kLanes) {  // the 1-3 whole vectors left: one tile, one pass over the panel
-      case 3: tile(std::integral_constant<int, 3>(), m); break;
-      case 2: tile(std::integral_constant<int, 2>(), m); break;
+    for (; m + kVecs * kL <= whole; m += kVecs * kL) tile(std::integral_constant<int, kVecs>(), m);
+    switch ((whole - m) / kL) {  // the whole vectors left (< kVecs): one tile, one pass over the panel
+      case 3: if constexpr (kVecs > 3) tile(std::integral_constant<int, 3>(), m); break;
+      case 2: if constexpr (kVecs > 2) tile(std::integral_constant<int, 2>(), m); break;
       case 1: tile(std::integral_constant<int, 1>(), m); break;
     }
     if (tail > 0) {
-      Tile<1>(panel, K, px, kLanes, py, kLanes, rows, nullptr, ep.gated);
+      Tile<1>(panel, K, px, kL, py, kL, rows, nullptr, ep.gated);
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t t = 0; t < tail; ++t)
-          yp[i * M + whole + t] = py[i * kLanes + t] + (rp == nullptr ? 0.0f : rp[i * M + whole + t]);
+          yp[i * M + whole + t] = py[i * kL + t] + (rp == nullptr ? 0.0f : rp[i * M + whole + t]);
     }
   }
 }
@@ -122,30 +126,32 @@ void Run(const float* w, int64_t N, int64_t K, const float* x, int64_t M, float*
 // repeated 6 times: 6/16 FMA per weight, so the product runs at the memory's speed. 48 floats (3 vectors) of the
 // panel hold 8 features; their x, loaded once, is spread over the 3 vectors by shuffles, and 3 accumulators take
 // the vectors in turn, their 48 lanes folding into the 6 rows at the panel's end (the lane of a row repeats every
-// 6). The features past the last whole 8 go scalar. (Spreading x into a 6x copy once per call, as this did before,
+// 6). The features past the last whole 8 go scalar. With AVX2 the same with 8-float vectors: 24 floats, 4 features. (Spreading x into a 6x copy once per call, as this did before,
 // cost ~1 us per call before the helpers could start, and a second stream of loads: W1 2.7% slower.)
 void RunOne(const float* w, int64_t N, int64_t K, const float* x, float* y, const Epilogue& ep, int64_t p0,
             int64_t p1) {
-  typedef float Vec8 __attribute__((vector_size(8 * sizeof(float)), aligned(sizeof(float))));
-  constexpr int64_t kPeriod = 3 * kLanes;  // 48 floats: lcm(kRows, kLanes)
-  static_assert(kPeriod == 8 * kRows, "a period holds 8 features");
-  const int64_t flat = K * kRows, whole = K / 8 * kPeriod, out = ep.Rows();
+  constexpr int64_t kPeriod = 3 * kL;  // lcm(kRows, kL) floats: 48 (AVX-512) or 24 (AVX2)
+  constexpr int64_t kFeatures = kPeriod / kRows;  // 8 or 4
+  typedef float XVec __attribute__((vector_size(kFeatures * sizeof(float)), aligned(sizeof(float))));
+  const int64_t flat = K * kRows, whole = K / kFeatures * kPeriod, out = ep.Rows();
   for (int64_t p = p0; p < p1; ++p) {
     const float* panel = w + p * flat;
-    Vec acc[3] = {};
-    for (int64_t f = 0, k = 0; f < whole; f += kPeriod, k += 8) {
-      __builtin_prefetch(panel + f + kPrefetch, 0, 3);
-      __builtin_prefetch(panel + f + kPrefetch + kLanes, 0, 3);
-      __builtin_prefetch(panel + f + kPrefetch + 2 * kLanes, 0, 3);
-      const Vec8 x8 = *reinterpret_cast<const Vec8*>(x + k);
-      acc[0] += Load(panel + f) * __builtin_shufflevector(x8, x8, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2);
-      acc[1] += Load(panel + f + kLanes) *
-                __builtin_shufflevector(x8, x8, 2, 2, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 5, 5);
-      acc[2] += Load(panel + f + 2 * kLanes) *
-                __builtin_shufflevector(x8, x8, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7);
+    NVec acc[3] = {};
+    for (int64_t f = 0, k = 0; f < whole; f += kPeriod, k += kFeatures) {
+      for (int64_t line = 0; line < kPeriod; line += 16) __builtin_prefetch(panel + f + kPrefetch + line, 0, 3);
+      const XVec xs = *reinterpret_cast<const XVec*>(x + k);
+#if defined(__AVX512F__)
+      acc[0] += Load(panel + f) * __builtin_shufflevector(xs, xs, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2);
+      acc[1] += Load(panel + f + kL) * __builtin_shufflevector(xs, xs, 2, 2, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 5, 5);
+      acc[2] += Load(panel + f + 2 * kL) * __builtin_shufflevector(xs, xs, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7);
+#else
+      acc[0] += Load(panel + f) * __builtin_shufflevector(xs, xs, 0, 0, 0, 0, 0, 0, 1, 1);
+      acc[1] += Load(panel + f + kL) * __builtin_shufflevector(xs, xs, 1, 1, 1, 1, 2, 2, 2, 2);
+      acc[2] += Load(panel + f + 2 * kL) * __builtin_shufflevector(xs, xs, 2, 2, 3, 3, 3, 3, 3, 3);
+#endif
     }
     alignas(64) float lanes[kPeriod];
-    for (int a = 0; a < 3; ++a) Store(lanes + a * kLanes, acc[a]);
+    for (int a = 0; a < 3; ++a) Store(lanes + a * kL, acc[a]);
     float rows[kRows] = {};
     for (int64_t l = 0; l < kPeriod; ++l) rows[l % kRows] += lanes[l];
     for (int64_t f = whole; f < flat; ++f) rows[f % kRows] += panel[f] * x[f / kRows];

@@ -50,10 +50,12 @@ using meshserve::Vec;
 
 namespace {
 
-constexpr int64_t kRows = 32;    // weight rows per panel: two vectors (engine/kernels/__init__.py must agree)
-constexpr int64_t kTokens = 12;  // tokens per tile: 24 accumulators (12 tokens x 2 row vectors)
+constexpr int64_t kRows = 32;    // weight rows per panel (engine/kernels/__init__.py must agree)
+constexpr int64_t kRowVecs = kRows / kLanes;  // vectors per panel row block: 2 (AVX-512) or 4 (AVX2)
+// tokens per tile: 24 accumulators of 32 registers (AVX-512: 12 tokens x 2 row vectors), 12 of 16 (AVX2: 3 x 4)
+constexpr int64_t kTokens = 24 / kRowVecs / (kLanes == 16 ? 1 : 2);
 constexpr int64_t kPrefetch = 1024;  // bytes of weights prefetched ahead (past the 4 KiB hardware prefetch limit)
-static_assert(kRows == 2 * kLanes, "a panel's row block is two vectors");
+static_assert(kRows % kLanes == 0 && kRowVecs % 2 == 0, "a panel's row block is whole vectors, gate and up halves");
 
 inline Vec Silu(Vec x) {
   const Vec e = meshserve::ExpNonPositive(x < 0.0f ? x : -x);
@@ -67,18 +69,19 @@ struct Epilogue {
   int64_t Rows() const { return gated ? kRows / 2 : kRows; }
 };
 
-// Writes one tile's accumulators (two 16-row vectors per token) to y rows [r0, r0 + rows) x tokens [m, m + tokens).
-inline void Finish(const Vec (*acc)[2], int64_t tokens, const float* scale, const Epilogue& ep, int64_t r0,
+// Writes one tile's accumulators (kRowVecs row vectors per token) to y rows [r0, r0 + rows) x tokens [m, m + tokens).
+inline void Finish(const Vec (*acc)[kRowVecs], int64_t tokens, const float* scale, const Epilogue& ep, int64_t r0,
                    int64_t rows, float* y, int64_t M, int64_t m) {
   alignas(64) float out[kTokens][kRows];
-  const Vec s0 = Load(scale), s1 = Load(scale + kLanes);
+  Vec s[kRowVecs];
+  for (int v = 0; v < kRowVecs; ++v) s[v] = Load(scale + v * kLanes);
   for (int64_t t = 0; t < tokens; ++t) {
-    const Vec v0 = acc[t][0] * s0, v1 = acc[t][1] * s1;
-    if (ep.gated) {
-      meshserve::Store(out[t], Silu(v0) * v1);  // rows 0-15 of the panel are gate rows, 16-31 the matching up rows
+    if (ep.gated) {  // rows 0-15 of the panel are gate rows, 16-31 the matching up rows
+      for (int v = 0; v < kRowVecs / 2; ++v)
+        meshserve::Store(out[t] + v * kLanes,
+                         Silu(acc[t][v] * s[v]) * (acc[t][v + kRowVecs / 2] * s[v + kRowVecs / 2]));
     } else {
-      meshserve::Store(out[t], v0);
-      meshserve::Store(out[t] + kLanes, v1);
+      for (int v = 0; v < kRowVecs; ++v) meshserve::Store(out[t] + v * kLanes, acc[t][v] * s[v]);
     }
   }
   for (int64_t i = 0; i < rows; ++i) {
@@ -90,55 +93,51 @@ inline void Finish(const Vec (*acc)[2], int64_t tokens, const float* scale, cons
 
 template <int T>
 void Tile(const int8_t* __restrict panel, int64_t K, const float* __restrict x, int64_t M, int64_t m,
-          Vec (*out)[2]) {
-  Vec acc[T][2] = {};  // local, so the accumulators live in registers for the whole loop
+          Vec (*out)[kRowVecs]) {
+  Vec acc[T][kRowVecs] = {};  // local, so the accumulators live in registers for the whole loop
   for (int64_t k = 0; k < K; ++k) {
     if (k % 2 == 0) __builtin_prefetch(panel + k * kRows + kPrefetch, 0, 3);  // one 64-byte line per 2 features
-    const Vec w0 = LoadInt8(panel + k * kRows), w1 = LoadInt8(panel + k * kRows + kLanes);
+    Vec w[kRowVecs];
+    for (int v = 0; v < kRowVecs; ++v) w[v] = LoadInt8(panel + k * kRows + v * kLanes);
     const float* xk = x + k * M + m;
-    for (int t = 0; t < T; ++t) {
-      acc[t][0] += w0 * xk[t];
-      acc[t][1] += w1 * xk[t];
-    }
+    for (int t = 0; t < T; ++t)
+      for (int v = 0; v < kRowVecs; ++v) acc[t][v] += w[v] * xk[t];
   }
-  for (int t = 0; t < T; ++t) out[t][0] = acc[t][0], out[t][1] = acc[t][1];
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < kRowVecs; ++v) out[t][v] = acc[t][v];
 }
 
 // One token: two accumulator pairs over alternating input features (a single chain would wait on each add).
 void TileOne(const int8_t* __restrict panel, int64_t K, const float* __restrict x, int64_t M, int64_t m,
-             Vec (*out)[2]) {
-  Vec a[2][2] = {};
+             Vec (*out)[kRowVecs]) {
+  Vec a[2][kRowVecs] = {};
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
     __builtin_prefetch(panel + k * kRows + kPrefetch, 0, 3);
     for (int j = 0; j < 2; ++j) {
       const float xv = x[(k + j) * M + m];
-      a[j][0] += LoadInt8(panel + (k + j) * kRows) * xv;
-      a[j][1] += LoadInt8(panel + (k + j) * kRows + kLanes) * xv;
+      for (int v = 0; v < kRowVecs; ++v) a[j][v] += LoadInt8(panel + (k + j) * kRows + v * kLanes) * xv;
     }
   }
-  for (; k < K; ++k) {
-    a[0][0] += LoadInt8(panel + k * kRows) * x[k * M + m];
-    a[0][1] += LoadInt8(panel + k * kRows + kLanes) * x[k * M + m];
-  }
-  out[0][0] = a[0][0] + a[1][0];
-  out[0][1] = a[0][1] + a[1][1];
+  for (; k < K; ++k)
+    for (int v = 0; v < kRowVecs; ++v) a[0][v] += LoadInt8(panel + k * kRows + v * kLanes) * x[k * M + m];
+  for (int v = 0; v < kRowVecs; ++v) out[0][v] = a[0][v] + a[1][v];
 }
 
 // Panels [p0, p1) x tokens [m0, m1).
 void Run(const int8_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, const Epilogue& ep, int64_t p0,
          int64_t p1, int64_t m0, int64_t m1) {
   const int64_t out = ep.Rows();
-  Vec acc[kTokens][2];
+  Vec acc[kTokens][kRowVecs];
   for (int64_t p = p0; p < p1; ++p) {
     const int8_t* panel = w + p * K * kRows;
     const int64_t r0 = p * out, rows = std::min(out, N - r0);
     for (int64_t m = m0; m < m1; m += kTokens) {
       const int64_t tokens = std::min(kTokens, m1 - m);
       switch (tokens) {
-#define MESHSERVE_TILE(n)            \
-  case n:                            \
-    Tile<n>(panel, K, x, M, m, acc); \
+#define MESHSERVE_TILE(n)                                       \
+  case n:                                                       \
+    if constexpr (n <= kTokens) Tile<n>(panel, K, x, M, m, acc); \
     break;
         MESHSERVE_TILE(2) MESHSERVE_TILE(3) MESHSERVE_TILE(4) MESHSERVE_TILE(5) MESHSERVE_TILE(6) MESHSERVE_TILE(7)
         MESHSERVE_TILE(8) MESHSERVE_TILE(9) MESHSERVE_TILE(10) MESHSERVE_TILE(11) MESHSERVE_TILE(12)
@@ -297,7 +296,7 @@ void RunVnni(const int8_t* w, int64_t N, int64_t K, const uint32_t* hi, const ui
              int8_t* grouped) {
   static const Regroup regroup;
   const int64_t out = ep.Rows(), K4 = (K + 3) / 4;
-  Vec acc[kTokens][2];
+  Vec acc[kTokens][kRowVecs];
   __m512i start[2];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t r0 = p * out, rows = std::min(out, N - r0);

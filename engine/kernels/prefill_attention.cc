@@ -53,7 +53,11 @@ constexpr float kNegInf = -1e30f;  // engine.attention.NEG_INF: a row's running 
 constexpr int64_t kChunk = 256;    // key positions per online-softmax step (rounded to whole pages)
 constexpr int64_t kTileRows = 120;  // query rows (tokens x G) per tile: the score block [R, kChunk] stays in L1/L2
 constexpr int kRowBlock = 6;        // query rows per register tile
-constexpr int kVecBlock = 4;        // vectors per register tile: 64 positions (scores) or 64 head dims (values)
+#if defined(__AVX512F__)
+constexpr int kVecBlock = 4;  // vectors per register tile: 64 positions (scores) or 64 head dims (values); 24 of 32 registers
+#else
+constexpr int kVecBlock = 2;  // AVX2: 16 positions or head dims; 12 of 16 registers
+#endif
 
 struct Plan {
   int64_t t, k, g, h, p, np;  // shapes: tokens, kv heads, q per kv, head dim, page size, pool pages
@@ -217,23 +221,31 @@ void ForRowBlocks(int64_t R, F&& f) {
   }
 }
 
-// Horizontal max / sum in a tree of halvings, not a serial chain of 15 scalar steps.
-inline float MaxOf(Vec v) {
-  typedef float V8 __attribute__((vector_size(8 * sizeof(float))));
-  typedef float V4 __attribute__((vector_size(4 * sizeof(float))));
+// Horizontal max / sum in a tree of halvings, not a serial chain of kLanes - 1 scalar steps.
+typedef float V8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float V4 __attribute__((vector_size(4 * sizeof(float))));
+
+inline V8 Eight(Vec v, bool max) {
+#if defined(__AVX512F__)
   const V8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
   const V8 b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const V8 m8 = a > b ? a : b;
+  return max ? (a > b ? a : b) : a + b;
+#else
+  static_assert(kLanes == 8, "a vector is 8 floats without AVX-512");
+  (void)max;
+  return v;
+#endif
+}
+
+inline float MaxOf(Vec v) {
+  const V8 m8 = Eight(v, true);
   const V4 c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
   const V4 m4 = c > d ? c : d;
   return std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
 }
 
 inline float SumOf(Vec v) {
-  typedef float V8 __attribute__((vector_size(8 * sizeof(float))));
-  typedef float V4 __attribute__((vector_size(4 * sizeof(float))));
-  const V8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const V8 s8 = Eight(v, false);
   const V4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
   return (s4[0] + s4[1]) + (s4[2] + s4[3]);
 }
