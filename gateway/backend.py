@@ -9,6 +9,7 @@ many replicas (a later issue) implements the same `Replica` interface.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import logging
 import math
@@ -362,9 +363,28 @@ class LocalTokens:
             return self._counter
 
 
+_PROMPT_IDS_KEPT = 256
+"""Prompts whose token ids a GrpcReplica keeps between the flow's count and the Generate that follows."""
+
+
+def tokenize_request_of(request: pb.GenerateRequest) -> pb.TokenizeRequest | None:
+    """The TokenizeRequest that gives a Generate request's prompt ids (a chat or a text); None for token ids."""
+    kind = request.WhichOneof("input")
+    if kind == "chat":
+        return pb.TokenizeRequest(chat=request.chat)
+    if kind == "text":
+        return pb.TokenizeRequest(text=request.text, add_special_tokens=True)
+    return None
+
+
 class GrpcReplica:
     """One meshserve server reached over gRPC (grpc.aio). The channel is opened on first use, in the event loop that
-    uses it; the model info is fetched once and kept."""
+    uses it; the model info is fetched once and kept.
+
+    A prompt the flow counted (`count_tokens`) goes to the replica as its token ids, as vLLM's front end hands its
+    engine ids: the replica does not render the chat template and tokenize it a second time on the request's way to
+    its first token. The ids are exact either way: the gateway's tokenizer is used only after it agreed with the
+    replica's (`LocalTokens`), else they are the replica's own Tokenize answer."""
 
     def __init__(self, address: str, *, name: str | None = None, vocab: TokenVocab | None = None) -> None:
         self.address = address
@@ -375,6 +395,7 @@ class GrpcReplica:
         self._info: pb.ModelInfo | None = None
         self._info_lock: asyncio.Lock | None = None
         self._local = LocalTokens(self)
+        self._ids: collections.OrderedDict[bytes, list[int]] = collections.OrderedDict()
 
     def _client(self) -> pb_grpc.MeshServeStub:
         if self._stub is None:
@@ -414,10 +435,27 @@ class GrpcReplica:
         """How many tokens the prompt is, as Tokenize would count it: in this process with the gateway's tokenizer
         once it has been checked against the replica's, else (no tokenizer, a different one, or an input the replica
         must judge) by a Tokenize call (`LocalTokens`)."""
-        return len(await self._local.ids(request))
+        ids = await self._local.ids(request)
+        key = request.SerializeToString(deterministic=True)
+        self._ids[key] = ids
+        self._ids.move_to_end(key)
+        while len(self._ids) > _PROMPT_IDS_KEPT:
+            self._ids.popitem(last=False)
+        return len(ids)
+
+    def _with_ids(self, request: pb.GenerateRequest) -> pb.GenerateRequest:
+        """`request` with its prompt as the token ids `count_tokens` found for it, or as it is when none were kept."""
+        tokenize = tokenize_request_of(request) if self._ids else None
+        ids = None if tokenize is None else self._ids.get(tokenize.SerializeToString(deterministic=True))
+        if ids is None:
+            return request
+        out = pb.GenerateRequest()
+        out.CopyFrom(request)
+        out.token_ids.ids[:] = ids  # replaces the chat or text (one input)
+        return out
 
     def generate(self, request: pb.GenerateRequest) -> Generation:
-        return _GrpcGeneration(self._client().Generate(request), self.name)
+        return _GrpcGeneration(self._client().Generate(self._with_ids(request)), self.name)
 
     async def load(self) -> pb.Load:
         return await self._unary("GetLoad", pb.GetLoadRequest())

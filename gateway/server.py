@@ -14,6 +14,8 @@ import dataclasses
 import ipaddress
 import logging
 import socket
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import uvicorn
 
@@ -25,6 +27,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.openai_api import DEFAULT_MAX_BODY_BYTES, FleetView, create_app
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,23 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The event loop a gateway serves on: uvloop's (libuv; each wake-up and socket callback costs a fraction of the
+    standard loop's, and a request crosses several: the HTTP read, grpc.aio's completion queue, the SSE writes), or
+    asyncio's own where uvloop is not installed (it is a dependency; Windows has none)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)` on the gateway's event loop (`new_event_loop`)."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
 
 
 class _Uvicorn(uvicorn.Server):

@@ -39,6 +39,7 @@ from absl import app, flags
 
 import gateway_flags
 from fleet.router import Router
+from gateway import server as gateway_server
 from gateway.backend import GrpcReplica
 from gateway.server import Gateway, GatewayConfig, is_loopback
 
@@ -113,7 +114,7 @@ def main(argv: list[str]) -> None:
     except ValueError as e:  # a bad replicas file: one line naming the field
         _fail(str(e))
     try:
-        asyncio.run(_serve(replica, gate, config))
+        gateway_server.run(_serve(replica, gate, config))
     finally:
         if store is not None:
             store.close()

@@ -11,6 +11,7 @@ import threading
 
 from absl import flags
 
+from gateway import server as gateway_server
 from gateway.backend import GrpcReplica, TokenVocab
 from gateway.open_gate import OpenGate
 from gateway.openai_api import DEFAULT_MAX_BODY_BYTES
@@ -185,7 +186,7 @@ class GatewayThread:
     def __init__(self, replica_address: str, cfg: GatewayConfig, tokens: TokenVocab | None) -> None:
         self._address, self._config, self._vocab = replica_address, cfg, tokens
         self._gate, self._store = gate()
-        self._loop = asyncio.new_event_loop()
+        self._loop = gateway_server.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.gateway: Gateway | None = None

@@ -754,9 +754,10 @@ def test_real_prompt_counts_fall_back_to_the_replica_for_another_tokenizer(real)
     address = f"127.0.0.1:{server.server.port}"
 
     async def main() -> None:
-        matching, other = (
+        matching, other, fresh = (
             GrpcReplica(address, vocab=real[0].replica.vocab),
             GrpcReplica(address, vocab=TokenVocab(make_tiny_tokenizer())),
+            GrpcReplica(address),  # counts nothing: sends chats and texts as they are
         )
         chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Count me, please: 1, 2, 3.")])
         try:
@@ -764,9 +765,27 @@ def test_real_prompt_counts_fall_back_to_the_replica_for_another_tokenizer(real)
                 pb.TokenizeRequest(chat=chat),
                 pb.TokenizeRequest(text="Hello there", add_special_tokens=True),
             ):
-                expected = len((await matching.tokenize(request)).token_ids)
-                assert await matching.count_tokens(request) == await other.count_tokens(request) == expected
+                expected = list((await matching.tokenize(request)).token_ids)
+                assert await matching.count_tokens(request) == await other.count_tokens(request) == len(expected)
+                # the Generate that follows a count carries the counted ids (the replica tokenizes nothing again)
+                generate = pb.GenerateRequest(
+                    request_id="r", sampling=pb.SamplingOptions(max_tokens=3, temperature=0.0, ignore_eos=True)
+                )
+                if request.WhichOneof("input") == "chat":
+                    generate.chat.CopyFrom(request.chat)
+                else:
+                    generate.text = request.text
+                for replica in (matching, other):
+                    sent = replica._with_ids(generate)
+                    assert sent.WhichOneof("input") == "token_ids" and list(sent.token_ids.ids) == expected
+                    assert sent.request_id == "r" and sent.sampling.max_tokens == 3
+                    got = [t async for m in replica.generate(generate) for t in m.token_ids]
+                    assert got == [t async for m in fresh.generate(generate) for t in m.token_ids]  # as a chat / text
+                    assert len(got) == 3
             assert matching.counts_locally and not other.counts_locally
+            # a prompt never counted goes as it came
+            uncounted = pb.GenerateRequest(text="Never counted", sampling=pb.SamplingOptions(max_tokens=1))
+            assert matching._with_ids(uncounted) is uncounted
             # an input the replica refuses is its to explain, with the field
             with pytest.raises(GateError) as err:
                 await matching.count_tokens(pb.TokenizeRequest(text="", add_special_tokens=True))
@@ -774,6 +793,7 @@ def test_real_prompt_counts_fall_back_to_the_replica_for_another_tokenizer(real)
         finally:
             await matching.close()
             await other.close()
+            await fresh.close()
 
     asyncio.run(main())
 
