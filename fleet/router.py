@@ -63,7 +63,7 @@ from fleet.admission import AdmissionConfig, AdmissionQueue, Refusal
 from fleet.config import ConfigWatcher, ReplicaSpec
 from fleet.metrics import FleetMetrics
 from fleet.policy import EjectionConfig, Ejector, ReplicaView, RouteRequest, RoutingConfig
-from gateway.backend import GrpcReplica, LocalTokens, TokenVocab, client_region, route_key
+from gateway.backend import GrpcReplica, LocalTokens, TokenVocab, client_region, route_key, tokenize_request_of
 from gateway.gate import GateError
 from protos.meshserve.v1 import meshserve_pb2 as pb
 
@@ -581,13 +581,10 @@ class Router:
 
     async def prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
         """The prompt's token ids as the replica sees them (kept from the flow's count when it made one)."""
-        kind = request.WhichOneof("input")
-        if kind == "token_ids":
+        if request.WhichOneof("input") == "token_ids":
             return list(request.token_ids.ids)
-        if kind == "chat":
-            tokenize = pb.TokenizeRequest(chat=request.chat)
-        else:
-            tokenize = pb.TokenizeRequest(text=request.text, add_special_tokens=True)
+        # no input at all goes as an empty text, which the replica's Tokenize refuses naming the field
+        tokenize = tokenize_request_of(request) or pb.TokenizeRequest(text=request.text, add_special_tokens=True)
         return await self._prompt_tokens(tokenize)
 
     async def _prompt_tokens(self, request: pb.TokenizeRequest) -> list[int]:
