@@ -28,7 +28,7 @@ from tqdm import tqdm
 from bench import quality, stats, step_profile, workloads
 from bench import roofline as rl
 from bench.workloads import Prompt
-from engine import placement, quant
+from engine import kernels, placement, quant
 from engine.config import ModelConfig, llama_1b_config, tiny_config
 from engine.engine import CapacityError, Engine, EngineConfig, default_dtype
 from engine.model import abstract_params, init_params
@@ -313,6 +313,9 @@ def machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__, "numpy": np.__version__},
     }
+    out["cpu"] = _cpu()
+    if kernels.loaded():  # what the CPU kernels chose on this machine (their build is keyed by its flags)
+        out["cpu_kernels"] = {"one_token_prefetch": kernels.prefetch_choice()}
     try:
         import flax
 
@@ -320,6 +323,21 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     return out
+
+
+def _cpu() -> dict[str, Any]:
+    """The host CPU as /proc/cpuinfo names it (VMs often say only "AMD EPYC": family and model tell Zen 3 from Zen 4)
+    and its widest vector ISA, which the CPU kernels are built for."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln)
+    except OSError:
+        return {"model": platform.processor() or platform.machine()}
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = set(info.get("flags", "").split())
+    isa = next((name for name in ("avx512f", "avx2", "avx") if name in flags), None)
+    model = info.get("model name")
+    return {"model": model, "family": info.get("cpu family"), "model_id": info.get("model"), "isa": isa}
 
 
 def limits(opts: Options) -> rl.DeviceSpec:

@@ -10,6 +10,7 @@ kernel's contract on its own and the rules for when it is used.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import jax
@@ -374,6 +375,68 @@ def test_linear_kernel_matches_numpy(n, k, m):
         swiglu = gate / (1 + np.exp(-gate)) * up
         got = np.asarray(jax.jit(lambda w, x: kernels.linear(w, x, f, gated=True))(gp, jnp.asarray(x)))
         np.testing.assert_allclose(got, swiglu, rtol=1e-5, atol=1e-6 * np.abs(swiglu).max())
+
+
+@pytest.fixture
+def restore_prefetch():
+    """Puts back this machine's prefetch choice after a test that changes it."""
+    kernels.load()
+    yield
+    kernels._set_prefetch(*kernels._loaded)
+
+
+@pytest.mark.parametrize(("n", "k"), [(49, 37), (960, 576)])
+def test_one_token_product_is_the_same_with_and_without_prefetching(n, k, restore_prefetch):
+    """The one-token product's loop compiled both ways (the probe picks one per machine): the same bits, plain,
+    with a residual and gated."""
+    rng = np.random.default_rng(n)
+    w, x, r = (rng.standard_normal(s, np.float32) for s in ((n, k), (k, 1), (n, 1)))
+    wp, gp, f = PACKED.pack(jnp.asarray(w)), PACKED.pack_gated(jnp.asarray(w[: n // 2 * 2])), n // 2
+    products = jax.jit(
+        lambda wp, gp, x, r: (
+            kernels.linear(wp, x, n),
+            kernels.linear(wp, x, n, residual=r),
+            kernels.linear(gp, x, f, gated=True),
+        )
+    )
+    runs = {}
+    for on in (False, True):
+        kernels.set_prefetch(on)
+        assert kernels.prefetch_choice() == {"prefetch": on, "source": "set_prefetch"}
+        runs[on] = [np.asarray(y) for y in products(wp, gp, jnp.asarray(x), jnp.asarray(r))]
+    for a, b in zip(runs[False], runs[True], strict=True):
+        np.testing.assert_array_equal(a, b)
+    want = w.astype(np.float64) @ x.astype(np.float64)
+    np.testing.assert_allclose(runs[False][0], want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_prefetch_is_probed_once_per_library_or_forced(tmp_path, restore_prefetch, monkeypatch):
+    """The probe streams the one-token product with and without prefetching and keeps what it measured beside the
+    library; a second load reads it back; $MESHSERVE_KERNEL_PREFETCH overrides it, and a bad value is refused."""
+    lib = kernels._loaded[0]
+    monkeypatch.setattr(kernels, "PROBE_BYTES", 8 << 20)
+    monkeypatch.setattr(kernels, "PROBE_ROUNDS", 3)
+    monkeypatch.delenv(kernels.PREFETCH_ENV, raising=False)
+    library = tmp_path / "meshserve_kernels-test.so"
+    kernels._set_prefetch(lib, library)
+    probed = kernels.prefetch_choice()
+    assert probed["source"] == "probe" and probed["gb_s_without"] > 0 and probed["gb_s_with"] > 0
+    assert probed["prefetch"] == (probed["gb_s_with"] > probed["gb_s_without"])
+    assert json.loads((tmp_path / "meshserve_kernels-test.prefetch.json").read_text()) == probed
+
+    def no_probe(lib):
+        raise AssertionError("probed twice")
+
+    monkeypatch.setattr(kernels, "_probe_prefetch", no_probe)
+    kernels._set_prefetch(lib, library)
+    assert kernels.prefetch_choice() == probed
+    for value in ("on", "off"):
+        monkeypatch.setenv(kernels.PREFETCH_ENV, value)
+        kernels._set_prefetch(lib, library)
+        assert kernels.prefetch_choice() == {"prefetch": value == "on", "source": kernels.PREFETCH_ENV}
+    monkeypatch.setenv(kernels.PREFETCH_ENV, "yes")
+    with pytest.raises(ValueError, match="MESHSERVE_KERNEL_PREFETCH must be 'on' or 'off', got 'yes'"):
+        kernels._set_prefetch(lib, library)
 
 
 def test_linear_kernel_rejects_mismatched_shapes():

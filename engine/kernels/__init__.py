@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -59,6 +60,13 @@ INT8_PANEL_ROWS = 32
 _DIR = Path(__file__).parent
 _SOURCES = (_DIR / "decode_attention.cc", _DIR / "prefill_attention.cc", _DIR / "linear.cc", _DIR / "linear_int8.cc")
 _HEADERS = (_DIR / "common.h",)
+PREFETCH_ENV = "MESHSERVE_KERNEL_PREFETCH"
+"""Environment variable forcing whether the one-token weight product (a batch-1 decode step's) prefetches its weights
+ahead in software: "on" or "off" (tests run both). Unset, a probe of this machine decides, once per library
+(`prefetch_choice`)."""
+PROBE_BYTES = 256 << 20
+"""Weights the prefetch probe streams: well past the last-level cache of the CPUs we run on (32-105 MiB)."""
+PROBE_ROUNDS = 7
 ARCH_ENV = "MESHSERVE_KERNEL_ARCH"
 """Environment variable naming the `-march` the kernels are built for (default native: this CPU). Tests set it to
 build the AVX2 code paths (x86-64-v3) on an AVX-512 machine; a value the CPU cannot run faults when called."""
@@ -71,6 +79,7 @@ def _flags() -> tuple[str, ...]:
 
 _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL, Path] | None = None  # the library (kept referenced) and its path
+_prefetch: dict | None = None  # what prefetch_choice returns, once loaded
 
 
 class KernelUnavailable(ValueError):
@@ -145,8 +154,81 @@ def load() -> Path:
         )
         jax.ffi.register_ffi_target(LINEAR, jax.ffi.pycapsule(lib.MeshserveLinear), platform="cpu")
         jax.ffi.register_ffi_target(LINEAR_INT8, jax.ffi.pycapsule(lib.MeshserveLinearInt8), platform="cpu")
+        _set_prefetch(lib, path)
         _loaded = (lib, path)
         return path
+
+
+def _set_prefetch(lib: ctypes.CDLL, path: Path) -> None:
+    """Whether the one-token product (a batch-1 decode step's) prefetches its weights ahead in software, from
+    $MESHSERVE_KERNEL_PREFETCH or a probe of this machine: that product streamed over PROBE_BYTES of weights on every
+    core, with and without, in alternating rounds (MeshserveProbePrefetch in linear.cc). The result is kept beside
+    the library, so each machine probes once per build (~0.3 s). Prefetching changes no result, only the speed."""
+    global _prefetch
+    forced = os.environ.get(PREFETCH_ENV)
+    if forced:
+        if forced not in ("on", "off"):
+            raise ValueError(f"{PREFETCH_ENV} must be 'on' or 'off', got {forced!r}")
+        choice = {"prefetch": forced == "on", "source": PREFETCH_ENV}
+    else:
+        cache = path.with_name(path.stem + ".prefetch.json")
+        try:
+            choice = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            choice = _probe_prefetch(lib)
+            if choice["source"] == "probe":
+                fd, tmp = tempfile.mkstemp(suffix=".json", dir=cache.parent)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(choice, f)
+                os.replace(tmp, cache)
+    lib.MeshserveSetPrefetch(ctypes.c_int(int(choice["prefetch"])))
+    _prefetch = choice
+
+
+def _probe_prefetch(lib: ctypes.CDLL) -> dict:
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    gb_s = (ctypes.c_double * 2)()
+    lib.MeshserveProbePrefetch(ctypes.c_int64(threads), ctypes.c_int64(PROBE_BYTES), ctypes.c_int64(PROBE_ROUNDS), gb_s)
+    if gb_s[0] <= 0.0:
+        log.warning("the prefetch probe could not allocate %d MiB: prefetching stays on, unmeasured", PROBE_BYTES >> 20)
+        return {"prefetch": True, "source": "default: probe failed"}
+    choice = {
+        "prefetch": gb_s[1] > gb_s[0],
+        "source": "probe",
+        "threads": threads,
+        "gb_s_without": round(gb_s[0], 2),
+        "gb_s_with": round(gb_s[1], 2),
+    }
+    log.info(
+        "CPU kernels: the one-token product prefetches %s (probe on %d threads: %.1f GB/s without, %.1f with)",
+        "on" if choice["prefetch"] else "nothing",
+        threads,
+        gb_s[0],
+        gb_s[1],
+    )
+    return choice
+
+
+def loaded() -> bool:
+    """Whether this process has loaded the kernels (an engine chose one, or something called `load`)."""
+    return _loaded is not None
+
+
+def set_prefetch(on: bool) -> None:
+    """Makes the one-token product prefetch its weights (or not) for the rest of the process, whatever the probe
+    chose: for tests and measurements of both ways. Builds the kernels if needed."""
+    global _prefetch
+    load()
+    _loaded[0].MeshserveSetPrefetch(ctypes.c_int(int(on)))
+    _prefetch = {"prefetch": bool(on), "source": "set_prefetch"}
+
+
+def prefetch_choice() -> dict:
+    """Whether the loaded kernels' one-token product prefetches weights in software and why: {"prefetch": bool,
+    "source": "probe" (with the probe's GB/s without and with, and its threads) or the environment variable}. Builds
+    the kernels if needed."""
+    load()
+    return dict(_prefetch)
 
 
 def set_spin_micros(micros: int) -> None:

@@ -18,10 +18,15 @@
 // 6 x 16 tokens, 12 accumulators of 16 registers (BLIS's Haswell shape). (With 16-float vectors on an AVX2 machine,
 // which GCC compiles through memory, a [1536, 576] product at 41 tokens took 17.7 ms on a 2-core AMD EPYC Zen 3 VM,
 // 26x XLA's dot.) Work items are (a run of panels, a block of tokens).
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -43,6 +48,12 @@ constexpr int64_t kTokenBlock = 256;  // tokens per work item: its activations s
 // contiguous). The hardware prefetcher stops at 4 KiB page boundaries: measured on the AVX-512 VM, a [3072, 576]
 // product at 64 tokens went 348 -> 414 GFLOP/s and a [576, 1536] one 374 -> 410 (the small ones lose ~3%).
 constexpr int64_t kPrefetch = 512;
+// Whether the one-token product (RunOne) prefetches too, process-wide: set when the library is loaded, from a probe of
+// this machine (MeshserveProbePrefetch; engine/kernels/__init__.py). Its loop spends few instructions per byte, so
+// the out-of-order core and the hardware prefetcher may keep enough lines in flight alone: on a 2-core AMD Zen 3 VM
+// the prefetches held its 2-thread stream to ~21 GB/s against ~24 without, and W1 decode 5% slower. (The tiles
+// spend ~14 instructions per 24 bytes of weights, and there prefetching paid on the same VM: 20% at 8 tokens.)
+std::atomic<bool> prefetch_one_token{true};
 
 struct Epilogue {
   const float* residual = nullptr;  // added to the product, [N, M] (row stride M)
@@ -128,6 +139,7 @@ void Run(const float* w, int64_t N, int64_t K, const float* x, int64_t M, float*
 // the vectors in turn, their 48 lanes folding into the 6 rows at the panel's end (the lane of a row repeats every
 // 6). The features past the last whole 8 go scalar. With AVX2 the same with 8-float vectors: 24 floats, 4 features. (Spreading x into a 6x copy once per call, as this did before,
 // cost ~1 us per call before the helpers could start, and a second stream of loads: W1 2.7% slower.)
+template <bool PF>
 void RunOne(const float* w, int64_t N, int64_t K, const float* x, float* y, const Epilogue& ep, int64_t p0,
             int64_t p1) {
   constexpr int64_t kPeriod = 3 * kL;  // lcm(kRows, kL) floats: 48 (AVX-512) or 24 (AVX2)
@@ -138,7 +150,8 @@ void RunOne(const float* w, int64_t N, int64_t K, const float* x, float* y, cons
     const float* panel = w + p * flat;
     NVec acc[3] = {};
     for (int64_t f = 0, k = 0; f < whole; f += kPeriod, k += kFeatures) {
-      for (int64_t line = 0; line < kPeriod; line += 16) __builtin_prefetch(panel + f + kPrefetch + line, 0, 3);
+      if constexpr (PF)
+        for (int64_t line = 0; line < kPeriod; line += 16) __builtin_prefetch(panel + f + kPrefetch + line, 0, 3);
       const XVec xs = *reinterpret_cast<const XVec*>(x + k);
 #if defined(__AVX512F__)
       acc[0] += Load(panel + f) * __builtin_shufflevector(xs, xs, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2);
@@ -192,9 +205,15 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ff
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (M == 1) {
     const int64_t run = std::clamp<int64_t>(panels / (8 * threads), 1, 256);
-    meshserve::ParallelFor(pool, (panels + run - 1) / run, [=](int64_t item) {
-      RunOne(w, N, K, xs, ys, ep, item * run, std::min(panels, (item + 1) * run));
-    });
+    auto one = [&](auto pf) {  // compiled both ways: no branch per cache line
+      meshserve::ParallelFor(pool, (panels + run - 1) / run, [=](int64_t item) {
+        RunOne<decltype(pf)::value>(w, N, K, xs, ys, ep, item * run, std::min(panels, (item + 1) * run));
+      });
+    };
+    if (prefetch_one_token.load(std::memory_order_relaxed))
+      one(std::true_type{});
+    else
+      one(std::false_type{});
     return ffi::Error::Success();
   }
   const int64_t blocks = (M + kTokenBlock - 1) / kTokenBlock;
@@ -209,7 +228,55 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+// GB/s of one pass of RunOne over the probe's weights [panels, K, 6], each of `threads` threads an equal run of panels.
+template <bool PF>
+double ProbeRound(const float* w, int64_t panels, int64_t K, const float* x, float* y, int64_t threads) {
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> helpers;
+  const Epilogue ep;
+  auto share = [=, &ep](int64_t t) {
+    RunOne<PF>(w, panels * kRows, K, x, y, ep, panels * t / threads, panels * (t + 1) / threads);
+  };
+  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(share, t);
+  share(0);
+  for (auto& h : helpers) h.join();
+  return static_cast<double>(panels * K * kRows * sizeof(float)) /
+         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / 1e9;
+}
+
 }  // namespace
+
+// The product of a batch-1 decode step (RunOne) over `bytes` of weights, far past the last-level cache, on `threads`
+// threads that each take an equal run of panels, `rounds` times without and with prefetching in turn: the weight
+// stream as decode reads it, so the choice is this machine's, measured. gb_s[0] / gb_s[1]: the median GB/s without
+// / with; both 0 if the memory could not be had. (engine/kernels/__init__.py runs it once per library and machine,
+// and sets prefetch_one_token.)
+extern "C" void MeshserveProbePrefetch(int64_t threads, int64_t bytes, int64_t rounds, double* gb_s) {
+  constexpr int64_t K = 1024, kHuge = int64_t{1} << 21;
+  const int64_t panels = std::max<int64_t>(1, bytes / (K * kRows * sizeof(float)));
+  const size_t size = (panels * K * kRows * sizeof(float) + kHuge - 1) / kHuge * kHuge;
+  gb_s[0] = gb_s[1] = 0.0;
+  float* w = static_cast<float*>(std::aligned_alloc(kHuge, size));
+  if (w == nullptr) return;
+  madvise(w, size, MADV_HUGEPAGE);  // as the engine's weights (EngineConfig.huge_pages)
+  std::fill_n(w, size / sizeof(float), 1e-3f);
+  std::vector<float> x(K, 1.0f), y(panels * kRows);
+  threads = std::max<int64_t>(1, threads);
+  std::vector<double> runs[2];
+  ProbeRound<false>(w, panels, K, x.data(), y.data(), threads);  // warm-up: the pages mapped, the threads' code hot
+  ProbeRound<true>(w, panels, K, x.data(), y.data(), threads);
+  for (int64_t r = 0; r < std::max<int64_t>(1, rounds); ++r) {
+    runs[0].push_back(ProbeRound<false>(w, panels, K, x.data(), y.data(), threads));
+    runs[1].push_back(ProbeRound<true>(w, panels, K, x.data(), y.data(), threads));
+  }
+  std::free(w);
+  for (int i = 0; i < 2; ++i) {
+    std::sort(runs[i].begin(), runs[i].end());
+    gb_s[i] = runs[i][runs[i].size() / 2];
+  }
+}
+
+extern "C" void MeshserveSetPrefetch(int on) { prefetch_one_token.store(on != 0); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveLinear, Linear,
                               ffi::Ffi::Bind()
