@@ -48,11 +48,11 @@ constexpr int64_t kTokenBlock = 256;  // tokens per work item: its activations s
 // contiguous). The hardware prefetcher stops at 4 KiB page boundaries: measured on the AVX-512 VM, a [3072, 576]
 // product at 64 tokens went 348 -> 414 GFLOP/s and a [576, 1536] one 374 -> 410 (the small ones lose ~3%).
 constexpr int64_t kPrefetch = 512;
-// Whether the one-token product (RunOne) prefetches too, process-wide: set when the library is loaded, from a probe of
-// this machine (MeshserveProbePrefetch; engine/kernels/__init__.py). Its loop spends few instructions per byte, so
-// the out-of-order core and the hardware prefetcher may keep enough lines in flight alone: on a 2-core AMD Zen 3 VM
-// the prefetches held its 2-thread stream to ~21 GB/s against ~24 without, and W1 decode 5% slower. (The tiles
-// spend ~14 instructions per 24 bytes of weights, and there prefetching paid on the same VM: 20% at 8 tokens.)
+// Whether the one-token product (RunOne) prefetches too, process-wide: set when the library is loaded, from a probe
+// of this machine (MeshserveProbePrefetch; engine/kernels/__init__.py). Its loop spends few instructions per byte,
+// so the out-of-order core and the hardware prefetcher may keep enough lines in flight alone: on a 2-core AMD Zen 3
+// VM the prefetches made W1 decode 2-6% slower (alternating rounds in one process). (The tiles spend ~14
+// instructions per 24 bytes of weights, and there prefetching paid on the same VM: 20% at 8 tokens.)
 std::atomic<bool> prefetch_one_token{true};
 
 struct Epilogue {
@@ -228,17 +228,26 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-// GB/s of one pass of RunOne over the probe's weights [panels, K, 6], each of `threads` threads an equal run of panels.
+// GB/s of one pass of RunOne over the probe's weights [panels, K, 6] as a decode step reads them: products of
+// kProbeCallPanels panels each (~3 MiB, a small model's projection), one after another, every thread an equal share
+// of each and all waiting for the slowest before the next (the ends of calls are where a prefetch overshoots).
+constexpr int64_t kProbeCallPanels = 128;
 template <bool PF>
 double ProbeRound(const float* w, int64_t panels, int64_t K, const float* x, float* y, int64_t threads) {
   const auto start = std::chrono::steady_clock::now();
-  std::vector<std::thread> helpers;
+  std::atomic<int64_t> arrived{0};
   const Epilogue ep;
-  auto share = [=, &ep](int64_t t) {
-    RunOne<PF>(w, panels * kRows, K, x, y, ep, panels * t / threads, panels * (t + 1) / threads);
+  auto worker = [=, &ep, &arrived](int64_t t) {
+    for (int64_t c0 = 0, call = 1; c0 < panels; c0 += kProbeCallPanels, ++call) {
+      const int64_t n = std::min(kProbeCallPanels, panels - c0);
+      RunOne<PF>(w, panels * kRows, K, x, y, ep, c0 + n * t / threads, c0 + n * (t + 1) / threads);
+      arrived.fetch_add(1);
+      while (arrived.load() < call * threads) _mm_pause();
+    }
   };
-  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(share, t);
-  share(0);
+  std::vector<std::thread> helpers;
+  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(worker, t);
+  worker(0);
   for (auto& h : helpers) h.join();
   return static_cast<double>(panels * K * kRows * sizeof(float)) /
          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / 1e9;
@@ -246,11 +255,12 @@ double ProbeRound(const float* w, int64_t panels, int64_t K, const float* x, flo
 
 }  // namespace
 
-// The product of a batch-1 decode step (RunOne) over `bytes` of weights, far past the last-level cache, on `threads`
-// threads that each take an equal run of panels, `rounds` times without and with prefetching in turn: the weight
-// stream as decode reads it, so the choice is this machine's, measured. gb_s[0] / gb_s[1]: the median GB/s without
-// / with; both 0 if the memory could not be had. (engine/kernels/__init__.py runs it once per library and machine,
-// and sets prefetch_one_token.)
+// The product of a batch-1 decode step (RunOne) over `bytes` of weights, far past the last-level cache, as ~3 MiB
+// products on `threads` threads (ProbeRound), `rounds` times without and with prefetching in turn: the weight stream
+// as decode reads it, so the choice is this machine's, measured. (On the Zen 3 VM, over one product of the whole
+// buffer the two measured level; over 3 MiB products prefetching measured 4-12% slower, as in W1.) gb_s[0] /
+// gb_s[1]: the median GB/s without / with; both 0 if the memory could not be had. (engine/kernels/__init__.py runs
+// it once per library and machine, and sets prefetch_one_token.)
 extern "C" void MeshserveProbePrefetch(int64_t threads, int64_t bytes, int64_t rounds, double* gb_s) {
   constexpr int64_t K = 1024, kHuge = int64_t{1} << 21;
   const int64_t panels = std::max<int64_t>(1, bytes / (K * kRows * sizeof(float)));
