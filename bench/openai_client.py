@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from bench.serve_client import LoadResult, arrival_times
+from bench.serve_client import LoadResult, Schedule, arrival_times, check_schedule
 from bench.stats import RequestRecord
 from bench.workloads import Prompt
 
@@ -233,12 +233,14 @@ def run_load(
     model: str | None = None,
     api_key: str | None = None,
     on_done: Callable[[RequestRecord], None] | None = None,
+    schedule: Schedule | None = None,
 ) -> LoadResult:
     """Drives the OpenAI API at `target` with `num_requests` streamed requests at `rate` or `concurrency`, as
-    `serve_client.run_load` does the gRPC API (same schedule, same seeds). `model`: the name to send (default the
-    API's first model). Runs its own event loop: call it from a thread that has none running."""
+    `serve_client.run_load` does the gRPC API (same schedule, same seeds; `schedule` as there). `model`: the name to
+    send (default the API's first model). Runs its own event loop: call it from a thread that has none running."""
     if (rate is None) == (concurrency is None):
         raise ValueError("give exactly one of rate and concurrency")
+    check_schedule(schedule, num_requests, rate, warmup)
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if num_requests < 1 or not prompts:
@@ -252,7 +254,7 @@ def run_load(
             for i, (path, body) in enumerate(warm):
                 await stream_request(client, path, body, RequestRecord(f"warmup-{i}"))
             records: list[RequestRecord | None] = [None] * num_requests
-            start = time.perf_counter()
+            start = time.perf_counter() if schedule is None else schedule.start
 
             async def send(i: int) -> None:
                 record = RequestRecord(f"req-{i}", sent_at=time.perf_counter() - start)
@@ -271,7 +273,8 @@ def run_load(
                 await asyncio.gather(*(worker() for _ in range(min(concurrency, num_requests))))
             else:
                 tasks = []
-                for i, at in enumerate(arrival_times(num_requests, rate, burstiness, seed)):
+                times = arrival_times(num_requests, rate, burstiness, seed) if schedule is None else schedule.times
+                for i, at in enumerate(times):
                     delay = start + at - time.perf_counter()
                     if delay > 0:
                         await asyncio.sleep(delay)

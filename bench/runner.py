@@ -9,6 +9,7 @@ the same run as the figures they divide.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -129,6 +130,10 @@ class Options:
     api_key: str | None = dataclasses.field(default=None, repr=False)
     """Serve over OpenAI: the key sent as a bearer token (never written to the results)."""
     gateway_rounds: int = 1
+    gateway_mix: str = "rounds"
+    """Serve --api=both: "rounds" (each round a run direct, then one through the gateway, or the reverse) or
+    "interleaved" (each round one arrival schedule at the rate, its requests alternately direct and through the
+    gateway, so both meet the same load, the gateway's own CPU included)."""
     """Serve "both": rounds of (direct, gateway) back to back, the order alternating between rounds."""
     gateway_tcp_nodelay: bool = False
     """Experiment: TCP_NODELAY on the in-process gateway's listening socket (bench/gateway_load.set_tcp_nodelay)."""
@@ -762,6 +767,28 @@ def _load_run(opts: Options, api: str, targets: _Targets, prompt_set: Sequence[P
     return openai_client.run_load(targets.http, prompt_set, api_key=opts.api_key, **load)
 
 
+def _interleaved_run(opts: Options, targets: _Targets, prompt_set: Sequence[Prompt], rate: float, round_: int,
+                     on_done: Callable[[Any], None]) -> list[tuple[str, Any]]:  # fmt: skip
+    """One round of `gateway_mix` "interleaved": 2 x num_requests send times at `rate`, alternately a direct gRPC
+    request and one through the gateway's OpenAI API (request j of each way sends prompt j; which way takes the
+    even times alternates by round), both clients running at once. [(api, LoadResult)] for grpc and openai."""
+    from bench import openai_client, serve_client
+
+    n = opts.num_requests
+    times = serve_client.arrival_times(2 * n, rate, opts.burstiness, opts.seed + round_)
+    start = time.perf_counter() + 1.0  # both clients connected and waiting by then
+    even, odd = ("grpc", "openai") if round_ % 2 == 0 else ("openai", "grpc")
+    schedule = {even: serve_client.Schedule(start, times[0::2]), odd: serve_client.Schedule(start, times[1::2])}
+    load = {"num_requests": n, "rate": rate, "burstiness": opts.burstiness, "warmup": 0, "seed": opts.seed,
+            "on_done": on_done}  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        direct = pool.submit(serve_client.run_load, targets.grpc, prompt_set, schedule=schedule["grpc"], **load)
+        gateway = openai_client.run_load(
+            targets.http, prompt_set, api_key=opts.api_key, schedule=schedule["openai"], **load
+        )
+        return [("grpc", direct.result()), ("openai", gateway)]
+
+
 def _prime_prefix_cache(target: str, prompt_set: Sequence[Prompt]) -> int:
     """Sends every prompt once for one token, so that every timed run that follows finds the same prompts cached
     (without it, whichever API ran second would find the first one's prompts cached). Returns the failures."""
@@ -856,6 +883,11 @@ def serve(opts: Options) -> dict[str, Any]:
         raise ValueError("--api=both compares the W3 request set; run W4 / W5 with --api=grpc or --api=openai")
     if opts.gateway_rounds < 1:
         raise ValueError(f"--gateway_rounds must be >= 1, got {opts.gateway_rounds}")
+    if opts.gateway_mix not in ("rounds", "interleaved"):
+        raise ValueError(f"--gateway_mix must be 'rounds' or 'interleaved', got {opts.gateway_mix!r}")
+    interleaved = opts.api == "both" and opts.gateway_mix == "interleaved"
+    if interleaved and opts.concurrency:
+        raise ValueError("--gateway_mix=interleaved shares one arrival schedule: give --request_rates, not concurrency")
     targets, tokenizer = _serve_targets(opts)
     where = opts.target or "in-process"
     try:
@@ -882,9 +914,15 @@ def serve(opts: Options) -> dict[str, Any]:
         for kind, value in loads:
             results = []
             for round_ in range(rounds):
-                order = [opts.api] if opts.api != "both" else ["grpc", "openai"][:: 1 if round_ % 2 == 0 else -1]
-                for api in order:
-                    result = _load_run(opts, api, targets, prompt_set, kind, value, lambda _: bar.update(1))
+                if interleaved:
+                    pairs = _interleaved_run(opts, targets, prompt_set, value, round_, lambda _: bar.update(1))
+                else:
+                    order = [opts.api] if opts.api != "both" else ["grpc", "openai"][:: 1 if round_ % 2 == 0 else -1]
+                    pairs = [
+                        (api, _load_run(opts, api, targets, prompt_set, kind, value, lambda _: bar.update(1)))
+                        for api in order
+                    ]
+                for api, result in pairs:
                     results.append((round_, api, result))
                     runs.append(_run_json(api, result, opts.slo, round_ if opts.api == "both" else None))
             if opts.api == "both":
@@ -903,6 +941,7 @@ def serve(opts: Options) -> dict[str, Any]:
     }
     if opts.api == "both":
         out["prefix_cache_primed"] = primed
+        out["gateway_mix"] = opts.gateway_mix
         out["gateway_overhead"] = overheads
     return out
 

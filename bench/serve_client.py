@@ -52,6 +52,24 @@ def arrival_times(count: int, rate: float, burstiness: float = 1.0, seed: int = 
     return np.cumsum(gaps)
 
 
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Send times shared by clients that run at once (e.g. gRPC and the OpenAI API, interleaved): `start` on
+    time.perf_counter's clock, `times` seconds after it, one per request of this client."""
+
+    start: float
+    times: np.ndarray
+
+
+def check_schedule(schedule: Schedule | None, num_requests: int, rate: float | None, warmup: int) -> None:
+    if schedule is None:
+        return
+    if rate is None or warmup:
+        raise ValueError("a shared schedule is an open loop at a rate, without warm-up requests")
+    if len(schedule.times) != num_requests:
+        raise ValueError(f"the schedule has {len(schedule.times)} send times for {num_requests} requests")
+
+
 def generate_request(prompt: Prompt, request_id: str, seed: int) -> pb.GenerateRequest:
     """The Generate request of a benchmark prompt: greedy, exactly `max_tokens` tokens (EOS ignored)."""
     sampling = pb.SamplingOptions(temperature=0.0, max_tokens=prompt.max_tokens, ignore_eos=True, seed=seed)
@@ -129,14 +147,17 @@ def run_load(
     seed: int = 0,
     timeout: float = 600.0,
     on_done: Callable[[RequestRecord], None] | None = None,
+    schedule: Schedule | None = None,
 ) -> LoadResult:
     """Drives the server at `target` ("host:port") with `num_requests` requests at `rate` or `concurrency`.
 
     Exactly one of `rate` (requests/s, may be inf) and `concurrency` must be given. `on_done` is called (from a
-    worker thread) after each timed request.
+    worker thread) after each timed request. `schedule`: send times shared with another client (with `rate`, the
+    whole schedule's, and no warm-up).
     """
     if (rate is None) == (concurrency is None):
         raise ValueError("give exactly one of rate and concurrency")
+    check_schedule(schedule, num_requests, rate, warmup)
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if num_requests < 1 or not prompts:
@@ -150,7 +171,7 @@ def run_load(
             generate_request(prompts[i % len(prompts)], f"req-{i}", seed + warmup + i) for i in range(num_requests)
         ]
         records: list[RequestRecord | None] = [None] * num_requests
-        start = time.perf_counter()
+        start = time.perf_counter() if schedule is None else schedule.start
 
         def send(i: int) -> None:
             record = stream_one(stub, requests[i], timeout, time.perf_counter() - start)
@@ -161,7 +182,8 @@ def run_load(
         if concurrency is not None:
             _closed_loop(send, num_requests, concurrency)
         else:
-            _open_loop(send, arrival_times(num_requests, rate, burstiness, seed), start)
+            times = arrival_times(num_requests, rate, burstiness, seed) if schedule is None else schedule.times
+            _open_loop(send, times, start)
         finished = [r for r in records if r is not None]
         end = max((r.sent_at + (r.e2e or 0.0) for r in finished), default=0.0)
         return LoadResult(finished, end, seed, rate, burstiness, concurrency)

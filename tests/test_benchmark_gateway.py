@@ -12,7 +12,7 @@ import os
 import pytest
 from service_support import running_server
 
-from bench import gateway_load, openai_client, runner
+from bench import gateway_load, openai_client, runner, serve_client
 from bench import multiturn as mt
 
 # One engine config for every serve run here (the runner keeps engines per process): the tiny model's byte-level
@@ -92,6 +92,36 @@ def test_serve_both_reports_the_gateway_overhead(tmp_path):
     assert len(pngs) == 2  # one latency plot per API
     with pytest.raises(ValueError, match="W3"):
         runner.serve(tiny_options(api="both", workload="w4"))
+
+
+def test_serve_both_interleaved_sends_one_schedule_each_way_at_once(tmp_path):
+    """gateway_mix 'interleaved': one arrival schedule of 2 x num_requests send times, alternately direct and through
+    the gateway, both clients at once: each way's requests were sent at the schedule's times (its even or odd ones,
+    swapping by round) and each got its prompts 0..n-1, as in the rounds mix."""
+    opts = tiny_options(api="both", request_rates=(20.0,), num_requests=3, gateway_rounds=2, gateway_mix="interleaved")
+    doc, _, _ = runner.run_command("serve", opts, str(tmp_path), draw=False)
+    fig = doc["figures"]
+    assert fig["gateway_mix"] == "interleaved"
+    assert sorted((r["api"], r["round"]) for r in fig["runs"]) == [(a, i) for a in ("grpc", "openai") for i in (0, 1)]
+    assert all(r["summary"]["completed"] == 3 for r in fig["runs"])
+    for round_ in (0, 1):
+        times = serve_client.arrival_times(6, 20.0, 1.0, round_)
+        even, odd = ("grpc", "openai") if round_ == 0 else ("openai", "grpc")
+        for api, want in ((even, times[0::2]), (odd, times[1::2])):
+            (run,) = [r for r in fig["runs"] if r["api"] == api and r["round"] == round_]
+            sent = sorted(r["sent_at"] for r in run["records"])
+            assert sent == pytest.approx(list(want), abs=0.05)  # at the schedule's times (the clock's start shared)
+    (o,) = fig["gateway_overhead"]
+    assert o["failed"] == {"grpc": 0, "openai": 0} and len(o["rounds"]) == 2
+    with pytest.raises(ValueError, match="rate"):
+        runner.serve(tiny_options(api="both", concurrency=(2,), request_rates=(), gateway_mix="interleaved"))
+    with pytest.raises(ValueError, match="gateway_mix"):
+        runner.serve(tiny_options(api="both", gateway_mix="mixed"))
+    schedule = serve_client.Schedule(0.0, times[:2])
+    with pytest.raises(ValueError, match="2 send times for 3 requests"):
+        serve_client.check_schedule(schedule, 3, 1.0, 0)
+    with pytest.raises(ValueError, match="without warm-up"):
+        serve_client.check_schedule(schedule, 2, 1.0, 1)
 
 
 def test_w4_over_the_openai_api():
