@@ -130,11 +130,11 @@ class Options:
     api_key: str | None = dataclasses.field(default=None, repr=False)
     """Serve over OpenAI: the key sent as a bearer token (never written to the results)."""
     gateway_rounds: int = 1
+    """Serve "both": rounds of (direct, gateway) back to back, the order alternating between rounds."""
     gateway_mix: str = "rounds"
     """Serve --api=both: "rounds" (each round a run direct, then one through the gateway, or the reverse) or
     "interleaved" (each round one arrival schedule at the rate, its requests alternately direct and through the
     gateway, so both meet the same load, the gateway's own CPU included)."""
-    """Serve "both": rounds of (direct, gateway) back to back, the order alternating between rounds."""
     gateway_tcp_nodelay: bool = False
     """Experiment: TCP_NODELAY on the in-process gateway's listening socket (bench/gateway_load.set_tcp_nodelay)."""
     auth_duration_s: float = 10.0
@@ -771,22 +771,36 @@ def _interleaved_run(opts: Options, targets: _Targets, prompt_set: Sequence[Prom
                      on_done: Callable[[Any], None]) -> list[tuple[str, Any]]:  # fmt: skip
     """One round of `gateway_mix` "interleaved": 2 x num_requests send times at `rate`, alternately a direct gRPC
     request and one through the gateway's OpenAI API (request j of each way sends prompt j; which way takes the
-    even times alternates by round), both clients running at once. [(api, LoadResult)] for grpc and openai."""
+    even times alternates by round), both clients running at once, without warm-up requests (the prefix cache was
+    primed). Each LoadResult records the schedule's rate (each way sends at half of it) and seed.
+    [(api, LoadResult)] for grpc and openai; a warning if a request went out late (the clients slower to start than
+    the schedule's 1 s head start, or the machine too busy to send on time)."""
     from bench import openai_client, serve_client
 
     n = opts.num_requests
-    times = serve_client.arrival_times(2 * n, rate, opts.burstiness, opts.seed + round_)
+    seed = opts.seed + round_
+    times = serve_client.arrival_times(2 * n, rate, opts.burstiness, seed)
     start = time.perf_counter() + 1.0  # both clients connected and waiting by then
     even, odd = ("grpc", "openai") if round_ % 2 == 0 else ("openai", "grpc")
     schedule = {even: serve_client.Schedule(start, times[0::2]), odd: serve_client.Schedule(start, times[1::2])}
-    load = {"num_requests": n, "rate": rate, "burstiness": opts.burstiness, "warmup": 0, "seed": opts.seed,
+    load = {"num_requests": n, "rate": rate, "burstiness": opts.burstiness, "warmup": 0, "seed": seed,
             "on_done": on_done}  # fmt: skip
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         direct = pool.submit(serve_client.run_load, targets.grpc, prompt_set, schedule=schedule["grpc"], **load)
         gateway = openai_client.run_load(
             targets.http, prompt_set, api_key=opts.api_key, schedule=schedule["openai"], **load
         )
-        return [("grpc", direct.result()), ("openai", gateway)]
+        pairs = [("grpc", direct.result()), ("openai", gateway)]
+    for api, result in pairs:
+        due = {f"req-{i}": t for i, t in enumerate(schedule[api].times)}
+        late = max((r.sent_at - due[r.request_id] for r in result.records if r.request_id in due), default=0.0)
+        if late > _LATE_SEND_S:
+            log.warning("interleaved round %d: a %s request went out %.0f ms late", round_, api, late * 1e3)
+    return pairs
+
+
+_LATE_SEND_S = 0.05
+"""How late an interleaved run's request may go out before the run warns (the send threads' and loop's jitter)."""
 
 
 def _prime_prefix_cache(target: str, prompt_set: Sequence[Prompt]) -> int:

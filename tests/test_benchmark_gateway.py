@@ -105,12 +105,13 @@ def test_serve_both_interleaved_sends_one_schedule_each_way_at_once(tmp_path):
     assert sorted((r["api"], r["round"]) for r in fig["runs"]) == [(a, i) for a in ("grpc", "openai") for i in (0, 1)]
     assert all(r["summary"]["completed"] == 3 for r in fig["runs"])
     for round_ in (0, 1):
-        times = serve_client.arrival_times(6, 20.0, 1.0, round_)
+        times = serve_client.arrival_times(6, 20.0, 1.0, round_)  # the round's seed: opts.seed (0) + round
         even, odd = ("grpc", "openai") if round_ == 0 else ("openai", "grpc")
         for api, want in ((even, times[0::2]), (odd, times[1::2])):
             (run,) = [r for r in fig["runs"] if r["api"] == api and r["round"] == round_]
-            sent = sorted(r["sent_at"] for r in run["records"])
-            assert sent == pytest.approx(list(want), abs=0.05)  # at the schedule's times (the clock's start shared)
+            sent = {r["request_id"]: r["sent_at"] for r in run["records"]}
+            for i, due in enumerate(want):  # never before its time on the shared clock (late only by the machine)
+                assert due - 1e-3 <= sent[f"req-{i}"] <= due + 1.0
     (o,) = fig["gateway_overhead"]
     assert o["failed"] == {"grpc": 0, "openai": 0} and len(o["rounds"]) == 2
     with pytest.raises(ValueError, match="rate"):

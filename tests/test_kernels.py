@@ -412,7 +412,9 @@ def test_one_token_product_is_the_same_with_and_without_prefetching(n, k, restor
 
 def test_prefetch_is_probed_once_per_library_or_forced(tmp_path, restore_prefetch, monkeypatch):
     """The probe streams the one-token product with and without prefetching and keeps what it measured beside the
-    library; a second load reads it back; $MESHSERVE_KERNEL_PREFETCH overrides it, and a bad value is refused."""
+    library, per thread count; a second load reads it back; a malformed file is probed again; a cache that cannot be
+    written costs only a warning; $MESHSERVE_KERNEL_PREFETCH overrides it, and a bad value is refused. (restore_prefetch
+    comes before monkeypatch: its teardown, the machine's choice put back, runs after the environment is restored.)"""
     lib = kernels._loaded[0]
     monkeypatch.setattr(kernels, "PROBE_BYTES", 8 << 20)
     monkeypatch.setattr(kernels, "PROBE_ROUNDS", 3)
@@ -422,14 +424,23 @@ def test_prefetch_is_probed_once_per_library_or_forced(tmp_path, restore_prefetc
     probed = kernels.prefetch_choice()
     assert probed["source"] == "probe" and probed["gb_s_without"] > 0 and probed["gb_s_with"] > 0
     assert probed["prefetch"] == (probed["gb_s_with"] > kernels.PREFETCH_MARGIN * probed["gb_s_without"])
-    assert json.loads((tmp_path / "meshserve_kernels-test.prefetch.json").read_text()) == probed
+    cache = tmp_path / f"meshserve_kernels-test.prefetch-{probed['threads']}t.json"
+    assert json.loads(cache.read_text()) == probed
 
-    def no_probe(lib):
+    def no_probe(lib, threads):
         raise AssertionError("probed twice")
 
-    monkeypatch.setattr(kernels, "_probe_prefetch", no_probe)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "_probe_prefetch", no_probe)
+        kernels._set_prefetch(lib, library)
+        assert kernels.prefetch_choice() == probed
+    cache.write_text('{"prefetch": "yes"}')  # not a probe's result: probed again and rewritten
     kernels._set_prefetch(lib, library)
-    assert kernels.prefetch_choice() == probed
+    assert kernels.prefetch_choice()["source"] == "probe" and json.loads(cache.read_text())["source"] == "probe"
+    cache.unlink()
+    monkeypatch.setattr(kernels.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(OSError("read-only")))
+    kernels._set_prefetch(lib, library)  # nowhere to keep it: a warning, the probe's choice still set
+    assert kernels.prefetch_choice()["source"] == "probe" and not cache.exists()
     for value in ("on", "off"):
         monkeypatch.setenv(kernels.PREFETCH_ENV, value)
         kernels._set_prefetch(lib, library)

@@ -18,12 +18,15 @@ in float32:
 The sources are compiled on first use, into one library, with the system's C++ compiler (`$CXX`, else
 `c++`/`g++`/`clang++`) for the host CPU, into `$MESHSERVE_CACHE/kernels`, keyed by the sources, the flags, the
 jaxlib version and the CPU, and loaded with ctypes. Processes that race to build it each write their own file and
-rename it into place.
+rename it into place. On first load a probe decides whether the one-token product prefetches in software on this
+machine (`prefetch_choice`); its result is kept beside the library.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import json
@@ -62,11 +65,12 @@ _SOURCES = (_DIR / "decode_attention.cc", _DIR / "prefill_attention.cc", _DIR / 
 _HEADERS = (_DIR / "common.h",)
 PREFETCH_ENV = "MESHSERVE_KERNEL_PREFETCH"
 """Environment variable forcing whether the one-token weight product (a batch-1 decode step's) prefetches its weights
-ahead in software: "on" or "off" (tests run both). Unset, a probe of this machine decides, once per library
+ahead in software: "on" or "off". Unset, a probe of this machine decides, once per library and thread count
 (`prefetch_choice`)."""
 PROBE_BYTES = 256 << 20
 """Weights the prefetch probe streams: well past the last-level cache of the CPUs we run on (32-105 MiB)."""
 PROBE_ROUNDS = 9
+"""Timed passes of the probe each way, in alternating order; it compares their medians."""
 PREFETCH_MARGIN = 1.03
 """How much faster the probe must find prefetching before the kernels do it: prefetches cost instructions and load
 slots, so within the probe's noise they are left out."""
@@ -140,6 +144,7 @@ def load() -> Path:
     with _lock:
         if _loaded is not None:
             return _loaded[1]
+        _forced_prefetch()  # a bad value fails before the build, not after
         cxx = compiler()
         if cxx is None:
             raise KernelUnavailable("no C++ compiler found (set $CXX, or use --attention=xla --linear=xla)")
@@ -147,6 +152,7 @@ def load() -> Path:
         if not path.exists():
             _build(cxx, path)
         lib = ctypes.cdll.LoadLibrary(str(path))
+        lib.MeshserveProbePrefetch.restype = lib.MeshserveSetPrefetch.restype = None
         jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(lib.MeshserveDecodeAttention), platform="cpu")
         jax.ffi.register_ffi_target(
             DECODE_ATTENTION_INT8, jax.ffi.pycapsule(lib.MeshserveDecodeAttentionInt8), platform="cpu"
@@ -162,46 +168,84 @@ def load() -> Path:
         return path
 
 
+def _forced_prefetch() -> bool | None:
+    """$MESHSERVE_KERNEL_PREFETCH as a bool, or None when unset."""
+    forced = os.environ.get(PREFETCH_ENV)
+    if not forced:
+        return None
+    if forced not in ("on", "off"):
+        raise ValueError(f"{PREFETCH_ENV} must be 'on' or 'off', got {forced!r}")
+    return forced == "on"
+
+
 def _set_prefetch(lib: ctypes.CDLL, path: Path) -> None:
     """Whether the one-token product (a batch-1 decode step's) prefetches its weights ahead in software, from
     $MESHSERVE_KERNEL_PREFETCH or a probe of this machine: that product streamed over PROBE_BYTES of weights on every
     core as ~3 MiB products one after another, with and without, in alternating rounds (MeshserveProbePrefetch in
-    linear.cc); on only where PREFETCH_MARGIN faster. The result is kept beside the library, so each machine probes
-    once per build (~0.5 s). Prefetching changes no result, only the speed."""
+    linear.cc); on only where PREFETCH_MARGIN faster. The result is kept beside the library, per thread count
+    (`<library>.prefetch-<threads>t.json`), so a machine probes once per build (~0.5 s); a lock file keeps processes
+    that load at once from probing together (each would see half the bandwidth). Prefetching changes no result, only
+    the speed."""
     global _prefetch
-    forced = os.environ.get(PREFETCH_ENV)
-    if forced:
-        if forced not in ("on", "off"):
-            raise ValueError(f"{PREFETCH_ENV} must be 'on' or 'off', got {forced!r}")
-        choice = {"prefetch": forced == "on", "source": PREFETCH_ENV}
+    forced = _forced_prefetch()
+    if forced is not None:
+        choice = {"prefetch": forced, "source": PREFETCH_ENV}
     else:
-        cache = path.with_name(path.stem + ".prefetch.json")
-        try:
-            choice = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            choice = _probe_prefetch(lib)
-            if choice["source"] == "probe":
-                fd, tmp = tempfile.mkstemp(suffix=".json", dir=cache.parent)
-                with os.fdopen(fd, "w") as f:
-                    json.dump(choice, f)
-                os.replace(tmp, cache)
+        threads = _threads()
+        cache = path.with_name(f"{path.stem}.prefetch-{threads}t.json")
+        with open(path.with_name(path.stem + ".prefetch.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            choice = _cached_choice(cache)
+            if choice is None:
+                choice = _probe_prefetch(lib, threads)
+                if choice["source"] == "probe":
+                    _store_choice(cache, choice)
     lib.MeshserveSetPrefetch(ctypes.c_int(int(choice["prefetch"])))
     _prefetch = choice
 
 
-def _probe_prefetch(lib: ctypes.CDLL) -> dict:
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _threads() -> int:
+    """The cores this process may run on: as many threads as XLA's CPU pool has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _cached_choice(cache: Path) -> dict | None:
+    try:
+        choice = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(choice, dict) and isinstance(choice.get("prefetch"), bool) and choice.get("source") == "probe"
+    return choice if ok else None  # anything else is probed again
+
+
+def _store_choice(cache: Path, choice: dict) -> None:
+    """Writes the probe's result beside the library (atomically); a cache that cannot be written (read-only, full)
+    costs a probe per process, nothing else."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=cache.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(choice, f)
+        os.replace(tmp, cache)
+    except OSError as e:
+        log.warning("could not keep the prefetch probe's result in %s: %s", cache, e)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _probe_prefetch(lib: ctypes.CDLL, threads: int) -> dict:
     gb_s = (ctypes.c_double * 2)()
     lib.MeshserveProbePrefetch(ctypes.c_int64(threads), ctypes.c_int64(PROBE_BYTES), ctypes.c_int64(PROBE_ROUNDS), gb_s)
     if gb_s[0] <= 0.0:
-        log.warning("the prefetch probe could not allocate %d MiB: prefetching stays on, unmeasured", PROBE_BYTES >> 20)
+        log.warning("the prefetch probe could not run (memory or threads): prefetching stays on, unmeasured")
         return {"prefetch": True, "source": "default: probe failed"}
     choice = {
         "prefetch": gb_s[1] > PREFETCH_MARGIN * gb_s[0],
         "source": "probe",
         "threads": threads,
-        "gb_s_without": round(gb_s[0], 2),
-        "gb_s_with": round(gb_s[1], 2),
+        "gb_s_without": gb_s[0],
+        "gb_s_with": gb_s[1],
     }
     log.info(
         "CPU kernels: the one-token product prefetches %s (probe on %d threads: %.1f GB/s without, %.1f with)",

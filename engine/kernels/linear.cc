@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -52,7 +53,8 @@ constexpr int64_t kPrefetch = 512;
 // of this machine (MeshserveProbePrefetch; engine/kernels/__init__.py). Its loop spends few instructions per byte,
 // so the out-of-order core and the hardware prefetcher may keep enough lines in flight alone: on a 2-core AMD Zen 3
 // VM the prefetches made W1 decode 2-6% slower (alternating rounds in one process). (The tiles spend ~14
-// instructions per 24 bytes of weights, and there prefetching paid on the same VM: 20% at 8 tokens.)
+// instructions per 24 bytes of weights, and there prefetching paid on the same VM: a [49152, 576] product at 8
+// tokens took 25% longer without.)
 std::atomic<bool> prefetch_one_token{true};
 
 struct Epilogue {
@@ -230,59 +232,89 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ff
 
 // GB/s of one pass of RunOne over the probe's weights [panels, K, 6] as a decode step reads them: products of
 // kProbeCallPanels panels each (~3 MiB, a small model's projection), one after another, every thread an equal share
-// of each and all waiting for the slowest before the next (the ends of calls are where a prefetch overshoots).
+// of each and all waiting for the slowest before the next (the ends of calls are where a prefetch overshoots). The
+// clock runs from when every thread has started to when the last product is done: thread start-up is not timed.
 constexpr int64_t kProbeCallPanels = 128;
+
+// Spins until `count` reaches `target` (a barrier across the probe's threads), yielding now and then in case the
+// machine has fewer cores free than threads; false if `abort` was set meanwhile.
+inline bool WaitFor(const std::atomic<int64_t>& count, int64_t target, const std::atomic<bool>& abort) {
+  for (int spins = 1; count.load() < target; ++spins) {
+    if (abort.load()) return false;
+    _mm_pause();
+    if (spins % 256 == 0) std::this_thread::yield();
+  }
+  return true;
+}
+
 template <bool PF>
 double ProbeRound(const float* w, int64_t panels, int64_t K, const float* x, float* y, int64_t threads) {
-  const auto start = std::chrono::steady_clock::now();
   std::atomic<int64_t> arrived{0};
+  std::atomic<bool> abort{false};
+  std::chrono::steady_clock::time_point start, end;
   const Epilogue ep;
-  auto worker = [=, &ep, &arrived](int64_t t) {
-    for (int64_t c0 = 0, call = 1; c0 < panels; c0 += kProbeCallPanels, ++call) {
+  auto worker = [=, &ep, &arrived, &abort, &start, &end](int64_t t) {
+    arrived.fetch_add(1);
+    if (!WaitFor(arrived, threads, abort)) return;
+    if (t == 0) start = std::chrono::steady_clock::now();
+    for (int64_t c0 = 0, call = 2; c0 < panels; c0 += kProbeCallPanels, ++call) {
       const int64_t n = std::min(kProbeCallPanels, panels - c0);
       RunOne<PF>(w, panels * kRows, K, x, y, ep, c0 + n * t / threads, c0 + n * (t + 1) / threads);
       arrived.fetch_add(1);
-      while (arrived.load() < call * threads) _mm_pause();
+      WaitFor(arrived, call * threads, abort);
     }
+    if (t == 0) end = std::chrono::steady_clock::now();
   };
   std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(worker, t);
+  try {
+    helpers.reserve(threads - 1);
+    for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(worker, t);
+  } catch (...) {  // the helpers started wait for the rest at the first barrier: release them, then give up
+    abort.store(true);
+    for (auto& h : helpers) h.join();
+    throw;
+  }
   worker(0);
   for (auto& h : helpers) h.join();
-  return static_cast<double>(panels * K * kRows * sizeof(float)) /
-         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / 1e9;
+  return static_cast<double>(panels * K * kRows * sizeof(float)) / std::chrono::duration<double>(end - start).count() /
+         1e9;
 }
 
 }  // namespace
 
 // The product of a batch-1 decode step (RunOne) over `bytes` of weights, far past the last-level cache, as ~3 MiB
-// products on `threads` threads (ProbeRound), `rounds` times without and with prefetching in turn: the weight stream
-// as decode reads it, so the choice is this machine's, measured. (On the Zen 3 VM, over one product of the whole
-// buffer the two measured level; over 3 MiB products prefetching measured 4-12% slower, as in W1.) gb_s[0] /
-// gb_s[1]: the median GB/s without / with; both 0 if the memory could not be had. (engine/kernels/__init__.py runs
-// it once per library and machine, and sets prefetch_one_token.)
+// products on `threads` threads (ProbeRound), `rounds` times each way, the order alternating: the weight stream as
+// decode reads it, so the choice is this machine's, measured. (On the Zen 3 VM, over one product of the whole buffer
+// the two measured level; over 3 MiB products prefetching measured 4-12% slower in 4 probes of 5, as in W1.)
+// gb_s[0] / gb_s[1]: the median GB/s without / with; both 0 if the memory or the threads could not be had.
+// (engine/kernels/__init__.py runs it once per library and machine, and sets prefetch_one_token.)
 extern "C" void MeshserveProbePrefetch(int64_t threads, int64_t bytes, int64_t rounds, double* gb_s) {
   constexpr int64_t K = 1024, kHuge = int64_t{1} << 21;
-  const int64_t panels = std::max<int64_t>(1, bytes / (K * kRows * sizeof(float)));
-  const size_t size = (panels * K * kRows * sizeof(float) + kHuge - 1) / kHuge * kHuge;
   gb_s[0] = gb_s[1] = 0.0;
-  float* w = static_cast<float*>(std::aligned_alloc(kHuge, size));
+  threads = std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, std::thread::hardware_concurrency()));
+  const int64_t panels = std::max<int64_t>(threads, bytes / (K * kRows * sizeof(float)));
+  const size_t size = (panels * K * kRows * sizeof(float) + kHuge - 1) / kHuge * kHuge;
+  std::unique_ptr<float, decltype(&std::free)> w(static_cast<float*>(std::aligned_alloc(kHuge, size)), &std::free);
   if (w == nullptr) return;
-  madvise(w, size, MADV_HUGEPAGE);  // as the engine's weights (EngineConfig.huge_pages)
-  std::fill_n(w, size / sizeof(float), 1e-3f);
-  std::vector<float> x(K, 1.0f), y(panels * kRows);
-  threads = std::max<int64_t>(1, threads);
-  std::vector<double> runs[2];
-  ProbeRound<false>(w, panels, K, x.data(), y.data(), threads);  // warm-up: the pages mapped, the threads' code hot
-  ProbeRound<true>(w, panels, K, x.data(), y.data(), threads);
-  for (int64_t r = 0; r < std::max<int64_t>(1, rounds); ++r) {
-    runs[0].push_back(ProbeRound<false>(w, panels, K, x.data(), y.data(), threads));
-    runs[1].push_back(ProbeRound<true>(w, panels, K, x.data(), y.data(), threads));
-  }
-  std::free(w);
-  for (int i = 0; i < 2; ++i) {
-    std::sort(runs[i].begin(), runs[i].end());
-    gb_s[i] = runs[i][runs[i].size() / 2];
+  madvise(w.get(), size, MADV_HUGEPAGE);  // as the engine's weights (EngineConfig.huge_pages)
+  std::fill_n(w.get(), size / sizeof(float), 1e-3f);
+  try {  // no exception may cross into the caller (ctypes): thread or memory failures leave the zeros
+    std::vector<float> x(K, 1.0f), y(panels * kRows);
+    double (*const variants[2])(const float*, int64_t, int64_t, const float*, float*, int64_t) = {
+        ProbeRound<false>, ProbeRound<true>};
+    std::vector<double> runs[2];
+    for (auto round : variants) round(w.get(), panels, K, x.data(), y.data(), threads);  // warm-up: pages, code
+    for (int64_t r = 0; r < std::max<int64_t>(1, rounds); ++r)
+      for (int i = 0; i < 2; ++i) {
+        const int v = r % 2 == 0 ? i : 1 - i;
+        runs[v].push_back(variants[v](w.get(), panels, K, x.data(), y.data(), threads));
+      }
+    for (int v = 0; v < 2; ++v) {
+      std::sort(runs[v].begin(), runs[v].end());
+      gb_s[v] = runs[v][runs[v].size() / 2];
+    }
+  } catch (...) {
+    gb_s[0] = gb_s[1] = 0.0;
   }
 }
 
