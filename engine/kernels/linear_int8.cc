@@ -91,14 +91,19 @@ inline void Finish(const Vec (*acc)[kRowVecs], int64_t tokens, const float* scal
   }
 }
 
-template <int T>
-void Tile(const int8_t* __restrict panel, int64_t K, const float* __restrict x, int64_t M, int64_t m,
+inline Vec Row(const int8_t* p) { return LoadInt8(p); }
+inline Vec Row(const float* p) { return meshserve::Load(p); }
+
+// T tokens of one panel: the int8 panel itself, or its values already widened to floats (Run), read the same way.
+template <int T, typename W>
+void Tile(const W* __restrict panel, int64_t K, const float* __restrict x, int64_t M, int64_t m,
           Vec (*out)[kRowVecs]) {
   Vec acc[T][kRowVecs] = {};  // local, so the accumulators live in registers for the whole loop
   for (int64_t k = 0; k < K; ++k) {
-    if (k % 2 == 0) __builtin_prefetch(panel + k * kRows + kPrefetch, 0, 3);  // one 64-byte line per 2 features
+    if (std::is_same_v<W, int8_t> && k % 2 == 0)  // one 64-byte line per 2 features (a widened panel is in L2)
+      __builtin_prefetch(panel + k * kRows + kPrefetch, 0, 3);
     Vec w[kRowVecs];
-    for (int v = 0; v < kRowVecs; ++v) w[v] = LoadInt8(panel + k * kRows + v * kLanes);
+    for (int v = 0; v < kRowVecs; ++v) w[v] = Row(panel + k * kRows + v * kLanes);
     const float* xk = x + k * M + m;
     for (int t = 0; t < T; ++t)
       for (int v = 0; v < kRowVecs; ++v) acc[t][v] += w[v] * xk[t];
@@ -124,20 +129,34 @@ void TileOne(const int8_t* __restrict panel, int64_t K, const float* __restrict 
   for (int v = 0; v < kRowVecs; ++v) out[0][v] = a[0][v] + a[1][v];
 }
 
-// Panels [p0, p1) x tokens [m0, m1).
+// Panels [p0, p1) x tokens [m0, m1). A panel that more than one tile of tokens reads is widened to floats once
+// (`wide`, K x 32 floats: in L2) and the tiles read that, rather than converting every weight again for every
+// kTokens tokens (3 with AVX2); the values and sums are the same either way. On a 2-core AVX2 Zen 3 VM: a [3072, 576]
+// product at 64 tokens 79 -> 90 GFLOP/s, the other shapes level; W2 with int8 weights 0.67x -> 0.71x of float32 (two
+// runs). What holds these tiles below the float32 kernel's ~140 GFLOP/s there is x: each broadcast token is read
+// from rows M floats apart.
 void Run(const int8_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, const Epilogue& ep, int64_t p0,
-         int64_t p1, int64_t m0, int64_t m1) {
+         int64_t p1, int64_t m0, int64_t m1, std::vector<float>& wide) {
   const int64_t out = ep.Rows();
+  const bool widen = m1 - m0 > kTokens;
+  if (widen) wide.resize(K * kRows);
   Vec acc[kTokens][kRowVecs];
   for (int64_t p = p0; p < p1; ++p) {
     const int8_t* panel = w + p * K * kRows;
     const int64_t r0 = p * out, rows = std::min(out, N - r0);
+    if (widen)
+      for (int64_t i = 0; i < K * kRows; i += kLanes) meshserve::Store(wide.data() + i, LoadInt8(panel + i));
     for (int64_t m = m0; m < m1; m += kTokens) {
       const int64_t tokens = std::min(kTokens, m1 - m);
       switch (tokens) {
-#define MESHSERVE_TILE(n)                                       \
-  case n:                                                       \
-    if constexpr (n <= kTokens) Tile<n>(panel, K, x, M, m, acc); \
+#define MESHSERVE_TILE(n)                                                       \
+  case n:                                                                       \
+    if constexpr (n <= kTokens) {                                               \
+      if (widen)                                                                \
+        Tile<n>(static_cast<const float*>(wide.data()), K, x, M, m, acc);      \
+      else                                                                      \
+        Tile<n>(panel, K, x, M, m, acc);                                        \
+    }                                                                           \
     break;
         MESHSERVE_TILE(2) MESHSERVE_TILE(3) MESHSERVE_TILE(4) MESHSERVE_TILE(5) MESHSERVE_TILE(6) MESHSERVE_TILE(7)
         MESHSERVE_TILE(8) MESHSERVE_TILE(9) MESHSERVE_TILE(10) MESHSERVE_TILE(11) MESHSERVE_TILE(12)
@@ -373,10 +392,11 @@ ffi::Error LinearInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> wq, ffi::Buffer
     return ffi::Error::Success();
   }
 #endif
-  meshserve::ParallelFor(pool, runs * blocks, [=](int64_t item) {
+  // each worker's widened panel (its copy of the lambda's vector)
+  meshserve::ParallelFor(pool, runs * blocks, [=, wide = std::vector<float>()](int64_t item) mutable {
     const int64_t m0 = (item % blocks) * kTokenBlock, m1 = std::min(M, m0 + kTokenBlock);
     const int64_t p0 = (item / blocks) * run, p1 = std::min(panels, p0 + run);
-    Run(w, N, K, xs, M, ys, ep, p0, p1, m0, m1);
+    Run(w, N, K, xs, M, ys, ep, p0, p1, m0, m1, wide);
   });
   return ffi::Error::Success();
 }
