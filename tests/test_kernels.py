@@ -438,6 +438,9 @@ def test_prefetch_is_probed_once_per_library_or_forced(tmp_path, restore_prefetc
     kernels._set_prefetch(lib, library)
     assert kernels.prefetch_choice()["source"] == "probe" and json.loads(cache.read_text())["source"] == "probe"
     cache.unlink()
+    unwritable = tmp_path / "missing" / "meshserve_kernels-test.so"  # no such directory: no lock, no cache file
+    kernels._set_prefetch(lib, unwritable)
+    assert kernels.prefetch_choice()["source"] == "probe" and not unwritable.parent.exists()
     monkeypatch.setattr(kernels.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(OSError("read-only")))
     kernels._set_prefetch(lib, library)  # nowhere to keep it: a warning, the probe's choice still set
     assert kernels.prefetch_choice()["source"] == "probe" and not cache.exists()

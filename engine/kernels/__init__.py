@@ -193,8 +193,7 @@ def _set_prefetch(lib: ctypes.CDLL, path: Path) -> None:
     else:
         threads = _threads()
         cache = path.with_name(f"{path.stem}.prefetch-{threads}t.json")
-        with open(path.with_name(path.stem + ".prefetch.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _probe_lock(path.with_name(path.stem + ".prefetch.lock")):
             choice = _cached_choice(cache)
             if choice is None:
                 choice = _probe_prefetch(lib, threads)
@@ -202,6 +201,21 @@ def _set_prefetch(lib: ctypes.CDLL, path: Path) -> None:
                     _store_choice(cache, choice)
     lib.MeshserveSetPrefetch(ctypes.c_int(int(choice["prefetch"])))
     _prefetch = choice
+
+
+@contextlib.contextmanager
+def _probe_lock(lock_path: Path):
+    """Held while one process reads or probes and writes the cached choice; where the lock file cannot be opened (a
+    read-only library directory) the probe runs unlocked, as it would with no cache."""
+    try:
+        lock = open(lock_path, "a")  # noqa: SIM115 (held across the yield)
+    except OSError as e:
+        log.warning("no lock for the prefetch probe at %s (%s): probing unlocked", lock_path, e)
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _threads() -> int:
