@@ -195,7 +195,7 @@ def _activations_as_the_kernel_reads_them(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("m", [1, 5, 8, 13, 70])
 def test_int8_kernel_products_match_numpy(n, k, m):
     """Below kernels.int8_activation_min_tokens() the product is weight-only (float32 sums of the int8 values):
-    numpy's float64 product to 1e-5. From there (CPUs with AVX-512 VNNI) activations are rounded to 16 bits per
+    numpy's float64 product to 1e-5. From there (AVX-512 VNNI or AVX2) activations are rounded to 16 bits per
     token and the sums are integers: numpy's product of the same rounded activations to 1e-5, and against the
     unrounded activations within the rounding's bound, sum_k |w[n, k]| s_t / 2 (an outlier of 300 and an all-zero
     token included)."""
@@ -249,14 +249,15 @@ def test_int8_kernel_spreads_nan_and_inf_from_a_token(m):
         np.testing.assert_array_equal(got[:, : m - 1], clean[:, : m - 1])
 
 
-def test_int8_kernel_multiplies_integers_where_the_cpu_has_vnni():
-    """The integer path is compiled where the build's CPU has AVX-512 VNNI and VBMI (-march=native), and only
-    there: the kernel reports it as the CPU's flags say."""
+def test_int8_kernel_multiplies_integers_as_the_cpu_allows():
+    """The kernel's integer path follows the build's CPU (-march=native): AVX-512 VNNI and VBMI where it has them,
+    else AVX2's vpmaddwd (from 8 and 4 tokens)."""
     _kernels_or_skip()
     with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    has = {"avx512_vnni", "avx512vbmi", "avx512bw"} <= set(flags)
-    assert (kernels.int8_activation_min_tokens() > 0) == has, flags
+        flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    want = "vnni" if {"avx512_vnni", "avx512vbmi", "avx512bw"} <= flags else "avx2" if "avx2" in flags else ""
+    assert kernels.int8_integer_path() == want, sorted(flags)
+    assert kernels.int8_activation_min_tokens() == {"vnni": 8, "avx2": 4, "": 0}[want]
 
 
 def test_int8_kernel_refuses_mismatched_shapes():

@@ -11,9 +11,9 @@ in float32:
   kernel runs ~400 (same VM).
 - The same products on int8 weights (`linear_int8.cc`, engine.quant's per-row scales): a decode step at a few slots
   streams every weight once, so a quarter of float32's bytes is up to 4x the speed. Measured on the same VM at one
-  token: a [49152, 576] head in 0.65 ms (44 GB/s of int8 weights) against 7.0 ms in float32. At 8 tokens or more,
-  on CPUs with AVX-512 VNNI, activations are quantized to 16 bits per token and the products run on integers
-  (`int8_activation_min_tokens`).
+  token: a [49152, 576] head in 0.65 ms (44 GB/s of int8 weights) against 7.0 ms in float32. From a few tokens up
+  (`int8_activation_min_tokens`) activations are quantized to 16 bits per token and the products run on integers:
+  AVX-512 VNNI where the CPU has it, else AVX2's vpmaddwd on weights widened to 16 bits (`int8_integer_path`).
 
 The sources are compiled on first use, into one library, with the system's C++ compiler (`$CXX`, else
 `c++`/`g++`/`clang++`) for the host CPU, into `$MESHSERVE_CACHE/kernels`, keyed by the sources, the flags, the
@@ -305,12 +305,21 @@ def set_spin_micros(micros: int) -> None:
 
 def int8_activation_min_tokens() -> int:
     """The fewest tokens (x's M) at which this machine's int8 kernel quantizes activations to 16 bits per token and
-    multiplies integers (AVX-512 VNNI; see linear_int8.cc), or 0 where it was built without that path (every M then
-    runs weight-only in float32). Builds the kernels if needed."""
+    multiplies integers (see `int8_integer_path` and linear_int8.cc), or 0 where it was built without such a path
+    (every M then runs weight-only in float32). Builds the kernels if needed."""
     load()
-    fn = _loaded[0].MeshserveInt8VnniMinTokens
+    fn = _loaded[0].MeshserveInt8IntegerMinTokens
     fn.restype = ctypes.c_int64
     return int(fn())
+
+
+def int8_integer_path() -> str:
+    """Which integer products this build of the int8 kernel has: "vnni" (AVX-512 VNNI and VBMI), "avx2" (vpmaddwd on
+    16-bit activations and weights), or "" (none). Builds the kernels if needed."""
+    load()
+    fn = _loaded[0].MeshserveInt8IntegerPath
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def decode_attention(

@@ -31,6 +31,9 @@
 // float32's is the activation's to 16 bits, at most s_t / 2 per element (tests/test_int8.py checks that bound and
 // the quality gate runs through this path). The panel's [K, 32] bytes are regrouped in registers to [32 rows, 4
 // features] (one vpermt2b per 16 rows), so the packed layout is the same for both paths.
+//
+// Many tokens on a CPU with AVX2 but not VNNI: the same 16-bit activations, and vpmaddwd on the weights widened to
+// 16 bits per work item (see MESHSERVE_INT8_MADD below). Same rounding as the VNNI path, so one quality table.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -54,6 +57,8 @@ constexpr int64_t kRows = 32;    // weight rows per panel (engine/kernels/__init
 constexpr int64_t kRowVecs = kRows / kLanes;  // vectors per panel row block: 2 (AVX-512) or 4 (AVX2)
 // tokens per tile: 24 accumulators of 32 registers (AVX-512: 12 tokens x 2 row vectors), 12 of 16 (AVX2: 3 x 4)
 constexpr int64_t kTokens = 24 / kRowVecs / (kLanes == 16 ? 1 : 2);
+constexpr int64_t kMaxTileTokens = 12;  // the most tokens of any path's tile (Finish's buffer)
+static_assert(kTokens <= kMaxTileTokens, "Finish's buffer holds a tile");
 constexpr int64_t kPrefetch = 1024;  // bytes of weights prefetched ahead (past the 4 KiB hardware prefetch limit)
 static_assert(kRows % kLanes == 0 && kRowVecs % 2 == 0, "a panel's row block is whole vectors, gate and up halves");
 
@@ -72,7 +77,7 @@ struct Epilogue {
 // Writes one tile's accumulators (kRowVecs row vectors per token) to y rows [r0, r0 + rows) x tokens [m, m + tokens).
 inline void Finish(const Vec (*acc)[kRowVecs], int64_t tokens, const float* scale, const Epilogue& ep, int64_t r0,
                    int64_t rows, float* y, int64_t M, int64_t m) {
-  alignas(64) float out[kTokens][kRows];
+  alignas(64) float out[kMaxTileTokens][kRows];
   Vec s[kRowVecs];
   for (int v = 0; v < kRowVecs; ++v) s[v] = Load(scale + v * kLanes);
   for (int64_t t = 0; t < tokens; ++t) {
@@ -131,10 +136,8 @@ void TileOne(const int8_t* __restrict panel, int64_t K, const float* __restrict 
 
 // Panels [p0, p1) x tokens [m0, m1). A panel that more than one tile of tokens reads is widened to floats once
 // (`wide`, K x 32 floats: in L2) and the tiles read that, rather than converting every weight again for every
-// kTokens tokens (3 with AVX2); the values and sums are the same either way. On a 2-core AVX2 Zen 3 VM: a [3072, 576]
-// product at 64 tokens 79 -> 90 GFLOP/s, the other shapes level; W2 with int8 weights 0.67x -> 0.71x of float32 (two
-// runs). What holds these tiles below the float32 kernel's ~140 GFLOP/s there is x: each broadcast token is read
-// from rows M floats apart.
+// kTokens tokens (3 with AVX2); the values and sums are the same either way. (Used below the integer paths' fewest
+// tokens; before the AVX2 integer path, at 64 tokens on a 2-core Zen 3 VM: a [3072, 576] product 79 -> 90 GFLOP/s.)
 void Run(const int8_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, const Epilogue& ep, int64_t p0,
          int64_t p1, int64_t m0, int64_t m1, std::vector<float>& wide) {
   const int64_t out = ep.Rows();
@@ -169,12 +172,6 @@ void Run(const int8_t* w, int64_t N, int64_t K, const float* x, int64_t M, float
   }
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
-#define MESHSERVE_INT8_VNNI 1
-
-constexpr int64_t kVnniMinTokens = 8;  // fewer tokens: the float path (memory bound there, and no quantizing pass)
-constexpr int64_t kVnniTokens = 6;     // tokens per tile: 24 int32 accumulators (6 tokens x 2 row vectors x hi, lo)
-
 // x [K, M] float32 -> s_t [M] and its inverse (0 where x's column is all zero, s_t then 1). A NaN or inf in a
 // token makes its s_t NaN or inf, so its outputs come out NaN as the float product's would, never finite garbage.
 void TokenScales(const float* x, int64_t K, int64_t M, float* scale, float* inverse) {
@@ -191,6 +188,12 @@ void TokenScales(const float* x, int64_t K, int64_t M, float* scale, float* inve
     inverse[m] = zero ? 0.0f : 32767.0f / amax;
   }
 }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#define MESHSERVE_INT8_VNNI 1
+
+constexpr int64_t kVnniMinTokens = 8;  // fewer tokens: the float path (memory bound there, and no quantizing pass)
+constexpr int64_t kVnniTokens = 6;     // tokens per tile: 24 int32 accumulators (6 tokens x 2 row vectors x hi, lo)
 
 // Features [4 g0, 4 g1) of x [K, M] -> the hi and lo bytes of u (see the top) as one dword per 4 features and token,
 // hi / lo [ceil(K / 4), M] (features past K: 0, their weights are zero). x / s_t is in [-32767, 32767]; adding
@@ -334,8 +337,138 @@ void RunVnni(const int8_t* w, int64_t N, int64_t K, const uint32_t* hi, const ui
     }
   }
 }
-static_assert(kVnniTokens <= kTokens, "Finish's buffer holds a tile");
+static_assert(kVnniTokens <= kMaxTileTokens, "Finish's buffer holds a tile");
 #endif  // AVX-512 VNNI and VBMI
+
+#if !defined(MESHSERVE_INT8_VNNI) && defined(__AVX2__)
+#define MESHSERVE_INT8_MADD 1
+
+// Integer products without VNNI (AVX2): the same 16-bit activations as the VNNI path (q = u - 32768, in [-32767,
+// 32767]), multiplied by the weights widened to 16 bits with vpmaddwd, which sums two products of 16-bit integers
+// into each 32-bit lane, exactly. vpmaddwd + vpaddd do 16 products in two instructions where a float32 FMA does 8
+// in one, and a 2-core AMD EPYC Zen 3 VM (AVX2, no VNNI) issues ~1.6 of those pairs a cycle against 2 FMAs: 80
+// against 51 GMAC/s per core, measured in a register-only loop. A lane's pair of products reaches 2 * 128 * 32767,
+// so int32 holds kMaddPairs = 128 pairs (256 features) exactly before the tile adds them into float32 sums.
+constexpr int64_t kMaddMinTokens = 4;  // fewer tokens: the float path (see Run; measured faster there)
+constexpr int64_t kMaddTokens = 6;     // tokens per tile: 12 int32 accumulators of 16 registers (6 x 2 row vectors)
+constexpr int64_t kMaddPairs = 128;    // feature pairs summed in int32 per block: 128 * 2 * 128 * 32767 < 2^31
+
+typedef int32_t IVec8 __attribute__((vector_size(32)));  // not __m256i: see IVec above (may_alias keeps it in memory)
+
+// x [K, M] -> token-major dwords q [M, K2], K2 = ceil(K / 2), of feature pairs [2 g0, 2 g1): the low half is
+// feature 2 g's 16-bit activation, the high half feature 2 g + 1's (0 past K). Rounded as the VNNI path rounds
+// (x / s_t + 32768.5, truncated, minus 32768).
+void QuantizePairs(const float* x, int64_t K, int64_t M, const float* inverse, int64_t g0, int64_t g1, uint32_t* q) {
+  const int64_t K2 = (K + 1) / 2;
+  const __m256 half = _mm256_set1_ps(32768.5f);
+  const __m256i bias = _mm256_set1_epi32(32768), low = _mm256_set1_epi32(0xffff);
+  auto quantize = [](float v, float inv) {
+    const float f = std::fma(v, inv, 32768.5f);  // NaN / inf only in a NaN- or inf-scaled token
+    return std::isfinite(f) ? static_cast<uint32_t>(static_cast<int32_t>(f) - 32768) & 0xffffu : 0u;
+  };
+  alignas(32) uint32_t lanes[8];
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* a = x + 2 * g * M;
+    const float* b = 2 * g + 1 < K ? a + M : nullptr;
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) {
+      const __m256 inv = _mm256_loadu_ps(inverse + m);
+      auto round = [&](const float* p) {
+        return _mm256_sub_epi32(_mm256_cvttps_epi32(_mm256_fmadd_ps(_mm256_loadu_ps(p + m), inv, half)), bias);
+      };
+      __m256i d = _mm256_and_si256(round(a), low);
+      if (b != nullptr) d = _mm256_or_si256(d, _mm256_slli_epi32(round(b), 16));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), d);
+      for (int j = 0; j < 8; ++j) q[(m + j) * K2 + g] = lanes[j];
+    }
+    for (; m < M; ++m)
+      q[m * K2 + g] = quantize(a[m], inverse[m]) | (b == nullptr ? 0u : quantize(b[m], inverse[m]) << 16);
+  }
+}
+
+// A panel [K, 32] int8 -> 16-bit pairs for vpmaddwd, [2 halves of 16 rows, K2, 16 rows, 2 features] (features
+// past K: 0; the bytes past the panel's K x 32 belong to the next panel, or to nothing), once per panel and work
+// item (K x 64 bytes: in L2 while the item's token tiles read it).
+void WidenPairs(const int8_t* panel, int64_t K, int16_t* grouped) {
+  const int64_t K2 = (K + 1) / 2;
+  int16_t* top = grouped;
+  int16_t* bottom = grouped + K2 * kRows;
+  for (int64_t g = 0; g < K2; ++g) {
+    __builtin_prefetch(panel + 2 * g * kRows + kPrefetch, 0, 3);
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + 2 * g * kRows));
+    const __m256i b = 2 * g + 1 < K ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (2 * g + 1) * kRows))
+                                    : _mm256_setzero_si256();
+    // per 128-bit lane, rows interleaved with their pair: lo = rows 0-7 | 16-23, hi = rows 8-15 | 24-31
+    const __m256i lo = _mm256_unpacklo_epi8(a, b), hi = _mm256_unpackhi_epi8(a, b);
+    auto put = [](int16_t* p, __m128i bytes) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(p), _mm256_cvtepi8_epi16(bytes));
+    };
+    put(top + g * 16 * 2, _mm256_castsi256_si128(lo));
+    put(top + g * 16 * 2 + 16, _mm256_castsi256_si128(hi));
+    put(bottom + g * 16 * 2, _mm256_extracti128_si256(lo, 1));
+    put(bottom + g * 16 * 2 + 16, _mm256_extracti128_si256(hi, 1));
+  }
+}
+
+// T tokens x 16 rows (one half of a panel): out[t][r0 + i] = s_t * sum_k w[r0 + i, k] q[k, m + t].
+template <int T>
+__attribute__((noinline)) void TileMadd(const int16_t* __restrict half, int64_t K2, const uint32_t* __restrict q,
+                                        const float* tscale, int64_t m, float (*out)[kRows], int64_t r0) {
+  const uint32_t* qt[T];
+  for (int t = 0; t < T; ++t) qt[t] = q + (m + t) * K2;
+  __m256 sum[T][2];
+  for (int t = 0; t < T; ++t) sum[t][0] = sum[t][1] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < K2; g0 += kMaddPairs) {
+    const int64_t g1 = std::min(K2, g0 + kMaddPairs);
+    IVec8 acc[T][2] = {};
+    for (int64_t g = g0; g < g1; ++g) {
+      __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(half + g * 32));
+      __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(half + g * 32 + 16));
+      // in registers: GCC would fold each load into every token's vpmaddwd (15 loads per step instead of 7)
+      asm("" : "+x"(w0), "+x"(w1));
+      for (int t = 0; t < T; ++t) {
+        const __m256i b = _mm256_set1_epi32(static_cast<int>(qt[t][g]));
+        acc[t][0] += reinterpret_cast<IVec8>(_mm256_madd_epi16(b, w0));
+        acc[t][1] += reinterpret_cast<IVec8>(_mm256_madd_epi16(b, w1));
+      }
+    }
+    for (int t = 0; t < T; ++t)
+      for (int v = 0; v < 2; ++v)
+        sum[t][v] = _mm256_add_ps(sum[t][v], _mm256_cvtepi32_ps(reinterpret_cast<__m256i>(acc[t][v])));
+  }
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < 2; ++v)
+      _mm256_store_ps(out[t] + r0 + 8 * v, _mm256_mul_ps(sum[t][v], _mm256_set1_ps(tscale[m + t])));
+}
+
+// Panels [p0, p1) x tokens [m0, m1) on quantized activations; `grouped` holds K2 x 64 int16, 32-aligned.
+void RunMadd(const int8_t* w, int64_t N, int64_t K, const uint32_t* q, const float* tscale, float* y,
+             int64_t M, const Epilogue& ep, int64_t p0, int64_t p1, int64_t m0, int64_t m1, int16_t* grouped) {
+  const int64_t out = ep.Rows(), K2 = (K + 1) / 2;
+  alignas(64) Vec acc[kMaddTokens][kRowVecs];
+  auto* sums = reinterpret_cast<float (*)[kRows]>(acc);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t r0 = p * out, rows = std::min(out, N - r0);
+    WidenPairs(w + p * K * kRows, K, grouped);
+    for (int64_t m = m0; m < m1; m += kMaddTokens) {
+      const int64_t tokens = std::min(kMaddTokens, m1 - m);
+      for (int64_t h = 0; h < 2; ++h) {
+        const int16_t* half = grouped + h * K2 * 16 * 2;
+        switch (tokens) {
+#define MESHSERVE_TILE(n)                                        \
+  case n:                                                        \
+    TileMadd<n>(half, K2, q, tscale, m, sums, 16 * h);           \
+    break;
+          MESHSERVE_TILE(1) MESHSERVE_TILE(2) MESHSERVE_TILE(3) MESHSERVE_TILE(4) MESHSERVE_TILE(5) MESHSERVE_TILE(6)
+#undef MESHSERVE_TILE
+        }
+      }
+      Finish(acc, tokens, ep.scale + p * kRows, ep, r0, rows, y, M, m);
+    }
+  }
+}
+static_assert(kMaddTokens <= kMaxTileTokens, "Finish's buffer holds a tile");
+#endif  // AVX2 without VNNI
 
 ffi::Error LinearInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> wq, ffi::Buffer<ffi::F32> scale,
                       ffi::Buffer<ffi::F32> x, ffi::RemainingArgs rest, ffi::ResultBuffer<ffi::F32> y, bool gated) {
@@ -391,6 +524,28 @@ ffi::Error LinearInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> wq, ffi::Buffer
     });
     return ffi::Error::Success();
   }
+#elif defined(MESHSERVE_INT8_MADD)
+  if (M >= kMaddMinTokens) {
+    const int64_t K2 = (K + 1) / 2;
+    std::vector<uint32_t> quantized(K2 * M);
+    std::vector<float> tscale(2 * M);
+    TokenScales(xs, K, M, tscale.data(), tscale.data() + M);
+    const float *ts = tscale.data(), *inverse = ts + M;
+    uint32_t* q = quantized.data();
+    constexpr int64_t kPairs = 32;  // 64 features of activations per work item
+    meshserve::ParallelFor(pool, (K2 + kPairs - 1) / kPairs, [=](int64_t item) {
+      QuantizePairs(xs, K, M, inverse, item * kPairs, std::min(K2, (item + 1) * kPairs), q);
+    });
+    // each worker's widened panel (its copy of the lambda's vector), 32-aligned inside
+    meshserve::ParallelFor(pool, runs * blocks, [=, grouped = std::vector<int16_t>()](int64_t item) mutable {
+      if (grouped.empty()) grouped.resize(K2 * kRows * 2 + 16);
+      int16_t* g = grouped.data() + (32 - reinterpret_cast<uintptr_t>(grouped.data()) % 32) % 32 / 2;
+      const int64_t m0 = (item % blocks) * kTokenBlock, m1 = std::min(M, m0 + kTokenBlock);
+      const int64_t p0 = (item / blocks) * run, p1 = std::min(panels, p0 + run);
+      RunMadd(w, N, K, q, ts, ys, M, ep, p0, p1, m0, m1, g);
+    });
+    return ffi::Error::Success();
+  }
 #endif
   // each worker's widened panel (its copy of the lambda's vector)
   meshserve::ParallelFor(pool, runs * blocks, [=, wide = std::vector<float>()](int64_t item) mutable {
@@ -415,10 +570,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveLinearInt8, LinearInt8,
 
 // The fewest tokens for which this build multiplies int8 activations (see the top), or 0 when it has no such path
 // (no AVX-512 VNNI / VBMI): tests compute their expected rounding from it.
-extern "C" int64_t MeshserveInt8VnniMinTokens() {
-#ifdef MESHSERVE_INT8_VNNI
+extern "C" int64_t MeshserveInt8IntegerMinTokens() {
+#if defined(MESHSERVE_INT8_VNNI)
   return kVnniMinTokens;
+#elif defined(MESHSERVE_INT8_MADD)
+  return kMaddMinTokens;
 #else
   return 0;
+#endif
+}
+
+// Which integer path this build has: "vnni" (AVX-512 VNNI and VBMI), "avx2" (vpmaddwd), or "" (none).
+extern "C" const char* MeshserveInt8IntegerPath() {
+#if defined(MESHSERVE_INT8_VNNI)
+  return "vnni";
+#elif defined(MESHSERVE_INT8_MADD)
+  return "avx2";
+#else
+  return "";
 #endif
 }
