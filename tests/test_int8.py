@@ -191,7 +191,7 @@ def _activations_as_the_kernel_reads_them(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n, k", [(37, 50), (200, 33), (64, 576), (40, 1537)])
-# one token, a partial tile, the integer path's first M (a tile and a part), several of its tiles, two token blocks
+# one token; a partial tile (AVX2's integer path from 4); VNNI's first integer M; several tiles; two token blocks
 @pytest.mark.parametrize("m", [1, 5, 8, 13, 70])
 def test_int8_kernel_products_match_numpy(n, k, m):
     """Below kernels.int8_activation_min_tokens() the product is weight-only (float32 sums of the int8 values):
