@@ -327,14 +327,18 @@ def test_pages_the_caller_keeps_are_left_alone():
 PACKED = Packed(kernels.PANEL_ROWS, kernels.linear)
 
 
-# (N, K, M): rows that do and do not fill the last panel, tokens through 64-token tiles, 16-token tiles and the
-# padded tail, more tokens than one work item's block (256), SmolLM2's decode shapes; M = 1 (one-slot decode) has its
+# (N, K, M): rows that do and do not fill the last panel, tokens through 64-token tiles, 16-token tiles and a last
+# tile of whole vectors or partly zeros (1 to 4 vectors: M = 3, 17, 41, 47, 57 with either width), more tokens than
+# one work item's block (256), SmolLM2's decode shapes and its W1 prompt (41 tokens); M = 1 (one-slot decode) has its
 # own path: panels read flat in 48-float periods, with K x 6 a whole number of periods or not (the scalar tail).
 @pytest.mark.parametrize(
     ("n", "k", "m"),
     [
         (7, 5, 3),
         (13, 32, 17),
+        (13, 32, 47),
+        (13, 32, 57),
+        (960, 576, 41),
         (6, 64, 1),
         (13, 5, 1),
         (49, 37, 1),

@@ -45,6 +45,7 @@ constexpr int64_t kVecs = kL == 16 ? 4 : 2;  // token vectors per tile: 64 token
 
 constexpr int64_t kRows = 6;       // weight rows per panel (packed layout; engine/kernels/__init__.py must agree)
 constexpr int64_t kTokenBlock = 256;  // tokens per work item: its activations stay in L2 across the item's panels
+static_assert(kTokenBlock % (kVecs * kL) == 0, "only the last token block ends in a partial tile");
 // Weights are prefetched this many floats (2 KiB) ahead, into the next panel at a panel's end (panels are
 // contiguous). The hardware prefetcher stops at 4 KiB page boundaries: measured on the AVX-512 VM, a [3072, 576]
 // product at 64 tokens went 348 -> 414 GFLOP/s and a [576, 1536] one 374 -> 410 (the small ones lose ~3%).
@@ -96,40 +97,48 @@ void Tile(const float* __restrict panel, int64_t K, const float* __restrict x, i
     }
 }
 
+// The last tokens of x [K, M] when they do not fill whole vectors: [K, xm] with xm = M % (kVecs * kL) rounded up to
+// whole vectors, zero past M, made once per call (K x 16 floats or fewer on AVX2, K x 64 with AVX-512).
+struct Tail {
+  const float* x = nullptr;  // null: the last tile reads x itself
+  int64_t xm = 0;
+};
+
 // One work item: panels [p0, p1) x tokens [m0, m1) of y [N, M] (rows past N dropped). Tokens go through tiles of
-// kVecs vectors, then one tile of the whole vectors left; the last < kL through a zero-padded copy of x (`pad`)
-// made once for all of the item's panels.
+// kVecs vectors, then one tile of the vectors left, from `tail` where the last of them is partly zeros (then
+// written to a buffer and its tokens to y): 41 tokens on AVX2 take 3 passes over a panel (2 + 2 + 2 vectors),
+// where a tile of the 1 whole vector left and another of the last token took 4.
 void Run(const float* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, const Epilogue& ep,
-         int64_t p0, int64_t p1, int64_t m0, int64_t m1, std::vector<float>& pad) {
-  const int64_t whole = m0 + (m1 - m0) / kL * kL, tail = m1 - whole, out = ep.Rows();
-  float *px = nullptr, *py = nullptr;
-  if (tail > 0) {
-    pad.assign(K * kL + kRows * kL, 0.0f);
-    px = pad.data();
-    py = px + K * kL;
-    for (int64_t k = 0; k < K; ++k) std::memcpy(px + k * kL, x + k * M + whole, tail * sizeof(float));
-  }
+         const Tail& tail, int64_t p0, int64_t p1, int64_t m0, int64_t m1) {
+  const int64_t out = ep.Rows();
+  constexpr int64_t kTileTokens = kVecs * kL;
+  alignas(64) float buffer[kRows * kTileTokens];
   for (int64_t p = p0; p < p1; ++p) {
     const float* panel = w + p * K * kRows;
     float* yp = y + p * out * M;
     const float* rp = ep.residual == nullptr ? nullptr : ep.residual + p * out * M;
     const int64_t rows = std::min(out, N - p * out);
-    auto tile = [&](auto tv, int64_t m) {
-      Tile<decltype(tv)::value>(panel, K, x + m, M, yp + m, M, rows, rp == nullptr ? nullptr : rp + m, ep.gated);
-    };
     int64_t m = m0;
-    for (; m + kVecs * kL <= whole; m += kVecs * kL) tile(std::integral_constant<int, kVecs>(), m);
-    switch ((whole - m) / kL) {  // the whole vectors left (< kVecs): one tile, one pass over the panel
-      case 3: if constexpr (kVecs > 3) tile(std::integral_constant<int, 3>(), m); break;
-      case 2: if constexpr (kVecs > 2) tile(std::integral_constant<int, 2>(), m); break;
-      case 1: tile(std::integral_constant<int, 1>(), m); break;
+    for (; m + kTileTokens <= m1; m += kTileTokens)
+      Tile<kVecs>(panel, K, x + m, M, yp + m, M, rows, rp == nullptr ? nullptr : rp + m, ep.gated);
+    const int64_t rest = m1 - m;
+    if (rest == 0) continue;
+    const bool padded = rest % kL != 0;  // then m1 == M, and the tile reads `tail` and writes the buffer
+    const float* from = padded ? tail.x : x + m;
+    float* to = padded ? buffer : yp + m;
+    const int64_t xm = padded ? tail.xm : M, ym = padded ? kTileTokens : M;
+    const float* residual = padded || rp == nullptr ? nullptr : rp + m;
+    auto tile = [&](auto tv) { Tile<decltype(tv)::value>(panel, K, from, xm, to, ym, rows, residual, ep.gated); };
+    switch ((rest + kL - 1) / kL) {
+      case 4: if constexpr (kVecs >= 4) tile(std::integral_constant<int, 4>()); break;
+      case 3: if constexpr (kVecs >= 3) tile(std::integral_constant<int, 3>()); break;
+      case 2: if constexpr (kVecs >= 2) tile(std::integral_constant<int, 2>()); break;
+      case 1: tile(std::integral_constant<int, 1>()); break;
     }
-    if (tail > 0) {
-      Tile<1>(panel, K, px, kL, py, kL, rows, nullptr, ep.gated);
+    if (padded)
       for (int64_t i = 0; i < rows; ++i)
-        for (int64_t t = 0; t < tail; ++t)
-          yp[i * M + whole + t] = py[i * kL + t] + (rp == nullptr ? 0.0f : rp[i * M + whole + t]);
-    }
+        for (int64_t t = 0; t < rest; ++t)
+          yp[i * M + m + t] = buffer[i * kTileTokens + t] + (rp == nullptr ? 0.0f : rp[i * M + m + t]);
   }
 }
 
@@ -218,14 +227,27 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ff
       one(std::false_type{});
     return ffi::Error::Success();
   }
+  // Kernel alone on a 2-core Zen 3 VM (AVX2), medians of 3 alternating runs (best of 25 each), GFLOP/s, one last
+  // tile over the vectors left (Run) against a tile of the whole ones and another of the padded last < 8: at 41
+  // tokens [576, 576] 90 -> 112, gated [3072, 576] 121 -> 145, [576, 1536] 93 -> 140; at 47 tokens 92 -> 122,
+  // 135 -> 164, 101 -> 159; 40 and 48 tokens (no partial vector) run the same code as before.
+  Tail tail;
+  std::vector<float> tail_copy;
+  if (const int64_t rest = M % (kVecs * kL); rest % kL != 0) {
+    tail.xm = (rest + kL - 1) / kL * kL;
+    tail_copy.assign(K * tail.xm, 0.0f);
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(tail_copy.data() + k * tail.xm, xs + (k + 1) * M - rest, rest * sizeof(float));
+    tail.x = tail_copy.data();
+  }
   const int64_t blocks = (M + kTokenBlock - 1) / kTokenBlock;
   // Runs of panels small enough that every thread gets several (dynamic claiming evens out the tails).
   const int64_t run = std::clamp<int64_t>(panels * blocks / (8 * threads), 1, 64);
   const int64_t runs = (panels + run - 1) / run;
-  meshserve::ParallelFor(pool, runs * blocks, [=, pad = std::vector<float>()](int64_t item) mutable {
+  meshserve::ParallelFor(pool, runs * blocks, [=](int64_t item) {
     const int64_t m0 = (item % blocks) * kTokenBlock, m1 = std::min(M, m0 + kTokenBlock);
     const int64_t p0 = (item / blocks) * run, p1 = std::min(panels, p0 + run);
-    Run(w, N, K, xs, M, ys, ep, p0, p1, m0, m1, pad);
+    Run(w, N, K, xs, M, ys, ep, tail, p0, p1, m0, m1);
   });
   return ffi::Error::Success();
 }
