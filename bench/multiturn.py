@@ -445,7 +445,11 @@ class HttpChat:
         self._oc, self._tokenizer = openai_client, tokenizer
         self._model = model or openai_client.model_info(target, api_key)["model_name"]
         self._loop = openai_client.LoopThread("w4-http")
-        self._client = openai_client.async_client(target, 600.0, api_key)
+
+        async def session() -> Any:  # an aiohttp session belongs to the loop it is made in
+            return openai_client.async_client(target, 600.0, api_key)
+
+        self._client = self._loop.call(session())
 
     def send(self, messages: Sequence[Mapping[str, str]], max_tokens: int, seed: int, ex: Exchange, timeout: float):
         body = self._oc.chat_body(list(messages), self._model, max_tokens, seed)
@@ -456,7 +460,7 @@ class HttpChat:
         ex.completion_ids = self._tokenizer.encode(result.text, add_special_tokens=False) if result.text else []
 
     def close(self) -> None:
-        self._loop.call(self._client.aclose())
+        self._loop.call(self._client.close())
         self._loop.close()
 
 

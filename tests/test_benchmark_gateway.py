@@ -53,6 +53,56 @@ def test_spread_and_request_bodies():
         openai_client.request_body(runner.workloads.random_token_prompts([4], 50)[0], "m", 0)
 
 
+def test_http_client_keeps_each_failure_in_the_record():
+    """The load generator's HTTP client (aiohttp) against a raw server that answers each request as the test says:
+    an error status keeps its code and the API's message, a stream cut before [DONE] is an error, a refused
+    connection keeps the transport error's name, and a whole stream fills the record."""
+    import asyncio
+
+    from bench.stats import RequestRecord
+
+    chunk = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "length"}]}
+    usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}}
+    whole = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode()
+    error = json.dumps({"error": {"message": "tokens_per_minute limit reached", "type": "rate_limit_error"}})
+    answers = [
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(error), error.encode()),
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + whole[:40],
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + whole,
+    ]
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length"
+        )
+        await reader.readexactly(length)
+        writer.write(answers.pop(0))
+        await writer.drain()
+        writer.close()
+
+    async def run() -> list[tuple[RequestRecord, openai_client.StreamResult]]:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        out = []
+        async with server, openai_client.async_client(f"127.0.0.1:{port}", 10.0) as client:
+            for i in range(3):
+                record = RequestRecord(f"r{i}")
+                out.append((record, await openai_client.stream_request(client, "/v1/chat/completions", {}, record)))
+        async with openai_client.async_client(f"127.0.0.1:{port}", 10.0) as client:  # the server is closed now
+            record = RequestRecord("refused")
+            out.append((record, await openai_client.stream_request(client, "/v1/chat/completions", {}, record)))
+        return out
+
+    (limited, _), (cut, _), (ok, result), (refused, _) = asyncio.run(run())
+    assert (limited.status, limited.error) == ("HTTP_429", "tokens_per_minute limit reached")
+    assert cut.error == "stream ended without [DONE]"
+    assert ok.error is None and ok.finish_reason == "length" and result.text == "Hi"
+    assert (ok.prompt_tokens, ok.output_tokens) == (5, 1) and 0 < ok.ttft <= ok.e2e
+    assert refused.status == "ClientConnectorError" and refused.error
+
+
 def test_serve_openai_streams_through_the_gateway(tmp_path):
     opts = tiny_options(api="openai", concurrency=(2,), api_key="sk-bench-secret-123")
     doc, path, pngs = runner.run_command("serve", opts, str(tmp_path))
