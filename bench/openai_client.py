@@ -226,6 +226,8 @@ def model_info(target: str, api_key: str | None = None, timeout: float = 30.0) -
             card = json.loads(r.read())["data"][0]
     except urllib.error.HTTPError as e:
         raise RuntimeError(f"GET /v1/models on {target}: HTTP {e.code}: {_error_message(e.read())}") from None
+    except OSError as e:  # refused, unreachable, timed out
+        raise RuntimeError(f"GET /v1/models on {target}: {getattr(e, 'reason', e)}") from None
     return {"model_name": card["id"], "context_length": card.get("max_model_len"), "api": "openai"}
 
 

@@ -101,6 +101,8 @@ def test_http_client_keeps_each_failure_in_the_record():
     assert ok.error is None and ok.finish_reason == "length" and result.text == "Hi"
     assert (ok.prompt_tokens, ok.output_tokens) == (5, 1) and 0 < ok.ttft <= ok.e2e
     assert refused.status == "ClientConnectorError" and refused.error
+    with pytest.raises(RuntimeError, match=r"GET /v1/models on 127\.0\.0\.1:1: .*refused"):
+        openai_client.model_info("127.0.0.1:1")  # the benchmark CLI prints it as one line
 
 
 def test_serve_openai_streams_through_the_gateway(tmp_path):
