@@ -117,7 +117,7 @@ class StepCompiler:
         """The compiled executable for one shape (compiled now if warm-up did not)."""
         key = (kind, size)
         if key not in self.compiled:
-            self.compiled[key] = self.lower(kind, size).compile(compiler_options=self.compiler_options)
+            self.compiled[key] = self._build(kind, size)
         return self.compiled[key]
 
     def warmup(self, max_workers: int | None = None) -> float:
@@ -126,13 +126,15 @@ class StepCompiler:
         start = time.perf_counter()
         todo = [s for s in self.shapes if s not in self.compiled]
         with concurrent.futures.ThreadPoolExecutor(max_workers or os.cpu_count() or 1) as pool:
-            compiled = list(
-                pool.map(lambda shape: self.lower(*shape).compile(compiler_options=self.compiler_options), todo)
-            )
+            compiled = list(pool.map(lambda shape: self._build(*shape), todo))
         self.compiled.update(zip(todo, compiled, strict=True))
         elapsed = time.perf_counter() - start
         log.info("warm-up compiled %d shapes in %.1f s", len(todo), elapsed)
         return elapsed
+
+    def _build(self, kind: str, size: int):
+        """One shape lowered and compiled with the platform's options (`compiler_options`)."""
+        return self.lower(kind, size).compile(compiler_options=self.compiler_options)
 
     def _rows_abstract(self, r: int) -> tuple:
         rep = self.replicated
