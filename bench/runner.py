@@ -73,6 +73,8 @@ class Options:
     """Slot counts for latency decode, roofline tables and the slot sweep."""
     max_seq_len: int = 512
     max_prefill_len: int = 256
+    fine_prefill_buckets: bool = True
+    """Prefill buckets at powers of two and 1.5x them (EngineConfig.fine_prefill_buckets)."""
     page_size: int = 64
     decode_steps: int = 8
     prefills_per_step: int = 64
@@ -211,6 +213,7 @@ def engine_config(opts: Options, num_slots: int | None = None) -> EngineConfig:
         num_slots=num_slots or opts.num_slots,
         max_seq_len=opts.max_seq_len,
         max_prefill_len=min(opts.max_prefill_len, opts.max_seq_len),
+        fine_prefill_buckets=opts.fine_prefill_buckets,
         page_size=min(opts.page_size, opts.max_seq_len),
         decode_steps=opts.decode_steps,
         prefill_segments=opts.prefill_segments,

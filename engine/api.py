@@ -43,6 +43,13 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return (*out, hi)
 
 
+def _and_halves(lo: int, hi: int) -> tuple[int, ...]:
+    """lo, 1.5 lo, 2 lo, 3 lo, 4 lo, ... up to hi (and hi itself): a size rounded up to the next of these is less than
+    1.5x what it needed (4/3x just past a 1.5x step), where powers of two alone approach 2x."""
+    twos = _powers_of_two(lo, hi)
+    return tuple(sorted({*twos, *(3 * x // 2 for x in twos if x % 2 == 0 and 3 * x // 2 < hi)}))
+
+
 ATTENTION_CHOICES = ("auto", "kernel", "pallas", "xla")
 LINEAR_CHOICES = ("auto", "kernel", "xla")
 QUANTIZE_CHOICES = ("none", "int8")
@@ -64,6 +71,10 @@ class EngineConfig:
     """Most tokens one prefill call computes (the largest bucket); longer prompts are computed in chunks."""
     min_prefill_len: int = 16
     """Smallest prefill bucket."""
+    fine_prefill_buckets: bool = True
+    """Prefill buckets at powers of two and 1.5x them (16, 24, 32, 48, 64, 96, ...): past the smallest, a call
+    computes less than 1.5x the tokens it holds, where powers of two alone approach 2x (a 41-token prompt runs in 48,
+    not 64). False: powers of two only, about half the prefill compiles at warm-up."""
     prefill_segments: int = 32
     """Most prompts packed into one prefill call (their total length within `max_prefill_len`); a call of T tokens
     packs at most max(MIN_PREFILL_ROWS, T // PREFILL_TOKENS_PER_ROW) of them (see `engine.prefill.prefill_rows`)."""
@@ -157,7 +168,8 @@ class EngineConfig:
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
-        return _powers_of_two(min(self.min_prefill_len, self.max_prefill_len), self.max_prefill_len)
+        lo, hi = min(self.min_prefill_len, self.max_prefill_len), self.max_prefill_len
+        return _and_halves(lo, hi) if self.fine_prefill_buckets else _powers_of_two(lo, hi)
 
     @property
     def num_pages(self) -> int:
@@ -167,9 +179,8 @@ class EngineConfig:
     @property
     def windows(self) -> tuple[int, ...]:
         """Decode windows in pages: 1, 2, 3, 4, 6, 8, 12, ... (powers of two and 1.5x them) up to all pages, so a
-        dispatch reads at most a third more pages than its longest sequence needs, from 5 + 2 log2(pages) compiles."""
-        twos = _powers_of_two(1, self.num_pages)
-        return tuple(sorted({*twos, *(3 * w // 2 for w in twos if w > 1 and 3 * w // 2 < self.num_pages)}))
+        dispatch reads less than 1.5x the pages its longest sequence needs, from 5 + 2 log2(pages) compiles."""
+        return _and_halves(1, self.num_pages)
 
     @property
     def context_pages(self) -> int:

@@ -1,6 +1,6 @@
 """The engine: the weights, a paged KV memory shared by fixed-shape slots, and the steps that run on them.
 
-- `prefill_batch(prompts)` runs prompts packed side by side (a few per call, padded to a power-of-two bucket),
+- `prefill_batch(prompts)` runs prompts packed side by side (a few per call, padded to a bucket),
   writes their K/V straight into pages of the pool and samples each one's first token. A prompt whose opening is
   already cached (an earlier turn of the same chat, a shared system prompt) reuses those pages and computes only the
   rest; a prompt longer than `max_prefill_len` is computed in chunks, and with a token budget the caller can spread

@@ -1,10 +1,11 @@
 """Prompt packing: how prompts are grouped into prefill calls, and the host arrays one packed call runs on.
 
-A prefill call of T tokens (a power-of-two bucket) holds up to `prefill_rows(T)` prompts side by side, each a
-segment of the one row of tokens; each token's K/V goes to a page of its prompt (`dest_page`, `dest_offset`), and
-each prompt attends to the cached pages of its own opening through one context list shared by the pack (a page
-names the rows that see it in a bit mask). With a token budget a long prompt is read over several calls, and a
-token at a long context counts for more (`prefill_cost`). Plain numpy: engine.steps.prefill runs the arrays.
+A prefill call of T tokens (a bucket of `EngineConfig.prefill_buckets`) holds up to `prefill_rows(T)` prompts side
+by side, each a segment of the one row of tokens; each token's K/V goes to a page of its prompt (`dest_page`,
+`dest_offset`), and each prompt attends to the cached pages of its own opening through one context list shared by
+the pack (a page names the rows that see it in a bit mask). With a token budget a long prompt is read over several
+calls, and a token at a long context counts for more (`prefill_cost`). Plain numpy: engine.steps.prefill runs the
+arrays.
 """
 
 from __future__ import annotations

@@ -60,6 +60,9 @@ _NUM_SLOTS = flags.DEFINE_integer("num_slots", 64, "Slots of the throughput / se
 _SLOT_COUNTS = flags.DEFINE_list("slot_counts", ["1", "4", "16", "64"], "Slot counts: latency, roofline, sweep.")
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 512, "Context per slot (prompt + output).")
 _MAX_PREFILL_LEN = flags.DEFINE_integer("max_prefill_len", 256, "Largest prefill call; longer prompts run in chunks.")
+_FINE_PREFILL_BUCKETS = flags.DEFINE_bool(
+    "fine_prefill_buckets", True, "Prefill buckets at powers of two and 1.5x them (EngineConfig.fine_prefill_buckets)."
+)
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 64, "KV cache page length.")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
 _PREFILLS_PER_STEP = flags.DEFINE_integer("prefills_per_step", 64, "Most prompts admitted between two dispatches.")
@@ -230,6 +233,7 @@ def options() -> Options:
         slot_counts=_ints(_SLOT_COUNTS.value, "slot_counts"),
         max_seq_len=_MAX_SEQ_LEN.value,
         max_prefill_len=_MAX_PREFILL_LEN.value,
+        fine_prefill_buckets=_FINE_PREFILL_BUCKETS.value,
         page_size=_PAGE_SIZE.value,
         decode_steps=_DECODE_STEPS.value,
         prefills_per_step=_PREFILLS_PER_STEP.value,

@@ -24,6 +24,12 @@ _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 2048, "Context per slot: prom
 _MAX_PREFILL_LEN = flags.DEFINE_integer(
     "max_prefill_len", 1024, "Most tokens one prefill call computes (largest bucket); longer prompts run in chunks."
 )
+_FINE_PREFILL_BUCKETS = flags.DEFINE_bool(
+    "fine_prefill_buckets",
+    True,
+    "Prefill buckets at powers of two and 1.5x them: a call computes less than 1.5x the tokens it holds (powers of "
+    "two alone: up to 2x). --nofine_prefill_buckets: powers of two only, about half the prefill compiles at start-up.",
+)
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 64, "KV page length (positions); max_seq_len must be a multiple.")
 _KV_PAGES = flags.DEFINE_integer(
     "kv_pages",
@@ -174,6 +180,7 @@ def engine_config(**overrides) -> EngineConfig:
         num_slots=_NUM_SLOTS.value,
         max_seq_len=_MAX_SEQ_LEN.value,
         max_prefill_len=min(_MAX_PREFILL_LEN.value, _MAX_SEQ_LEN.value),
+        fine_prefill_buckets=_FINE_PREFILL_BUCKETS.value,
         page_size=min(_PAGE_SIZE.value, _MAX_SEQ_LEN.value),
         decode_steps=_DECODE_STEPS.value,
         prefill_segments=_PREFILL_SEGMENTS.value,

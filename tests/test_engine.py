@@ -4,8 +4,8 @@ copies of a partly matching page, evictions, failures), compile-free serving aft
 hand-made logits, stops, logprobs and input validation.
 
 One warmed engine is shared by the module (float32, 4 slots of 128 positions, pages of 32 positions in a pool of
-4 * 4 + 1 pages, prefill calls of 16 and 32 tokens, 4 decode steps per dispatch); every test that uses it starts from
-`reset()` (an empty pool, every slot free) and must leave the pool's bookkeeping consistent.
+4 * 4 + 1 pages, prefill calls of 16, 24 and 32 tokens, 4 decode steps per dispatch); every test that uses it starts
+from `reset()` (an empty pool, every slot free) and must leave the pool's bookkeeping consistent.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest
 from jax._src import monitoring
 
 from engine import compile as step_compile
+from engine import prefill
 from engine.config import tiny_config
 from engine.engine import CapacityError, Engine, EngineConfig, Prefix
 from engine.model import init_params
@@ -456,6 +457,33 @@ def test_packs_respect_length_and_row_limits(engine, raw_params):
     assert wide.packs([1] * 10 + [70] + [1] * 12) == [list(range(8)), [8, 9, 10, *range(11, 20)], [20, 21, 22]]
 
 
+def test_prefill_buckets_step_by_half_powers_of_two():
+    """Buckets at powers of two and 1.5x them: past the smallest, a call computes less than 1.5x its tokens (powers
+    of two alone approach 2x); decode windows follow the same series in pages."""
+    fine, coarse = EngineConfig(), EngineConfig(fine_prefill_buckets=False)
+    assert fine.prefill_buckets == (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+    assert coarse.prefill_buckets == (16, 32, 64, 128, 256, 512, 1024)
+    assert dataclasses.replace(fine, max_prefill_len=100).prefill_buckets == (16, 24, 32, 48, 64, 96, 100)
+    assert dataclasses.replace(fine, min_prefill_len=8, max_prefill_len=32).prefill_buckets == (8, 12, 16, 24, 32)
+    assert fine.windows == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # 2048 / 64 pages
+    for config, bound in ((fine, 1.5), (coarse, 2.0)):
+        sizes = {n: prefill.bucket_for(config, n) for n in range(17, 1025)}
+        assert all(n <= b < bound * n for n, b in sizes.items())
+        assert set(sizes.values()) == set(config.prefill_buckets[1:])
+    assert prefill.bucket_for(fine, 41) == 48 and prefill.bucket_for(coarse, 41) == 64  # W1's chat prompt
+
+
+def test_a_prompt_computes_the_same_in_a_smaller_bucket(engine, raw_params, monkeypatch):
+    """The module's engine runs 17-24 tokens in a bucket of 24; with powers of two only they run in 32, with the same
+    tokens and logprobs."""
+    coarse = Engine(tiny_config(), raw_params, dataclasses.replace(ENGINE_CONFIG, fine_prefill_buckets=False))
+    fine_calls, coarse_calls = prefill_calls(engine, monkeypatch), prefill_calls(coarse, monkeypatch)
+    params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=3)
+    for n in (17, 20):
+        assert_same_run(cold(engine, PROMPTS[n], params), cold(coarse, PROMPTS[n], params))
+    assert fine_calls == [24, 24] and coarse_calls == [32, 32]
+
+
 @pytest.fixture(scope="module")
 def small_pages_engine(raw_params) -> Engine:
     """Pages of 8 positions: one packed prompt spans several pages, starting mid-pack."""
@@ -867,8 +895,8 @@ def test_nothing_compiles_after_warmup(engine, caplog):
     finally:
         monitoring.unregister_event_duration_listener(listener)
     assert set(engine.compiled_shapes) == set(engine.shapes) == {
-        ("prefill", 16), ("prefill", 32), ("insert", 16), ("generate", 1), ("generate", 2), ("generate", 3),
-        ("generate", 4), ("release", 0), ("init", 0),
+        ("prefill", 16), ("prefill", 24), ("prefill", 32), ("insert", 16), ("generate", 1), ("generate", 2),
+        ("generate", 3), ("generate", 4), ("release", 0), ("init", 0),
     }  # fmt: skip
     assert len(outputs) == len(requests) and all(outs[-1].finished for outs in outputs.values())
     assert engine.prefix_stats.hit_prompts > hits and runs[0].cached == 69
