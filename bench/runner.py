@@ -29,7 +29,7 @@ from tqdm import tqdm
 from bench import quality, stats, step_profile, workloads
 from bench import roofline as rl
 from bench.workloads import Prompt
-from engine import kernels, placement, quant
+from engine import placement, quant
 from engine.config import ModelConfig, llama_1b_config, tiny_config
 from engine.engine import CapacityError, Engine, EngineConfig, default_dtype
 from engine.model import abstract_params, init_params
@@ -305,6 +305,7 @@ def model_summary(engine: Engine) -> dict[str, Any]:
         "dtype": engine.config.dtype,
         "attention": engine.attention,
         "linear": engine.linear,
+        "one_token_prefetch": engine.kernel_prefetch,  # the CPU kernel's choice for this model (None: not run)
         "engine": dataclasses.asdict(engine.config),
     }
 
@@ -322,8 +323,6 @@ def machine() -> dict[str, Any]:
         "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__, "numpy": np.__version__},
     }
     out["cpu"] = _cpu()
-    if kernels.loaded():  # what the CPU kernels chose on this machine (their build is keyed by its flags)
-        out["cpu_kernels"] = {"one_token_prefetch": kernels.prefetch_choice()}
     try:
         import flax
 

@@ -64,7 +64,7 @@ from engine.config import ModelConfig
 from engine.host_memory import to_huge_pages
 from engine.kv import Match, PagePool
 from engine.kv.host import HostTier
-from engine.model import Packed, Transformer, abstract_params, runtime_head, runtime_layer
+from engine.model import Packed, Transformer, abstract_params, one_token_products, runtime_head, runtime_layer
 from engine.placement import MIN_KERNEL_LINEAR_SLOTS, MIN_PALLAS_GPU_SLOTS, MemoryBudget, device_memory_bytes
 from engine.prefill import MIN_PREFILL_ROWS, MIN_SHARED_TOKENS, PREFILL_TOKENS_PER_ROW
 from engine.sampling import SamplingParams
@@ -436,10 +436,17 @@ class Engine(HostBook):
 
         # The model: constructed here and nowhere else; the kernels chosen above plug into it (None: XLA's ops).
         packed = None
+        self.kernel_prefetch: dict | None = None
+        """Whether the float32 one-token product prefetches its weights (kernels.one_token_prefetch's answer for this
+        model on this machine); None where no step runs it (another product, or more than one slot)."""
         if self.linear == "kernel" and config.quantize == "int8":
             packed = Packed(kernels.INT8_PANEL_ROWS, kernels.packed_int8_product, int8=True)
         elif self.linear == "kernel":
-            packed = Packed(kernels.PANEL_ROWS, kernels.linear)
+            prefetch = False
+            if config.num_slots == 1:  # a decode step's products see one token only here
+                self.kernel_prefetch = kernels.one_token_prefetch(one_token_products(c, kernels.PANEL_ROWS))
+                prefetch = self.kernel_prefetch["prefetch"]
+            packed = Packed(kernels.PANEL_ROWS, functools.partial(kernels.linear, prefetch=prefetch))
         attend = prefill_attend = None
         if self.attention == "kernel":
             attend = placement.kernel_attend(self.mesh, self.rules)

@@ -263,6 +263,16 @@ def packed_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     }
 
 
+def one_token_products(config: ModelConfig, rows: int) -> list[tuple[int, int, int]]:
+    """The packed products of one decode step, as (panels of `rows` rows, K, times a step runs it): a layer's, in
+    order, once per layer, then the head's (see Packed; the gated MLP product has rows / 2 gate rows a panel)."""
+    out = []
+    for name, (n, k) in packed_shapes(config).items():
+        per_panel = rows // 2 if name == "w_gate_up" else rows
+        out.append((-(-(n // 2 if name == "w_gate_up" else n) // per_panel), k, config.num_layers))
+    return [*out, (-(-config.vocab_size // rows), config.dim, 1)]
+
+
 class Block(nn.Module):
     """One pre-norm decoder block: attention (GQA + RoPE) then a gated MLP (SwiGLU, or GeGLU), both residual; with
     the config's features: q/k norms, sandwich norms around both halves, a sliding window, score soft-capping.

@@ -23,7 +23,7 @@ from engine import kernels
 from engine.attention import paged_decode_attention_xla
 from engine.config import tiny_config
 from engine.engine import ATTENTION_CHOICES, Engine, EngineConfig
-from engine.model import Packed, init_params, unfuse_layer, unpack_head
+from engine.model import Packed, init_params, one_token_products, unfuse_layer, unpack_head
 from engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler to build the kernel with")
@@ -381,80 +381,82 @@ def test_linear_kernel_matches_numpy(n, k, m):
         np.testing.assert_allclose(got, swiglu, rtol=1e-5, atol=1e-6 * np.abs(swiglu).max())
 
 
-@pytest.fixture
-def restore_prefetch():
-    """Puts back this machine's prefetch choice after a test that changes it."""
-    kernels.load()
-    yield
-    kernels._set_prefetch(*kernels._loaded)
-
-
 @pytest.mark.parametrize(("n", "k"), [(49, 37), (960, 576)])
-def test_one_token_product_is_the_same_with_and_without_prefetching(n, k, restore_prefetch):
-    """The one-token product's loop compiled both ways (the probe picks one per machine): the same bits, plain,
-    with a residual and gated."""
+def test_one_token_product_is_the_same_with_and_without_prefetching(n, k):
+    """The one-token product's loop compiled both ways (the engine picks one per model and machine): the same bits,
+    plain, with a residual and gated."""
+    kernels.load()
     rng = np.random.default_rng(n)
     w, x, r = (rng.standard_normal(s, np.float32) for s in ((n, k), (k, 1), (n, 1)))
     wp, gp, f = PACKED.pack(jnp.asarray(w)), PACKED.pack_gated(jnp.asarray(w[: n // 2 * 2])), n // 2
-    products = jax.jit(
-        lambda wp, gp, x, r: (
-            kernels.linear(wp, x, n),
-            kernels.linear(wp, x, n, residual=r),
-            kernels.linear(gp, x, f, gated=True),
+
+    def products(prefetch):
+        return jax.jit(
+            lambda wp, gp, x, r: (
+                kernels.linear(wp, x, n, prefetch=prefetch),
+                kernels.linear(wp, x, n, residual=r, prefetch=prefetch),
+                kernels.linear(gp, x, f, gated=True, prefetch=prefetch),
+            )
         )
-    )
-    runs = {}
-    for on in (False, True):
-        kernels.set_prefetch(on)
-        assert kernels.prefetch_choice() == {"prefetch": on, "source": "set_prefetch"}
-        runs[on] = [np.asarray(y) for y in products(wp, gp, jnp.asarray(x), jnp.asarray(r))]
+
+    runs = {on: [np.asarray(y) for y in products(on)(wp, gp, jnp.asarray(x), jnp.asarray(r))] for on in (False, True)}
     for a, b in zip(runs[False], runs[True], strict=True):
         np.testing.assert_array_equal(a, b)
     want = w.astype(np.float64) @ x.astype(np.float64)
     np.testing.assert_allclose(runs[False][0], want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
-def test_prefetch_is_probed_once_per_library_or_forced(tmp_path, restore_prefetch, monkeypatch):
-    """The probe streams the one-token product with and without prefetching and keeps what it measured beside the
-    library, per thread count; a second load reads it back; a malformed file is probed again; a cache that cannot be
-    written costs only a warning; $MESHSERVE_KERNEL_PREFETCH overrides it, and a bad value is refused. (restore_prefetch
-    comes before monkeypatch: its teardown, the machine's choice put back, runs after the environment is restored.)"""
+def test_prefetch_is_probed_once_per_model_or_forced(tmp_path, monkeypatch):
+    """The probe streams a model's one-token products with and without prefetching and keeps what it measured beside
+    the library, per thread count and shapes; asking again reads it back, other shapes probe again; a malformed file
+    is probed again; a cache that cannot be written costs only a warning; a small model is not probed;
+    $MESHSERVE_KERNEL_PREFETCH overrides it, and a bad value is refused."""
+    kernels.load()
     lib = kernels._loaded[0]
+    monkeypatch.setattr(kernels, "_loaded", (lib, tmp_path / "meshserve_kernels-test.so"))
     monkeypatch.setattr(kernels, "PROBE_BYTES", 8 << 20)
+    monkeypatch.setattr(kernels, "PROBE_MIN_BYTES", 1 << 20)
     monkeypatch.setattr(kernels, "PROBE_ROUNDS", 3)
     monkeypatch.delenv(kernels.PREFETCH_ENV, raising=False)
-    library = tmp_path / "meshserve_kernels-test.so"
-    kernels._set_prefetch(lib, library)
-    probed = kernels.prefetch_choice()
+    smollm2 = tiny_config(
+        dim=576, num_heads=9, num_kv_heads=3, head_dim=64, mlp_dim=1536, num_layers=30, vocab_size=49152
+    )
+    model = one_token_products(smollm2, kernels.PANEL_ROWS)  # qkv, o, gated gate/up, down per layer; the head
+    assert model == [(160, 576, 30), (96, 576, 30), (512, 576, 30), (96, 1536, 30), (8192, 576, 1)]
+    probed = kernels.one_token_prefetch(model)
     assert probed["source"] == "probe" and probed["gb_s_without"] > 0 and probed["gb_s_with"] > 0
     assert probed["prefetch"] == (probed["gb_s_with"] > kernels.PREFETCH_MARGIN * probed["gb_s_without"])
-    cache = tmp_path / f"meshserve_kernels-test.prefetch-{probed['threads']}t.json"
+    (cache,) = tmp_path.glob(f"meshserve_kernels-test.prefetch-{probed['threads']}t-*.json")
     assert json.loads(cache.read_text()) == probed
 
-    def no_probe(lib, threads):
+    def no_probe(lib, threads, products):
         raise AssertionError("probed twice")
 
     with monkeypatch.context() as m:
         m.setattr(kernels, "_probe_prefetch", no_probe)
-        kernels._set_prefetch(lib, library)
-        assert kernels.prefetch_choice() == probed
+        assert kernels.one_token_prefetch(model) == probed
+        with pytest.raises(AssertionError, match="probed twice"):  # other shapes: their own probe
+            kernels.one_token_prefetch([(96, 1024, 30)])
     cache.write_text('{"prefetch": "yes"}')  # not a probe's result: probed again and rewritten
-    kernels._set_prefetch(lib, library)
-    assert kernels.prefetch_choice()["source"] == "probe" and json.loads(cache.read_text())["source"] == "probe"
+    assert kernels.one_token_prefetch(model)["source"] == "probe"
+    assert json.loads(cache.read_text())["source"] == "probe"
     cache.unlink()
-    unwritable = tmp_path / "missing" / "meshserve_kernels-test.so"  # no such directory: no lock, no cache file
-    kernels._set_prefetch(lib, unwritable)
-    assert kernels.prefetch_choice()["source"] == "probe" and not unwritable.parent.exists()
+    missing = tmp_path / "missing"  # no such directory: no lock, no cache file, still a choice
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "_loaded", (lib, missing / "meshserve_kernels-test.so"))
+        assert kernels.one_token_prefetch(model)["source"] == "probe" and not missing.exists()
     monkeypatch.setattr(kernels.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(OSError("read-only")))
-    kernels._set_prefetch(lib, library)  # nowhere to keep it: a warning, the probe's choice still set
-    assert kernels.prefetch_choice()["source"] == "probe" and not cache.exists()
+    assert kernels.one_token_prefetch(model)["source"] == "probe" and not cache.exists()  # a warning, still chosen
+    small = kernels.one_token_prefetch([(16, 64, 2)])
+    assert small["prefetch"] is False and small["source"].startswith("not probed")
     for value in ("on", "off"):
         monkeypatch.setenv(kernels.PREFETCH_ENV, value)
-        kernels._set_prefetch(lib, library)
-        assert kernels.prefetch_choice() == {"prefetch": value == "on", "source": kernels.PREFETCH_ENV}
+        assert kernels.one_token_prefetch(model) == {"prefetch": value == "on", "source": kernels.PREFETCH_ENV}
     monkeypatch.setenv(kernels.PREFETCH_ENV, "yes")
     with pytest.raises(ValueError, match="MESHSERVE_KERNEL_PREFETCH must be 'on' or 'off', got 'yes'"):
-        kernels._set_prefetch(lib, library)
+        kernels.one_token_prefetch(model)
+    with pytest.raises(ValueError, match="triples of positive sizes"):
+        kernels.one_token_prefetch([(0, 576, 1)])
 
 
 def test_linear_kernel_rejects_mismatched_shapes():
@@ -496,6 +498,38 @@ def test_engine_decodes_the_same_with_packed_weights_and_with_xla_dots(num_slots
     top = {k: v for k, v in eng_k.params.items() if not k.startswith("layer_")}
     for name, a in unpack_head(top, cfg).items():
         np.testing.assert_array_equal(np.asarray(a), eng_x.params[name])
+
+
+def test_a_one_slot_engine_chooses_prefetching_for_its_model_and_decodes_the_same_either_way(monkeypatch):
+    """At one slot every product is a one-token one: the engine asks kernels.one_token_prefetch for its model (a tiny
+    one is not probed: off), and a forced choice decodes the same tokens and log-probabilities, bit for bit. Engines
+    of more slots never run that product and ask nothing."""
+    cfg = tiny_config()
+    params = init_params(cfg, jnp.float32)
+    sampling = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=True)
+    prompt = [int(t) for t in np.random.default_rng(5).integers(2, 256, 11)]
+
+    def decode() -> tuple[dict | None, list[int], list[float]]:
+        eng = Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, num_slots=1, linear="kernel"))
+        eng.insert(eng.prefill(prompt, sampling, seed=0), 0)
+        tokens, logprobs = [], []
+        while True:
+            out = eng.generate()
+            tokens += [int(t) for t, ok in zip(out.tokens[:, 0], out.valid[:, 0], strict=True) if ok]
+            logprobs += [float(p) for p, ok in zip(out.logprob[:, 0], out.valid[:, 0], strict=True) if ok]
+            if not out.active.any():
+                return eng.kernel_prefetch, tokens, logprobs
+
+    monkeypatch.delenv(kernels.PREFETCH_ENV, raising=False)
+    choice, tokens, logprobs = decode()
+    assert choice["prefetch"] is False and choice["source"].startswith("not probed")
+    monkeypatch.setenv(kernels.PREFETCH_ENV, "on")
+    choice_on, tokens_on, logprobs_on = decode()
+    assert choice_on == {"prefetch": True, "source": kernels.PREFETCH_ENV}
+    assert len(tokens) == 23 and tokens_on == tokens and logprobs_on == logprobs
+    assert (
+        Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, num_slots=16, linear="kernel")).kernel_prefetch is None
+    )
 
 
 def test_auto_packs_weights_at_one_slot_and_from_16_slots_on_one_cpu_device_in_float32():

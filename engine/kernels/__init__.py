@@ -18,8 +18,8 @@ in float32:
 The sources are compiled on first use, into one library, with the system's C++ compiler (`$CXX`, else
 `c++`/`g++`/`clang++`) for the host CPU, into `$MESHSERVE_CACHE/kernels`, keyed by the sources, the flags, the
 jaxlib version and the CPU, and loaded with ctypes. Processes that race to build it each write their own file and
-rename it into place. On first load a probe decides whether the one-token product prefetches in software on this
-machine (`prefetch_choice`); its result is kept beside the library.
+rename it into place. Whether the one-token product prefetches in software is decided per model by a probe of that
+model's products on this machine (`one_token_prefetch`); its result is kept beside the library.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -65,15 +66,21 @@ _SOURCES = (_DIR / "decode_attention.cc", _DIR / "prefill_attention.cc", _DIR / 
 _HEADERS = (_DIR / "common.h",)
 PREFETCH_ENV = "MESHSERVE_KERNEL_PREFETCH"
 """Environment variable forcing whether the one-token weight product (a batch-1 decode step's) prefetches its weights
-ahead in software: "on" or "off". Unset, a probe of this machine decides, once per library and thread count
-(`prefetch_choice`)."""
+ahead in software: "on" or "off". Unset, a probe of this machine decides, once per library, thread count and model
+shapes (`one_token_prefetch`)."""
 PROBE_BYTES = 256 << 20
-"""Weights the prefetch probe streams: well past the last-level cache of the CPUs we run on (32-105 MiB)."""
+"""Weights the prefetch probe streams at most (a step's products scaled down to fit): well past the last-level cache
+of the CPUs we run on (32-105 MiB)."""
+PROBE_MIN_BYTES = 64 << 20
+"""A model whose step reads fewer bytes of weights is not probed: they stay in or near the last-level cache, there
+is no stream to keep ahead of, and prefetching stays off."""
 PROBE_ROUNDS = 9
 """Timed passes of the probe each way, in alternating order; it compares their medians."""
-PREFETCH_MARGIN = 1.03
+PREFETCH_MARGIN = 1.01
 """How much faster the probe must find prefetching before the kernels do it: prefetches cost instructions and load
-slots, so within the probe's noise they are left out."""
+slots, so within the probe's noise they are left out. The probe's medians repeat within ~1% (a 2-core Zen 5 VM, six
+probes of SmolLM2's products: with / without 1.010-1.019, and decode there 1.011x-1.033x faster with, in
+alternating passes); on a Zen 3 VM it measured prefetching 2-12% slower."""
 ARCH_ENV = "MESHSERVE_KERNEL_ARCH"
 """Environment variable naming the `-march` the kernels are built for (default native: this CPU). Tests set it to
 build the AVX2 code paths (x86-64-v3) on an AVX-512 machine; a value the CPU cannot run faults when called."""
@@ -86,7 +93,6 @@ def _flags() -> tuple[str, ...]:
 
 _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL, Path] | None = None  # the library (kept referenced) and its path
-_prefetch: dict | None = None  # what prefetch_choice returns, once loaded
 
 
 class KernelUnavailable(ValueError):
@@ -152,7 +158,7 @@ def load() -> Path:
         if not path.exists():
             _build(cxx, path)
         lib = ctypes.cdll.LoadLibrary(str(path))
-        lib.MeshserveProbePrefetch.restype = lib.MeshserveSetPrefetch.restype = None
+        lib.MeshserveProbePrefetch.restype = None
         jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(lib.MeshserveDecodeAttention), platform="cpu")
         jax.ffi.register_ffi_target(
             DECODE_ATTENTION_INT8, jax.ffi.pycapsule(lib.MeshserveDecodeAttentionInt8), platform="cpu"
@@ -163,7 +169,6 @@ def load() -> Path:
         )
         jax.ffi.register_ffi_target(LINEAR, jax.ffi.pycapsule(lib.MeshserveLinear), platform="cpu")
         jax.ffi.register_ffi_target(LINEAR_INT8, jax.ffi.pycapsule(lib.MeshserveLinearInt8), platform="cpu")
-        _set_prefetch(lib, path)
         _loaded = (lib, path)
         return path
 
@@ -178,29 +183,38 @@ def _forced_prefetch() -> bool | None:
     return forced == "on"
 
 
-def _set_prefetch(lib: ctypes.CDLL, path: Path) -> None:
-    """Whether the one-token product (a batch-1 decode step's) prefetches its weights ahead in software, from
-    $MESHSERVE_KERNEL_PREFETCH or a probe of this machine: that product streamed over PROBE_BYTES of weights on every
-    core as ~3 MiB products one after another, with and without, in alternating rounds (MeshserveProbePrefetch in
-    linear.cc); on only where PREFETCH_MARGIN faster. The result is kept beside the library, per thread count
-    (`<library>.prefetch-<threads>t.json`), so a machine probes once per build (~0.5 s); a lock file keeps processes
-    that load at once from probing together (each would see half the bandwidth). Prefetching changes no result, only
-    the speed."""
-    global _prefetch
+def one_token_prefetch(products: Sequence[tuple[int, int, int]]) -> dict:
+    """Whether the one-token product (`linear` at M = 1, a batch-1 decode step's) should prefetch its weights ahead
+    in software for a model whose step runs `products`: (panels, K, count) triples in a step's order (a layer's
+    products with the layer count, then the head's once). From $MESHSERVE_KERNEL_PREFETCH, else a probe: those
+    products streamed on every core (scaled down to PROBE_BYTES), with and without, in alternating rounds
+    (MeshserveProbePrefetch in linear.cc); on only where PREFETCH_MARGIN faster. Which way is faster depends on the
+    CPU and on the products' shapes (measured: +5% over SmolLM2's K = 576 panels on a Zen 5 VM, level over K = 1024
+    ones; 2-6% slower on a Zen 3 VM), hence per model. The result is kept beside the library per thread count and
+    shapes (`<library>.prefetch-<threads>t-<digest>.json`), so a machine probes once per model (~0.5 s); a lock file
+    keeps processes that load at once from probing together (each would see half the bandwidth). A step of under
+    PROBE_MIN_BYTES is not probed (off). Prefetching changes no result, only the speed. Returns {"prefetch": bool,
+    "source": ...} (a probe's with its GB/s without and with, and its threads). Builds the kernels if needed."""
+    products = [tuple(int(v) for v in p) for p in products]
+    if any(len(p) != 3 or min(p) < 1 for p in products) or not products:
+        raise ValueError(f"products must be (panels, K, count) triples of positive sizes, got {products}")
     forced = _forced_prefetch()
     if forced is not None:
-        choice = {"prefetch": forced, "source": PREFETCH_ENV}
-    else:
-        threads = _threads()
-        cache = path.with_name(f"{path.stem}.prefetch-{threads}t.json")
-        with _probe_lock(path.with_name(path.stem + ".prefetch.lock")):
-            choice = _cached_choice(cache)
-            if choice is None:
-                choice = _probe_prefetch(lib, threads)
-                if choice["source"] == "probe":
-                    _store_choice(cache, choice)
-    lib.MeshserveSetPrefetch(ctypes.c_int(int(choice["prefetch"])))
-    _prefetch = choice
+        return {"prefetch": forced, "source": PREFETCH_ENV}
+    step = sum(p * k * PANEL_ROWS * 4 * n for p, k, n in products)
+    if step < PROBE_MIN_BYTES:
+        return {"prefetch": False, "source": f"not probed: {step / 2**20:.1f} MiB of weights a step"}
+    path = load()
+    threads = _threads()
+    digest = hashlib.sha256(json.dumps(products).encode()).hexdigest()[:12]
+    cache = path.with_name(f"{path.stem}.prefetch-{threads}t-{digest}.json")
+    with _probe_lock(path.with_name(path.stem + ".prefetch.lock")):
+        choice = _cached_choice(cache)
+        if choice is None:
+            choice = _probe_prefetch(_loaded[0], threads, products)
+            if choice["source"] == "probe":
+                _store_choice(cache, choice)
+    return choice
 
 
 @contextlib.contextmanager
@@ -248,12 +262,20 @@ def _store_choice(cache: Path, choice: dict) -> None:
                 os.unlink(tmp)
 
 
-def _probe_prefetch(lib: ctypes.CDLL, threads: int) -> dict:
+def _probe_prefetch(lib: ctypes.CDLL, threads: int, products: list[tuple[int, int, int]]) -> dict:
     gb_s = (ctypes.c_double * 2)()
-    lib.MeshserveProbePrefetch(ctypes.c_int64(threads), ctypes.c_int64(PROBE_BYTES), ctypes.c_int64(PROBE_ROUNDS), gb_s)
+    shapes = (ctypes.c_int64 * (3 * len(products)))(*[v for p in products for v in p])
+    lib.MeshserveProbePrefetch(
+        ctypes.c_int64(threads),
+        ctypes.c_int64(PROBE_BYTES),
+        ctypes.c_int64(PROBE_ROUNDS),
+        shapes,
+        ctypes.c_int64(len(products)),
+        gb_s,
+    )
     if gb_s[0] <= 0.0:
-        log.warning("the prefetch probe could not run (memory or threads): prefetching stays on, unmeasured")
-        return {"prefetch": True, "source": "default: probe failed"}
+        log.warning("the prefetch probe could not run (memory or threads): the one-token product prefetches nothing")
+        return {"prefetch": False, "source": "default: probe failed"}
     choice = {
         "prefetch": gb_s[1] > PREFETCH_MARGIN * gb_s[0],
         "source": "probe",
@@ -262,7 +284,8 @@ def _probe_prefetch(lib: ctypes.CDLL, threads: int) -> dict:
         "gb_s_with": gb_s[1],
     }
     log.info(
-        "CPU kernels: the one-token product prefetches %s (probe on %d threads: %.1f GB/s without, %.1f with)",
+        "CPU kernels: the one-token product prefetches %s for this model (probe on %d threads: %.1f GB/s without, "
+        "%.1f with)",
         "on" if choice["prefetch"] else "nothing",
         threads,
         gb_s[0],
@@ -274,23 +297,6 @@ def _probe_prefetch(lib: ctypes.CDLL, threads: int) -> dict:
 def loaded() -> bool:
     """Whether this process has loaded the kernels (an engine chose one, or something called `load`)."""
     return _loaded is not None
-
-
-def set_prefetch(on: bool) -> None:
-    """Makes the one-token product prefetch its weights (or not) for the rest of the process, whatever the probe
-    chose: for tests and measurements of both ways. Builds the kernels if needed."""
-    global _prefetch
-    load()
-    _loaded[0].MeshserveSetPrefetch(ctypes.c_int(int(on)))
-    _prefetch = {"prefetch": bool(on), "source": "set_prefetch"}
-
-
-def prefetch_choice() -> dict:
-    """Whether the loaded kernels' one-token product prefetches weights in software and why: {"prefetch": bool,
-    "source": "probe" (with the probe's GB/s without and with, and its threads) or the environment variable}. Builds
-    the kernels if needed."""
-    load()
-    return dict(_prefetch)
 
 
 def set_spin_micros(micros: int) -> None:
@@ -418,11 +424,21 @@ def prefill_attention(
     )
 
 
-def linear(wp: jax.Array, x: jax.Array, n: int, *, residual: jax.Array | None = None, gated: bool = False) -> jax.Array:
+def linear(
+    wp: jax.Array,
+    x: jax.Array,
+    n: int,
+    *,
+    residual: jax.Array | None = None,
+    gated: bool = False,
+    prefetch: bool = False,
+) -> jax.Array:
     """y [N, M] = W x for a weight W [N, K] packed in panels of PANEL_ROWS rows (wp [ceil(N / 6), K, 6], see
     `engine.model.Packed`) and x [K, M]; plus `residual` [N, M] when given (its buffer is reused for y where XLA
     can give it up). gated: wp holds a gate and an up weight [N, K] each, packed by `Packed.pack_gated` ([ceil(N /
-    3), K, 6]), and y = silu(gate x) * (up x). float32 on CPU; call `load()` first."""
+    3), K, 6]), and y = silu(gate x) * (up x). prefetch: at M = 1, prefetch the weights ahead in software
+    (`one_token_prefetch` says whether that pays for a model on this machine; the result is the same). float32 on
+    CPU; call `load()` first."""
     if wp.dtype != jnp.float32 or x.dtype != jnp.float32:
         raise TypeError(f"the CPU linear kernel takes float32, got {wp.dtype} and {x.dtype}")
     rows = PANEL_ROWS // 2 if gated else PANEL_ROWS
@@ -430,10 +446,10 @@ def linear(wp: jax.Array, x: jax.Array, n: int, *, residual: jax.Array | None = 
         raise ValueError(f"cannot multiply a packed weight {wp.shape} (N={n}, gated={gated}) by x {x.shape}")
     out = jax.ShapeDtypeStruct((n, x.shape[1]), x.dtype)
     if residual is None:
-        return jax.ffi.ffi_call(LINEAR, out)(wp, x, gated=gated)
+        return jax.ffi.ffi_call(LINEAR, out)(wp, x, gated=gated, prefetch=prefetch)
     if residual.shape != out.shape or residual.dtype != x.dtype:
         raise ValueError(f"the residual must be {out.shape} {x.dtype}, got {residual.shape} {residual.dtype}")
-    return jax.ffi.ffi_call(LINEAR, out, input_output_aliases={2: 0})(wp, x, residual, gated=gated)
+    return jax.ffi.ffi_call(LINEAR, out, input_output_aliases={2: 0})(wp, x, residual, gated=gated, prefetch=prefetch)
 
 
 def linear_int8(

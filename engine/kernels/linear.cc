@@ -50,13 +50,13 @@ static_assert(kTokenBlock % (kVecs * kL) == 0, "only the last token block ends i
 // contiguous). The hardware prefetcher stops at 4 KiB page boundaries: measured on the AVX-512 VM, a [3072, 576]
 // product at 64 tokens went 348 -> 414 GFLOP/s and a [576, 1536] one 374 -> 410 (the small ones lose ~3%).
 constexpr int64_t kPrefetch = 512;
-// Whether the one-token product (RunOne) prefetches too, process-wide: set when the library is loaded, from a probe
-// of this machine (MeshserveProbePrefetch; engine/kernels/__init__.py). Its loop spends few instructions per byte,
-// so the out-of-order core and the hardware prefetcher may keep enough lines in flight alone: on a 2-core AMD Zen 3
-// VM the prefetches made W1 decode 2-6% slower (alternating rounds in one process). (The tiles spend ~14
-// instructions per 24 bytes of weights, and there prefetching paid on the same VM: a [49152, 576] product at 8
-// tokens took 25% longer without.)
-std::atomic<bool> prefetch_one_token{true};
+// Whether the one-token product (RunOne) prefetches too is the caller's choice, per call (the `prefetch` attribute):
+// its loop spends few instructions per byte, so the out-of-order core and the hardware prefetcher may keep enough
+// lines in flight alone, and which way is faster depends on the CPU and on the products' shapes. On a 2-core AMD
+// Zen 3 VM the prefetches made W1 decode 2-6% slower; on a 2-core Zen 5 VM 3.3% faster (alternating rounds in one
+// process). The engine decides per model from a probe of its own one-token products (MeshserveProbePrefetch below;
+// engine/kernels/__init__.py). (The tiles spend ~14 instructions per 24 bytes of weights, and there prefetching paid
+// on the Zen 3 VM: a [49152, 576] product at 8 tokens took 25% longer without.)
 
 struct Epilogue {
   const float* residual = nullptr;  // added to the product, [N, M] (row stride M)
@@ -193,7 +193,7 @@ void RunOne(const float* w, int64_t N, int64_t K, const float* x, float* y, cons
 }
 
 ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs rest,
-                  ffi::ResultBuffer<ffi::F32> y, bool gated) {
+                  ffi::ResultBuffer<ffi::F32> y, bool gated, bool prefetch) {
   const auto wd = wp.dimensions(), xd = x.dimensions(), yd = y->dimensions();
   if (wd.size() != 3 || wd[2] != kRows) return ffi::Error::InvalidArgument("the packed weight must be [P, K, 6]");
   if (xd.size() != 2 || xd[0] != wd[1]) return ffi::Error::InvalidArgument("x must be [K, M], K as the weight's");
@@ -221,7 +221,7 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ff
         RunOne<decltype(pf)::value>(w, N, K, xs, ys, ep, item * run, std::min(panels, (item + 1) * run));
       });
     };
-    if (prefetch_one_token.load(std::memory_order_relaxed))
+    if (prefetch)
       one(std::true_type{});
     else
       one(std::false_type{});
@@ -252,11 +252,10 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-// GB/s of one pass of RunOne over the probe's weights [panels, K, 6] as a decode step reads them: products of
-// kProbeCallPanels panels each (~3 MiB, a small model's projection), one after another, every thread an equal share
-// of each and all waiting for the slowest before the next (the ends of calls are where a prefetch overshoots). The
-// clock runs from when every thread has started to when the last product is done: thread start-up is not timed.
-constexpr int64_t kProbeCallPanels = 128;
+// One product of the probe's sequence: `panels` panels of K features at `offset` floats into its weights.
+struct ProbeProduct {
+  int64_t offset, panels, K;
+};
 
 // Spins until `count` reaches `target` (a barrier across the probe's threads), yielding now and then in case the
 // machine has fewer cores free than threads; false if `abort` was set meanwhile.
@@ -269,21 +268,26 @@ inline bool WaitFor(const std::atomic<int64_t>& count, int64_t target, const std
   return true;
 }
 
+// GB/s of one pass of RunOne over the probe's products, one after another as a decode step runs them, every thread
+// an equal share of each and all waiting for the slowest before the next (the ends of calls are where a prefetch
+// overshoots). The clock runs from when every thread has started to when the last product is done: thread start-up
+// is not timed.
 template <bool PF>
-double ProbeRound(const float* w, int64_t panels, int64_t K, const float* x, float* y, int64_t threads) {
+double ProbeRound(const float* w, const std::vector<ProbeProduct>& products, const float* x, float* y,
+                  int64_t threads) {
   std::atomic<int64_t> arrived{0};
   std::atomic<bool> abort{false};
   std::chrono::steady_clock::time_point start, end;
   const Epilogue ep;
-  auto worker = [=, &ep, &arrived, &abort, &start, &end](int64_t t) {
+  auto worker = [=, &products, &ep, &arrived, &abort, &start, &end](int64_t t) {
     arrived.fetch_add(1);
     if (!WaitFor(arrived, threads, abort)) return;
     if (t == 0) start = std::chrono::steady_clock::now();
-    for (int64_t c0 = 0, call = 2; c0 < panels; c0 += kProbeCallPanels, ++call) {
-      const int64_t n = std::min(kProbeCallPanels, panels - c0);
-      RunOne<PF>(w, panels * kRows, K, x, y, ep, c0 + n * t / threads, c0 + n * (t + 1) / threads);
+    int64_t call = 2;
+    for (const ProbeProduct& p : products) {
+      RunOne<PF>(w + p.offset, p.panels * kRows, p.K, x, y, ep, p.panels * t / threads, p.panels * (t + 1) / threads);
       arrived.fetch_add(1);
-      WaitFor(arrived, call * threads, abort);
+      WaitFor(arrived, call++ * threads, abort);
     }
     if (t == 0) end = std::chrono::steady_clock::now();
   };
@@ -298,38 +302,66 @@ double ProbeRound(const float* w, int64_t panels, int64_t K, const float* x, flo
   }
   worker(0);
   for (auto& h : helpers) h.join();
-  return static_cast<double>(panels * K * kRows * sizeof(float)) / std::chrono::duration<double>(end - start).count() /
-         1e9;
+  int64_t floats = 0;
+  for (const ProbeProduct& p : products) floats += p.panels * p.K * kRows;
+  return static_cast<double>(floats * sizeof(float)) / std::chrono::duration<double>(end - start).count() / 1e9;
 }
 
 }  // namespace
 
-// The product of a batch-1 decode step (RunOne) over `bytes` of weights, far past the last-level cache, as ~3 MiB
-// products on `threads` threads (ProbeRound), `rounds` times each way, the order alternating: the weight stream as
-// decode reads it, so the choice is this machine's, measured. (On the Zen 3 VM, over one product of the whole buffer
-// the two measured level; over 3 MiB products prefetching measured 4-12% slower in 4 probes of 5, as in W1.)
-// gb_s[0] / gb_s[1]: the median GB/s without / with; both 0 if the memory or the threads could not be had.
-// (engine/kernels/__init__.py runs it once per library and machine, and sets prefetch_one_token.)
-extern "C" void MeshserveProbePrefetch(int64_t threads, int64_t bytes, int64_t rounds, double* gb_s) {
-  constexpr int64_t K = 1024, kHuge = int64_t{1} << 21;
+// The products of a batch-1 decode step (RunOne), both ways, on `threads` threads (ProbeRound), `rounds` times each,
+// the order alternating: the weight stream as this model's decode reads it, so the choice is this machine's and this
+// model's, measured. `shapes` holds n triples (panels, K, count): a step's products in order, each run `count` times
+// (a layer's products and the layer count, then the head's once); where a step holds more than `bytes` of weights,
+// each count is scaled down to fit (at least 1), and the products interleave as a step's layers do. Every product has
+// its own weights, far past the last-level cache when `bytes` is. (Panel length matters: on a 2-core Zen 5 VM,
+// prefetching measured +5% over 96-panel products of K = 576, SmolLM2's, and level over 128-panel ones of K = 1024.)
+// gb_s[0] / gb_s[1]: the median GB/s without / with; both 0 if the memory or the threads could not be had, or the
+// shapes are empty. (engine/kernels/__init__.py runs it once per machine, thread count and shapes.)
+extern "C" void MeshserveProbePrefetch(int64_t threads, int64_t bytes, int64_t rounds, const int64_t* shapes,
+                                       int64_t n, double* gb_s) {
+  constexpr int64_t kHuge = int64_t{1} << 21;
   gb_s[0] = gb_s[1] = 0.0;
   threads = std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, std::thread::hardware_concurrency()));
-  const int64_t panels = std::max<int64_t>(threads, bytes / (K * kRows * sizeof(float)));
-  const size_t size = (panels * K * kRows * sizeof(float) + kHuge - 1) / kHuge * kHuge;
+  double step = 0.0;
+  int64_t widest = 1, most = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (shapes[3 * i] < 1 || shapes[3 * i + 1] < 1 || shapes[3 * i + 2] < 1) return;
+    step += static_cast<double>(shapes[3 * i] * shapes[3 * i + 1] * kRows * sizeof(float)) * shapes[3 * i + 2];
+    widest = std::max(widest, shapes[3 * i + 1]);
+  }
+  if (n < 1) return;
+  const double scale = std::min(1.0, static_cast<double>(bytes) / step);
+  std::vector<int64_t> counts(n);
+  for (int64_t i = 0; i < n; ++i) {
+    counts[i] = std::max<int64_t>(1, std::llround(shapes[3 * i + 2] * scale));
+    most = std::max(most, counts[i]);
+  }
+  std::vector<ProbeProduct> products;  // round r runs every product whose count exceeds r, in the given order
+  int64_t floats = 0;
+  for (int64_t r = 0; r < most; ++r)
+    for (int64_t i = 0; i < n; ++i)
+      if (r < counts[i]) {
+        products.push_back({floats, shapes[3 * i], shapes[3 * i + 1]});
+        floats += shapes[3 * i] * shapes[3 * i + 1] * kRows;
+      }
+  const size_t size = (floats * sizeof(float) + kHuge - 1) / kHuge * kHuge;
   std::unique_ptr<float, decltype(&std::free)> w(static_cast<float*>(std::aligned_alloc(kHuge, size)), &std::free);
   if (w == nullptr) return;
   madvise(w.get(), size, MADV_HUGEPAGE);  // as the engine's weights (EngineConfig.huge_pages)
   std::fill_n(w.get(), size / sizeof(float), 1e-3f);
   try {  // no exception may cross into the caller (ctypes): thread or memory failures leave the zeros
-    std::vector<float> x(K, 1.0f), y(panels * kRows);
-    double (*const variants[2])(const float*, int64_t, int64_t, const float*, float*, int64_t) = {
+    int64_t out = 0;
+    for (const ProbeProduct& p : products) out = std::max(out, p.panels * kRows);
+    std::vector<float> x(widest, 1.0f), y(out);
+    double (*const variants[2])(const float*, const std::vector<ProbeProduct>&, const float*, float*, int64_t) = {
         ProbeRound<false>, ProbeRound<true>};
     std::vector<double> runs[2];
-    for (auto round : variants) round(w.get(), panels, K, x.data(), y.data(), threads);  // warm-up: pages, code
+    for (auto round : variants) round(w.get(), products, x.data(), y.data(), threads);  // warm-up: pages, code
     for (int64_t r = 0; r < std::max<int64_t>(1, rounds); ++r)
       for (int i = 0; i < 2; ++i) {
         const int v = r % 2 == 0 ? i : 1 - i;
-        runs[v].push_back(variants[v](w.get(), panels, K, x.data(), y.data(), threads));
+        runs[v].push_back(variants[v](w.get(), products, x.data(), y.data(), threads));
       }
     for (int v = 0; v < 2; ++v) {
       std::sort(runs[v].begin(), runs[v].end());
@@ -340,8 +372,6 @@ extern "C" void MeshserveProbePrefetch(int64_t threads, int64_t bytes, int64_t r
   }
 }
 
-extern "C" void MeshserveSetPrefetch(int on) { prefetch_one_token.store(on != 0); }
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveLinear, Linear,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -349,7 +379,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveLinear, Linear,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [K, M]
                                   .RemainingArgs()               // the residual [N, M], or nothing
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, M]
-                                  .Attr<bool>("gated"));
+                                  .Attr<bool>("gated")
+                                  .Attr<bool>("prefetch"));
 
 // How long the kernels' helper threads wait for the next call spinning before they sleep (process-wide); 0 hands
 // the work of every call to the XLA pool instead.
