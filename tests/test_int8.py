@@ -218,6 +218,9 @@ def test_int8_kernel_products_match_numpy(n, k, m):
 
     got = np.asarray(jax.jit(lambda w, x: kernels.packed_int8_product(w, x, n))(w, x))
     check(got, dense @ seen, dense @ x)
+    if m == 1:  # the one-token loop that prefetches (the engine's choice per model and machine): the same bits
+        prefetched = jax.jit(lambda w, x: kernels.packed_int8_product(w, x, n, prefetch=True))(w, x)
+        np.testing.assert_array_equal(np.asarray(prefetched), got)
     got = np.asarray(jax.jit(lambda w, x, r: kernels.packed_int8_product(w, x, n, residual=r))(w, x, residual))
     check(got, dense @ seen + residual, dense @ x + residual)
     w, dense = _packed(n, k, seed=n + k + 1, gated=True)

@@ -429,7 +429,7 @@ def test_prefetch_is_probed_once_per_model_or_forced(tmp_path, monkeypatch):
     (cache,) = tmp_path.glob(f"meshserve_kernels-test.prefetch-{probed['threads']}t-*.json")
     assert json.loads(cache.read_text()) == probed
 
-    def no_probe(lib, threads, products):
+    def no_probe(lib, threads, products, int8):
         raise AssertionError("probed twice")
 
     with monkeypatch.context() as m:
@@ -447,6 +447,8 @@ def test_prefetch_is_probed_once_per_model_or_forced(tmp_path, monkeypatch):
         assert kernels.one_token_prefetch(model)["source"] == "probe" and not missing.exists()
     monkeypatch.setattr(kernels.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(OSError("read-only")))
     assert kernels.one_token_prefetch(model)["source"] == "probe" and not cache.exists()  # a warning, still chosen
+    int8 = kernels.one_token_prefetch(one_token_products(smollm2, kernels.INT8_PANEL_ROWS), int8=True)
+    assert int8["source"] == "probe" and int8["gb_s_without"] > 0 and int8["gb_s_with"] > 0  # the int8 loop's own
     small = kernels.one_token_prefetch([(16, 64, 2)])
     assert small["prefetch"] is False and small["source"].startswith("not probed")
     for value in ("on", "off"):
@@ -500,17 +502,19 @@ def test_engine_decodes_the_same_with_packed_weights_and_with_xla_dots(num_slots
         np.testing.assert_array_equal(np.asarray(a), eng_x.params[name])
 
 
-def test_a_one_slot_engine_chooses_prefetching_for_its_model_and_decodes_the_same_either_way(monkeypatch):
-    """At one slot every product is a one-token one: the engine asks kernels.one_token_prefetch for its model (a tiny
-    one is not probed: off), and a forced choice decodes the same tokens and log-probabilities, bit for bit. Engines
-    of more slots never run that product and ask nothing."""
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_one_slot_engine_chooses_prefetching_for_its_model_and_decodes_the_same_either_way(quantize, monkeypatch):
+    """At one slot every product is a one-token one: the engine asks kernels.one_token_prefetch for its model and
+    weight format (a tiny model is not probed: off), and a forced choice decodes the same tokens and
+    log-probabilities, bit for bit. Engines of more slots never run that product and ask nothing."""
     cfg = tiny_config()
     params = init_params(cfg, jnp.float32)
     sampling = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=True)
     prompt = [int(t) for t in np.random.default_rng(5).integers(2, 256, 11)]
 
     def decode() -> tuple[dict | None, list[int], list[float]]:
-        eng = Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, num_slots=1, linear="kernel"))
+        config = dataclasses.replace(ENGINE_CONFIG, num_slots=1, linear="kernel", quantize=quantize)
+        eng = Engine(cfg, params, config)
         eng.insert(eng.prefill(prompt, sampling, seed=0), 0)
         tokens, logprobs = [], []
         while True:
@@ -527,9 +531,8 @@ def test_a_one_slot_engine_chooses_prefetching_for_its_model_and_decodes_the_sam
     choice_on, tokens_on, logprobs_on = decode()
     assert choice_on == {"prefetch": True, "source": kernels.PREFETCH_ENV}
     assert len(tokens) == 23 and tokens_on == tokens and logprobs_on == logprobs
-    assert (
-        Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, num_slots=16, linear="kernel")).kernel_prefetch is None
-    )
+    config = dataclasses.replace(ENGINE_CONFIG, num_slots=16, linear="kernel", quantize=quantize)
+    assert Engine(cfg, params, config).kernel_prefetch is None
 
 
 def test_auto_packs_weights_at_one_slot_and_from_16_slots_on_one_cpu_device_in_float32():

@@ -158,7 +158,7 @@ def load() -> Path:
         if not path.exists():
             _build(cxx, path)
         lib = ctypes.cdll.LoadLibrary(str(path))
-        lib.MeshserveProbePrefetch.restype = None
+        lib.MeshserveProbePrefetch.restype = lib.MeshserveProbePrefetchInt8.restype = None
         jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(lib.MeshserveDecodeAttention), platform="cpu")
         jax.ffi.register_ffi_target(
             DECODE_ATTENTION_INT8, jax.ffi.pycapsule(lib.MeshserveDecodeAttentionInt8), platform="cpu"
@@ -183,15 +183,17 @@ def _forced_prefetch() -> bool | None:
     return forced == "on"
 
 
-def one_token_prefetch(products: Sequence[tuple[int, int, int]]) -> dict:
-    """Whether the one-token product (`linear` at M = 1, a batch-1 decode step's) should prefetch its weights ahead
-    in software for a model whose step runs `products`: (panels, K, count) triples in a step's order (a layer's
-    products with the layer count, then the head's once). From $MESHSERVE_KERNEL_PREFETCH, else a probe: those
-    products streamed on every core (scaled down to PROBE_BYTES), with and without, in alternating rounds
-    (MeshserveProbePrefetch in linear.cc); on only where PREFETCH_MARGIN faster. Which way is faster depends on the
-    CPU and on the products' shapes (measured: +5% over SmolLM2's K = 576 panels on a Zen 5 VM, level over K = 1024
-    ones; 2-6% slower on a Zen 3 VM), hence per model. The result is kept beside the library per thread count and
-    shapes (`<library>.prefetch-<threads>t-<digest>.json`), so a machine probes once per model (~0.5 s); a lock file
+def one_token_prefetch(products: Sequence[tuple[int, int, int]], *, int8: bool = False) -> dict:
+    """Whether the one-token product (`linear`, or with `int8` `linear_int8`, at M = 1: a batch-1 decode step's)
+    should prefetch its weights ahead in software for a model whose step runs `products`: (panels, K, count) triples
+    in a step's order (a layer's products with the layer count, then the head's once; panels of PANEL_ROWS rows, or
+    INT8_PANEL_ROWS with `int8`). From $MESHSERVE_KERNEL_PREFETCH, else a probe: those products streamed on every
+    core (scaled down to PROBE_BYTES), with and without, in alternating rounds (MeshserveProbePrefetch in linear.cc,
+    MeshserveProbePrefetchInt8 in linear_int8.cc); on only where PREFETCH_MARGIN faster. Which way is faster depends
+    on the CPU and on the products' shapes (float32 on a Zen 5 VM: 1.01-1.06x with over SmolLM2's K = 576 panels,
+    level over K = 1024 ones; on a Zen 3 VM 2-6% slower), hence per model and format. The result is kept beside the
+    library per thread count, format and shapes (`<library>.prefetch-<threads>t-<digest>.json`), so a machine probes
+    once per model (~0.5 s); a lock file
     keeps processes that load at once from probing together (each would see half the bandwidth). A step of under
     PROBE_MIN_BYTES is not probed (off). Prefetching changes no result, only the speed. Returns {"prefetch": bool,
     "source": ...} (a probe's with its GB/s without and with, and its threads). Builds the kernels if needed."""
@@ -201,17 +203,18 @@ def one_token_prefetch(products: Sequence[tuple[int, int, int]]) -> dict:
     forced = _forced_prefetch()
     if forced is not None:
         return {"prefetch": forced, "source": PREFETCH_ENV}
-    step = sum(p * k * PANEL_ROWS * 4 * n for p, k, n in products)
+    panel_bytes = INT8_PANEL_ROWS if int8 else PANEL_ROWS * 4
+    step = sum(p * k * panel_bytes * n for p, k, n in products)
     if step < PROBE_MIN_BYTES:
         return {"prefetch": False, "source": f"not probed: {step / 2**20:.1f} MiB of weights a step"}
     path = load()
     threads = _threads()
-    digest = hashlib.sha256(json.dumps(products).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps([int8, products]).encode()).hexdigest()[:12]
     cache = path.with_name(f"{path.stem}.prefetch-{threads}t-{digest}.json")
     with _probe_lock(path.with_name(path.stem + ".prefetch.lock")):
         choice = _cached_choice(cache)
         if choice is None:
-            choice = _probe_prefetch(_loaded[0], threads, products)
+            choice = _probe_prefetch(_loaded[0], threads, products, int8)
             if choice["source"] == "probe":
                 _store_choice(cache, choice)
     return choice
@@ -262,10 +265,11 @@ def _store_choice(cache: Path, choice: dict) -> None:
                 os.unlink(tmp)
 
 
-def _probe_prefetch(lib: ctypes.CDLL, threads: int, products: list[tuple[int, int, int]]) -> dict:
+def _probe_prefetch(lib: ctypes.CDLL, threads: int, products: list[tuple[int, int, int]], int8: bool) -> dict:
     gb_s = (ctypes.c_double * 2)()
     shapes = (ctypes.c_int64 * (3 * len(products)))(*[v for p in products for v in p])
-    lib.MeshserveProbePrefetch(
+    probe = lib.MeshserveProbePrefetchInt8 if int8 else lib.MeshserveProbePrefetch
+    probe(
         ctypes.c_int64(threads),
         ctypes.c_int64(PROBE_BYTES),
         ctypes.c_int64(PROBE_ROUNDS),
@@ -284,8 +288,9 @@ def _probe_prefetch(lib: ctypes.CDLL, threads: int, products: list[tuple[int, in
         "gb_s_with": gb_s[1],
     }
     log.info(
-        "CPU kernels: the one-token product prefetches %s for this model (probe on %d threads: %.1f GB/s without, "
+        "CPU kernels: the %s one-token product prefetches %s for this model (probe on %d threads: %.1f GB/s without, "
         "%.1f with)",
+        "int8" if int8 else "float32",
         "on" if choice["prefetch"] else "nothing",
         threads,
         gb_s[0],
@@ -460,12 +465,14 @@ def linear_int8(
     *,
     residual: jax.Array | None = None,
     gated: bool = False,
+    prefetch: bool = False,
 ) -> jax.Array:
     """y [N, M] = (Q * scale) x for an int8 weight Q [N, K] packed in panels of INT8_PANEL_ROWS rows (wq [ceil(N /
     32), K, 32], scale [ceil(N / 32) * 32], see `engine.quant.pack`) and x [K, M] float32; plus `residual` [N, M]
     when given (its buffer is reused for y where XLA can give it up). gated: wq holds a gate and an up weight [N, K]
-    each, packed by `engine.quant.pack_gated` ([ceil(N / 16), K, 32]), and y = silu(gate x) * (up x). Call `load()`
-    first."""
+    each, packed by `engine.quant.pack_gated` ([ceil(N / 16), K, 32]), and y = silu(gate x) * (up x). prefetch: at
+    M = 1, prefetch the weights ahead in software (`one_token_prefetch(..., int8=True)` says whether that pays for a
+    model on this machine; the result is the same). Call `load()` first."""
     if wq.dtype != jnp.int8 or scale.dtype != jnp.float32 or x.dtype != jnp.float32:
         raise TypeError(
             f"the CPU int8 linear kernel takes int8 weights, float32 scales and activations, got "
@@ -485,12 +492,16 @@ def linear_int8(
         )
     out = jax.ShapeDtypeStruct((n, x.shape[1]), x.dtype)
     if residual is None:
-        return jax.ffi.ffi_call(LINEAR_INT8, out)(wq, scale, x, gated=gated)
+        return jax.ffi.ffi_call(LINEAR_INT8, out)(wq, scale, x, gated=gated, prefetch=prefetch)
     if residual.shape != out.shape or residual.dtype != x.dtype:
         raise ValueError(f"the residual must be {out.shape} {x.dtype}, got {residual.shape} {residual.dtype}")
-    return jax.ffi.ffi_call(LINEAR_INT8, out, input_output_aliases={3: 0})(wq, scale, x, residual, gated=gated)
+    return jax.ffi.ffi_call(LINEAR_INT8, out, input_output_aliases={3: 0})(
+        wq, scale, x, residual, gated=gated, prefetch=prefetch
+    )
 
 
-def packed_int8_product(w, x: jax.Array, n: int, *, residual: jax.Array | None = None, gated: bool = False):
+def packed_int8_product(
+    w, x: jax.Array, n: int, *, residual: jax.Array | None = None, gated: bool = False, prefetch: bool = False
+):
     """`linear_int8` on an engine.quant.Int8 packed weight: the product `engine.model.Packed` calls."""
-    return linear_int8(w.values, w.scale, x, n, residual=residual, gated=gated)
+    return linear_int8(w.values, w.scale, x, n, residual=residual, gated=gated, prefetch=prefetch)

@@ -5,15 +5,19 @@
 
 #include <immintrin.h>
 #include <pthread.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -250,6 +254,138 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, Body body) {
     pool.Schedule([work, run]() mutable { run(*work, work->started.fetch_add(1)); });
   run(*work, 0);
   while (work->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
+
+// ----- the prefetch probe (MeshserveProbePrefetch in linear.cc, MeshserveProbePrefetchInt8 in linear_int8.cc) -----
+// Whether a one-token product (a batch-1 decode step's) should prefetch its weights in software depends on the CPU
+// and on the products' shapes, so engine/kernels/__init__.py measures it per machine and model: the model's products
+// in a step's order, both ways, on every thread.
+
+// One product of the probe's sequence: `panels` panels of K features at `offset` elements into its weights.
+struct ProbeProduct {
+  int64_t offset, panels, K;
+};
+
+// The probe's sequence from n triples (panels, K, count): a step's products in order, each run `count` times (a
+// layer's products and the layer count, then the head's once). Where a step holds more than `bytes` of weights
+// (`panel_bytes` bytes per panel and feature), each count is scaled down to fit (at least 1), and the products
+// interleave as a step's layers do. Every product gets its own weights. Returns the elements the weights span (a
+// panel and feature hold panel_bytes / element size of them: `panel_elements`), or -1 for empty or bad shapes.
+inline int64_t PlanProbe(const int64_t* shapes, int64_t n, int64_t bytes, int64_t panel_bytes, int64_t panel_elements,
+                         std::vector<ProbeProduct>& products) {
+  if (n < 1) return -1;
+  double step = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (shapes[3 * i] < 1 || shapes[3 * i + 1] < 1 || shapes[3 * i + 2] < 1) return -1;
+    step += static_cast<double>(shapes[3 * i] * shapes[3 * i + 1] * panel_bytes) * shapes[3 * i + 2];
+  }
+  const double scale = std::min(1.0, static_cast<double>(bytes) / step);
+  std::vector<int64_t> counts(n);
+  int64_t most = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    counts[i] = std::max<int64_t>(1, std::llround(shapes[3 * i + 2] * scale));
+    most = std::max(most, counts[i]);
+  }
+  int64_t elements = 0;
+  for (int64_t r = 0; r < most; ++r)  // round r runs every product whose count exceeds r, in the given order
+    for (int64_t i = 0; i < n; ++i)
+      if (r < counts[i]) {
+        products.push_back({elements, shapes[3 * i], shapes[3 * i + 1]});
+        elements += shapes[3 * i] * shapes[3 * i + 1] * panel_elements;
+      }
+  return elements;
+}
+
+// `bytes` rounded up to 2 MiB pages, aligned to them and advised MADV_HUGEPAGE as the engine's weights are
+// (EngineConfig.huge_pages), filled with `value`; null if the memory cannot be had.
+template <typename T>
+std::unique_ptr<T, decltype(&std::free)> ProbeWeights(int64_t bytes, T value) {
+  constexpr int64_t kHuge = int64_t{1} << 21;
+  const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
+  std::unique_ptr<T, decltype(&std::free)> w(static_cast<T*>(std::aligned_alloc(kHuge, size)), &std::free);
+  if (w != nullptr) {
+    madvise(w.get(), size, MADV_HUGEPAGE);
+    std::fill_n(w.get(), size / sizeof(T), value);
+  }
+  return w;
+}
+
+// Spins until `count` reaches `target` (a barrier across the probe's threads), yielding now and then in case the
+// machine has fewer cores free than threads; false if `abort` was set meanwhile.
+inline bool ProbeWait(const std::atomic<int64_t>& count, int64_t target, const std::atomic<bool>& abort) {
+  for (int spins = 1; count.load() < target; ++spins) {
+    if (abort.load()) return false;
+    _mm_pause();
+    if (spins % 256 == 0) std::this_thread::yield();
+  }
+  return true;
+}
+
+// GB/s of one pass over the probe's products, one after another as a decode step runs them: every thread runs
+// product(p, p0, p1), its equal share of panels [p0, p1), and all wait for the slowest before the next (the ends of
+// calls are where a prefetch overshoots). The clock runs from when every thread has started to when the last product
+// is done: thread start-up is not timed. `bytes`: the weights' bytes over all products.
+template <typename Product>
+double ProbeRound(const std::vector<ProbeProduct>& products, int64_t threads, double bytes, const Product& product) {
+  std::atomic<int64_t> arrived{0};
+  std::atomic<bool> abort{false};
+  std::chrono::steady_clock::time_point start, end;
+  auto worker = [&](int64_t t) {
+    arrived.fetch_add(1);
+    if (!ProbeWait(arrived, threads, abort)) return;
+    if (t == 0) start = std::chrono::steady_clock::now();
+    int64_t call = 2;
+    for (const ProbeProduct& p : products) {
+      product(p, p.panels * t / threads, p.panels * (t + 1) / threads);
+      arrived.fetch_add(1);
+      ProbeWait(arrived, call++ * threads, abort);
+    }
+    if (t == 0) end = std::chrono::steady_clock::now();
+  };
+  std::vector<std::thread> helpers;
+  try {
+    helpers.reserve(threads - 1);
+    for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(worker, t);
+  } catch (...) {  // the helpers started wait for the rest at the first barrier: release them, then give up
+    abort.store(true);
+    for (auto& h : helpers) h.join();
+    throw;
+  }
+  worker(0);
+  for (auto& h : helpers) h.join();
+  return bytes / std::chrono::duration<double>(end - start).count() / 1e9;
+}
+
+// The probe proper: `rounds` passes each way (without(p, p0, p1) and with(p, p0, p1): the same product compiled
+// without and with prefetches) in alternating order after one warm-up pass each (pages, code); gb_s[0] / gb_s[1]
+// the median GB/s without / with. Leaves them 0 if threads or memory could not be had: no exception may cross into
+// the caller (ctypes).
+template <typename Without, typename With>
+void ProbeBothWays(const std::vector<ProbeProduct>& products, int64_t threads, int64_t rounds, double bytes,
+                   const Without& without, const With& with, double* gb_s) {
+  try {
+    auto run = [&](int v) {
+      return v == 0 ? ProbeRound(products, threads, bytes, without) : ProbeRound(products, threads, bytes, with);
+    };
+    std::vector<double> runs[2];
+    run(0), run(1);
+    for (int64_t r = 0; r < std::max<int64_t>(1, rounds); ++r)
+      for (int i = 0; i < 2; ++i) {
+        const int v = r % 2 == 0 ? i : 1 - i;
+        runs[v].push_back(run(v));
+      }
+    for (int v = 0; v < 2; ++v) {
+      std::sort(runs[v].begin(), runs[v].end());
+      gb_s[v] = runs[v][runs[v].size() / 2];
+    }
+  } catch (...) {
+    gb_s[0] = gb_s[1] = 0.0;
+  }
+}
+
+// The threads a probe runs on: as asked, at least 1, at most the machine's.
+inline int64_t ProbeThreads(int64_t threads) {
+  return std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, std::thread::hardware_concurrency()));
 }
 
 }  // namespace meshserve

@@ -252,121 +252,36 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wp, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-// One product of the probe's sequence: `panels` panels of K features at `offset` floats into its weights.
-struct ProbeProduct {
-  int64_t offset, panels, K;
-};
-
-// Spins until `count` reaches `target` (a barrier across the probe's threads), yielding now and then in case the
-// machine has fewer cores free than threads; false if `abort` was set meanwhile.
-inline bool WaitFor(const std::atomic<int64_t>& count, int64_t target, const std::atomic<bool>& abort) {
-  for (int spins = 1; count.load() < target; ++spins) {
-    if (abort.load()) return false;
-    _mm_pause();
-    if (spins % 256 == 0) std::this_thread::yield();
-  }
-  return true;
-}
-
-// GB/s of one pass of RunOne over the probe's products, one after another as a decode step runs them, every thread
-// an equal share of each and all waiting for the slowest before the next (the ends of calls are where a prefetch
-// overshoots). The clock runs from when every thread has started to when the last product is done: thread start-up
-// is not timed.
-template <bool PF>
-double ProbeRound(const float* w, const std::vector<ProbeProduct>& products, const float* x, float* y,
-                  int64_t threads) {
-  std::atomic<int64_t> arrived{0};
-  std::atomic<bool> abort{false};
-  std::chrono::steady_clock::time_point start, end;
-  const Epilogue ep;
-  auto worker = [=, &products, &ep, &arrived, &abort, &start, &end](int64_t t) {
-    arrived.fetch_add(1);
-    if (!WaitFor(arrived, threads, abort)) return;
-    if (t == 0) start = std::chrono::steady_clock::now();
-    int64_t call = 2;
-    for (const ProbeProduct& p : products) {
-      RunOne<PF>(w + p.offset, p.panels * kRows, p.K, x, y, ep, p.panels * t / threads, p.panels * (t + 1) / threads);
-      arrived.fetch_add(1);
-      WaitFor(arrived, call++ * threads, abort);
-    }
-    if (t == 0) end = std::chrono::steady_clock::now();
-  };
-  std::vector<std::thread> helpers;
-  try {
-    helpers.reserve(threads - 1);
-    for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(worker, t);
-  } catch (...) {  // the helpers started wait for the rest at the first barrier: release them, then give up
-    abort.store(true);
-    for (auto& h : helpers) h.join();
-    throw;
-  }
-  worker(0);
-  for (auto& h : helpers) h.join();
-  int64_t floats = 0;
-  for (const ProbeProduct& p : products) floats += p.panels * p.K * kRows;
-  return static_cast<double>(floats * sizeof(float)) / std::chrono::duration<double>(end - start).count() / 1e9;
-}
-
 }  // namespace
 
-// The products of a batch-1 decode step (RunOne), both ways, on `threads` threads (ProbeRound), `rounds` times each,
-// the order alternating: the weight stream as this model's decode reads it, so the choice is this machine's and this
-// model's, measured. `shapes` holds n triples (panels, K, count): a step's products in order, each run `count` times
-// (a layer's products and the layer count, then the head's once); where a step holds more than `bytes` of weights,
-// each count is scaled down to fit (at least 1), and the products interleave as a step's layers do. Every product has
-// its own weights, far past the last-level cache when `bytes` is. (Panel length matters: on a 2-core Zen 5 VM,
-// prefetching measured +5% over 96-panel products of K = 576, SmolLM2's, and level over 128-panel ones of K = 1024.)
-// gb_s[0] / gb_s[1]: the median GB/s without / with; both 0 if the memory or the threads could not be had, or the
-// shapes are empty. (engine/kernels/__init__.py runs it once per machine, thread count and shapes.)
+// The float32 products of a batch-1 decode step (RunOne), without and with prefetches, on `threads` threads,
+// `rounds` times each (common.h: ProbeBothWays): `shapes` holds n (panels, K, count) triples, a step's products in
+// order scaled to `bytes` (PlanProbe). (Panel length matters: on a 2-core Zen 5 VM prefetching measured 1.01-1.06x
+// over 96-panel products of K = 576, SmolLM2's, and level over 128-panel ones of K = 1024.) gb_s[0] / gb_s[1]: the
+// median GB/s without / with; both 0 if the memory or the threads could not be had, or the shapes are empty or bad.
+// (engine/kernels/__init__.py runs it once per machine, thread count and shapes.)
 extern "C" void MeshserveProbePrefetch(int64_t threads, int64_t bytes, int64_t rounds, const int64_t* shapes,
                                        int64_t n, double* gb_s) {
-  constexpr int64_t kHuge = int64_t{1} << 21;
   gb_s[0] = gb_s[1] = 0.0;
-  threads = std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, std::thread::hardware_concurrency()));
-  double step = 0.0;
-  int64_t widest = 1, most = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (shapes[3 * i] < 1 || shapes[3 * i + 1] < 1 || shapes[3 * i + 2] < 1) return;
-    step += static_cast<double>(shapes[3 * i] * shapes[3 * i + 1] * kRows * sizeof(float)) * shapes[3 * i + 2];
-    widest = std::max(widest, shapes[3 * i + 1]);
-  }
-  if (n < 1) return;
-  const double scale = std::min(1.0, static_cast<double>(bytes) / step);
-  std::vector<int64_t> counts(n);
-  for (int64_t i = 0; i < n; ++i) {
-    counts[i] = std::max<int64_t>(1, std::llround(shapes[3 * i + 2] * scale));
-    most = std::max(most, counts[i]);
-  }
-  std::vector<ProbeProduct> products;  // round r runs every product whose count exceeds r, in the given order
-  int64_t floats = 0;
-  for (int64_t r = 0; r < most; ++r)
-    for (int64_t i = 0; i < n; ++i)
-      if (r < counts[i]) {
-        products.push_back({floats, shapes[3 * i], shapes[3 * i + 1]});
-        floats += shapes[3 * i] * shapes[3 * i + 1] * kRows;
-      }
-  const size_t size = (floats * sizeof(float) + kHuge - 1) / kHuge * kHuge;
-  std::unique_ptr<float, decltype(&std::free)> w(static_cast<float*>(std::aligned_alloc(kHuge, size)), &std::free);
-  if (w == nullptr) return;
-  madvise(w.get(), size, MADV_HUGEPAGE);  // as the engine's weights (EngineConfig.huge_pages)
-  std::fill_n(w.get(), size / sizeof(float), 1e-3f);
-  try {  // no exception may cross into the caller (ctypes): thread or memory failures leave the zeros
-    int64_t out = 0;
-    for (const ProbeProduct& p : products) out = std::max(out, p.panels * kRows);
+  try {  // no exception may cross into the caller (ctypes)
+    std::vector<meshserve::ProbeProduct> products;
+    const int64_t floats = meshserve::PlanProbe(shapes, n, bytes, kRows * sizeof(float), kRows, products);
+    if (floats < 0) return;
+    auto w = meshserve::ProbeWeights<float>(floats * sizeof(float), 1e-3f);
+    if (w == nullptr) return;
+    int64_t widest = 1, out = 1;
+    for (const auto& p : products) widest = std::max(widest, p.K), out = std::max(out, p.panels * kRows);
     std::vector<float> x(widest, 1.0f), y(out);
-    double (*const variants[2])(const float*, const std::vector<ProbeProduct>&, const float*, float*, int64_t) = {
-        ProbeRound<false>, ProbeRound<true>};
-    std::vector<double> runs[2];
-    for (auto round : variants) round(w.get(), products, x.data(), y.data(), threads);  // warm-up: pages, code
-    for (int64_t r = 0; r < std::max<int64_t>(1, rounds); ++r)
-      for (int i = 0; i < 2; ++i) {
-        const int v = r % 2 == 0 ? i : 1 - i;
-        runs[v].push_back(variants[v](w.get(), products, x.data(), y.data(), threads));
-      }
-    for (int v = 0; v < 2; ++v) {
-      std::sort(runs[v].begin(), runs[v].end());
-      gb_s[v] = runs[v][runs[v].size() / 2];
-    }
+    const Epilogue ep;
+    const float* weights = w.get();
+    auto product = [&](auto pf) {
+      return [&, pf](const meshserve::ProbeProduct& p, int64_t p0, int64_t p1) {
+        RunOne<decltype(pf)::value>(weights + p.offset, p.panels * kRows, p.K, x.data(), y.data(), ep, p0, p1);
+      };
+    };
+    meshserve::ProbeBothWays(products, meshserve::ProbeThreads(threads), rounds,
+                             static_cast<double>(floats) * sizeof(float), product(std::false_type{}),
+                             product(std::true_type{}), gb_s);
   } catch (...) {
     gb_s[0] = gb_s[1] = 0.0;
   }

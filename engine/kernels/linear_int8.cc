@@ -123,13 +123,15 @@ void Tile(const W* __restrict panel, int64_t K, const float* __restrict x, int64
     for (int v = 0; v < kRowVecs; ++v) out[t][v] = acc[t][v];
 }
 
-// One token: two accumulator pairs over alternating input features (a single chain would wait on each add).
+// One token: two accumulator pairs over alternating input features (a single chain would wait on each add). PF:
+// prefetch kPrefetchOne ahead (the engine's choice per model and machine: MeshserveProbePrefetchInt8 below).
+template <bool PF>
 void TileOne(const int8_t* __restrict panel, int64_t K, const float* __restrict x, int64_t M, int64_t m,
              Vec (*out)[kRowVecs]) {
   Vec a[2][kRowVecs] = {};
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
-    __builtin_prefetch(panel + k * kRows + kPrefetchOne, 0, 3);
+    if constexpr (PF) __builtin_prefetch(panel + k * kRows + kPrefetchOne, 0, 3);
     for (int j = 0; j < 2; ++j) {
       const float xv = x[(k + j) * M + m];
       for (int v = 0; v < kRowVecs; ++v) a[j][v] += LoadInt8(panel + (k + j) * kRows + v * kLanes) * xv;
@@ -145,7 +147,7 @@ void TileOne(const int8_t* __restrict panel, int64_t K, const float* __restrict 
 // kTokens tokens (3 with AVX2); the values and sums are the same either way. (Used below the integer paths' fewest
 // tokens; before the AVX2 integer path, at 64 tokens on a 2-core Zen 3 VM: a [3072, 576] product 79 -> 90 GFLOP/s.)
 void Run(const int8_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y, const Epilogue& ep, int64_t p0,
-         int64_t p1, int64_t m0, int64_t m1, std::vector<float>& wide) {
+         int64_t p1, int64_t m0, int64_t m1, std::vector<float>& wide, bool prefetch_one) {
   const int64_t out = ep.Rows();
   const bool widen = m1 - m0 > kTokens;
   if (widen) wide.resize(K * kRows);
@@ -171,7 +173,10 @@ void Run(const int8_t* w, int64_t N, int64_t K, const float* x, int64_t M, float
         MESHSERVE_TILE(8) MESHSERVE_TILE(9) MESHSERVE_TILE(10) MESHSERVE_TILE(11) MESHSERVE_TILE(12)
 #undef MESHSERVE_TILE
         default:
-          TileOne(panel, K, x, M, m, acc);
+          if (prefetch_one)
+            TileOne<true>(panel, K, x, M, m, acc);
+          else
+            TileOne<false>(panel, K, x, M, m, acc);
       }
       Finish(acc, tokens, ep.scale + p * kRows, ep, r0, rows, y, M, m);
     }
@@ -477,7 +482,8 @@ static_assert(kMaddTokens <= kMaxTileTokens, "Finish's buffer holds a tile");
 #endif  // AVX2 without VNNI
 
 ffi::Error LinearInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> wq, ffi::Buffer<ffi::F32> scale,
-                      ffi::Buffer<ffi::F32> x, ffi::RemainingArgs rest, ffi::ResultBuffer<ffi::F32> y, bool gated) {
+                      ffi::Buffer<ffi::F32> x, ffi::RemainingArgs rest, ffi::ResultBuffer<ffi::F32> y, bool gated,
+                      bool prefetch) {
   const auto wd = wq.dimensions(), xd = x.dimensions(), yd = y->dimensions();
   if (wd.size() != 3 || wd[2] != kRows) return ffi::Error::InvalidArgument("the packed weight must be [P, K, 32]");
   if (static_cast<int64_t>(scale.element_count()) != wd[0] * kRows) return ffi::Error::InvalidArgument("the scale must be [P * 32]");
@@ -557,7 +563,7 @@ ffi::Error LinearInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> wq, ffi::Buffer
   meshserve::ParallelFor(pool, runs * blocks, [=, wide = std::vector<float>()](int64_t item) mutable {
     const int64_t m0 = (item % blocks) * kTokenBlock, m1 = std::min(M, m0 + kTokenBlock);
     const int64_t p0 = (item / blocks) * run, p1 = std::min(panels, p0 + run);
-    Run(w, N, K, xs, M, ys, ep, p0, p1, m0, m1, wide);
+    Run(w, N, K, xs, M, ys, ep, p0, p1, m0, m1, wide, prefetch);
   });
   return ffi::Error::Success();
 }
@@ -572,7 +578,40 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveLinearInt8, LinearInt8,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [K, M]
                                   .RemainingArgs()               // the residual [N, M], or nothing
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, M]
-                                  .Attr<bool>("gated"));
+                                  .Attr<bool>("gated")
+                                  .Attr<bool>("prefetch"));  // at one token (see TileOne)
+
+// The int8 products of a batch-1 decode step (Run at one token: TileOne), without and with prefetches, as
+// MeshserveProbePrefetch in linear.cc measures the float32 ones: `shapes` holds n (panels of 32 rows, K, count)
+// triples. gb_s[0] / gb_s[1]: the median GB/s of int8 weights without / with; both 0 if the memory or the threads
+// could not be had, or the shapes are empty or bad.
+extern "C" void MeshserveProbePrefetchInt8(int64_t threads, int64_t bytes, int64_t rounds, const int64_t* shapes,
+                                           int64_t n, double* gb_s) {
+  gb_s[0] = gb_s[1] = 0.0;
+  try {  // no exception may cross into the caller (ctypes)
+    std::vector<meshserve::ProbeProduct> products;
+    const int64_t values = meshserve::PlanProbe(shapes, n, bytes, kRows, kRows, products);
+    if (values < 0) return;
+    auto w = meshserve::ProbeWeights<int8_t>(values, 1);
+    if (w == nullptr) return;
+    int64_t widest = 1, out = 1;
+    for (const auto& p : products) widest = std::max(widest, p.K), out = std::max(out, p.panels * kRows);
+    std::vector<float> x(widest, 1.0f), y(out), scale(out, 1e-3f);
+    Epilogue ep;
+    ep.scale = scale.data();
+    const int8_t* weights = w.get();
+    auto product = [&](bool pf) {
+      return [&, pf](const meshserve::ProbeProduct& p, int64_t p0, int64_t p1) {
+        std::vector<float> wide;  // unused at one token
+        Run(weights + p.offset, p.panels * kRows, p.K, x.data(), 1, y.data(), ep, p0, p1, 0, 1, wide, pf);
+      };
+    };
+    meshserve::ProbeBothWays(products, meshserve::ProbeThreads(threads), rounds, static_cast<double>(values),
+                             product(false), product(true), gb_s);
+  } catch (...) {
+    gb_s[0] = gb_s[1] = 0.0;
+  }
+}
 
 // The fewest tokens for which this build multiplies int8 activations (see the top), or 0 when it has no such path
 // (no AVX-512 VNNI / VBMI): tests compute their expected rounding from it.
