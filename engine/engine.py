@@ -437,17 +437,15 @@ class Engine(HostBook):
         # The model: constructed here and nowhere else; the kernels chosen above plug into it (None: XLA's ops).
         packed = None
         self.kernel_prefetch: dict | None = None
-        """Whether the one-token product prefetches its weights (kernels.one_token_prefetch's answer for this model
-        and weight format on this machine); None where no step runs it (XLA's products, or more than one slot)."""
+        """Whether the kernels' one-token products (every product of a one-slot decode step; the head of a prefill
+        of one prompt) prefetch their weights: kernels.one_token_prefetch's answer for this model and weight format
+        on this machine. None with XLA's products."""
         if self.linear == "kernel":
             int8 = config.quantize == "int8"
             rows = kernels.INT8_PANEL_ROWS if int8 else kernels.PANEL_ROWS
-            prefetch = False
-            if config.num_slots == 1:  # a decode step's products see one token only here
-                self.kernel_prefetch = kernels.one_token_prefetch(one_token_products(c, rows), int8=int8)
-                prefetch = self.kernel_prefetch["prefetch"]
+            self.kernel_prefetch = kernels.one_token_prefetch(one_token_products(c, rows), int8=int8)
             product = kernels.packed_int8_product if int8 else kernels.linear
-            packed = Packed(rows, functools.partial(product, prefetch=prefetch), int8=int8)
+            packed = Packed(rows, functools.partial(product, prefetch=self.kernel_prefetch["prefetch"]), int8=int8)
         attend = prefill_attend = None
         if self.attention == "kernel":
             attend = placement.kernel_attend(self.mesh, self.rules)

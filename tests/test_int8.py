@@ -218,9 +218,6 @@ def test_int8_kernel_products_match_numpy(n, k, m):
 
     got = np.asarray(jax.jit(lambda w, x: kernels.packed_int8_product(w, x, n))(w, x))
     check(got, dense @ seen, dense @ x)
-    if m == 1:  # the one-token loop that prefetches (the engine's choice per model and machine): the same bits
-        prefetched = jax.jit(lambda w, x: kernels.packed_int8_product(w, x, n, prefetch=True))(w, x)
-        np.testing.assert_array_equal(np.asarray(prefetched), got)
     got = np.asarray(jax.jit(lambda w, x, r: kernels.packed_int8_product(w, x, n, residual=r))(w, x, residual))
     check(got, dense @ seen + residual, dense @ x + residual)
     w, dense = _packed(n, k, seed=n + k + 1, gated=True)
@@ -230,6 +227,28 @@ def test_int8_kernel_products_match_numpy(n, k, m):
     np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
     if m > 2:
         assert not got[:, 2].any(), "an all-zero token gives zeros"
+
+
+@pytest.mark.parametrize("n, k", [(37, 50), (64, 576), (40, 1537)])
+def test_int8_one_token_product_is_the_same_with_and_without_prefetching(n, k):
+    """The one-token loop compiled both ways (the engine picks one per model and machine): the same bits, plain,
+    with a residual and gated."""
+    _kernels_or_skip()
+    rng = np.random.default_rng(n + k)
+    x, r = rng.normal(size=(k, 1)).astype(np.float32), rng.normal(size=(n, 1)).astype(np.float32)
+    (w, _), (g, _) = _packed(n, k, seed=n), _packed(n, k, seed=k, gated=True)
+
+    def products(prefetch):
+        return jax.jit(
+            lambda w, g, x, r: (
+                kernels.packed_int8_product(w, x, n, prefetch=prefetch),
+                kernels.packed_int8_product(w, x, n, residual=r, prefetch=prefetch),
+                kernels.packed_int8_product(g, x, n, gated=True, prefetch=prefetch),
+            )
+        )(w, g, x, r)
+
+    for a, b in zip(products(False), products(True), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("m", [1, 13])

@@ -437,6 +437,11 @@ def test_prefetch_is_probed_once_per_model_or_forced(tmp_path, monkeypatch):
         assert kernels.one_token_prefetch(model) == probed
         with pytest.raises(AssertionError, match="probed twice"):  # other shapes: their own probe
             kernels.one_token_prefetch([(96, 1024, 30)])
+    # decided again from the kept measurements with today's margin
+    monkeypatch.setattr(kernels, "PREFETCH_MARGIN", probed["gb_s_with"] / probed["gb_s_without"] * 2)
+    assert kernels.one_token_prefetch(model) == {**probed, "prefetch": False}
+    monkeypatch.setattr(kernels, "PREFETCH_MARGIN", probed["gb_s_with"] / probed["gb_s_without"] / 2)
+    assert kernels.one_token_prefetch(model) == {**probed, "prefetch": True}
     cache.write_text('{"prefetch": "yes"}')  # not a probe's result: probed again and rewritten
     assert kernels.one_token_prefetch(model)["source"] == "probe"
     assert json.loads(cache.read_text())["source"] == "probe"
@@ -503,10 +508,11 @@ def test_engine_decodes_the_same_with_packed_weights_and_with_xla_dots(num_slots
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_a_one_slot_engine_chooses_prefetching_for_its_model_and_decodes_the_same_either_way(quantize, monkeypatch):
-    """At one slot every product is a one-token one: the engine asks kernels.one_token_prefetch for its model and
-    weight format (a tiny model is not probed: off), and a forced choice decodes the same tokens and
-    log-probabilities, bit for bit. Engines of more slots never run that product and ask nothing."""
+def test_an_engine_chooses_prefetching_for_its_model_and_decodes_the_same_either_way(quantize, monkeypatch):
+    """At one slot every product is a one-token one (and at any slot count a prefill's head): the engine asks
+    kernels.one_token_prefetch for its model and weight format (a tiny model is not probed: off), hands the answer
+    to its products, and a forced choice decodes the same tokens and log-probabilities, bit for bit. An engine on
+    XLA's products asks nothing."""
     cfg = tiny_config()
     params = init_params(cfg, jnp.float32)
     sampling = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=True)
@@ -522,6 +528,7 @@ def test_a_one_slot_engine_chooses_prefetching_for_its_model_and_decodes_the_sam
             tokens += [int(t) for t, ok in zip(out.tokens[:, 0], out.valid[:, 0], strict=True) if ok]
             logprobs += [float(p) for p, ok in zip(out.logprob[:, 0], out.valid[:, 0], strict=True) if ok]
             if not out.active.any():
+                assert eng.model.packed.product.keywords == {"prefetch": eng.kernel_prefetch["prefetch"]}
                 return eng.kernel_prefetch, tokens, logprobs
 
     monkeypatch.delenv(kernels.PREFETCH_ENV, raising=False)
@@ -531,8 +538,11 @@ def test_a_one_slot_engine_chooses_prefetching_for_its_model_and_decodes_the_sam
     choice_on, tokens_on, logprobs_on = decode()
     assert choice_on == {"prefetch": True, "source": kernels.PREFETCH_ENV}
     assert len(tokens) == 23 and tokens_on == tokens and logprobs_on == logprobs
-    config = dataclasses.replace(ENGINE_CONFIG, num_slots=16, linear="kernel", quantize=quantize)
-    assert Engine(cfg, params, config).kernel_prefetch is None
+    assert Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, num_slots=16, linear="kernel")).kernel_prefetch == {
+        "prefetch": True,
+        "source": kernels.PREFETCH_ENV,
+    }
+    assert Engine(cfg, params, dataclasses.replace(ENGINE_CONFIG, num_slots=2, linear="xla")).kernel_prefetch is None
 
 
 def test_auto_packs_weights_at_one_slot_and_from_16_slots_on_one_cpu_device_in_float32():

@@ -209,7 +209,7 @@ def one_token_prefetch(products: Sequence[tuple[int, int, int]], *, int8: bool =
         return {"prefetch": False, "source": f"not probed: {step / 2**20:.1f} MiB of weights a step"}
     path = load()
     threads = _threads()
-    digest = hashlib.sha256(json.dumps([int8, products]).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps([int8, products, PROBE_BYTES, PROBE_ROUNDS]).encode()).hexdigest()[:12]
     cache = path.with_name(f"{path.stem}.prefetch-{threads}t-{digest}.json")
     with _probe_lock(path.with_name(path.stem + ".prefetch.lock")):
         choice = _cached_choice(cache)
@@ -241,12 +241,18 @@ def _threads() -> int:
 
 
 def _cached_choice(cache: Path) -> dict | None:
+    """A probe's kept result, decided again from its measurements with today's PREFETCH_MARGIN; None (probe again)
+    for anything else."""
     try:
         choice = json.loads(cache.read_text())
     except (OSError, ValueError):
         return None
-    ok = isinstance(choice, dict) and isinstance(choice.get("prefetch"), bool) and choice.get("source") == "probe"
-    return choice if ok else None  # anything else is probed again
+    if not isinstance(choice, dict) or choice.get("source") != "probe":
+        return None
+    gb_s = (choice.get("gb_s_without"), choice.get("gb_s_with"))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in gb_s):
+        return None
+    return {**choice, "prefetch": gb_s[1] > PREFETCH_MARGIN * gb_s[0]}
 
 
 def _store_choice(cache: Path, choice: dict) -> None:

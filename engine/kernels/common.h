@@ -268,9 +268,11 @@ struct ProbeProduct {
 
 // The probe's sequence from n triples (panels, K, count): a step's products in order, each run `count` times (a
 // layer's products and the layer count, then the head's once). Where a step holds more than `bytes` of weights
-// (`panel_bytes` bytes per panel and feature), each count is scaled down to fit (at least 1), and the products
-// interleave as a step's layers do. Every product gets its own weights. Returns the elements the weights span (a
-// panel and feature hold panel_bytes / element size of them: `panel_elements`), or -1 for empty or bad shapes.
+// (`panel_bytes` bytes per panel and feature), it is scaled down to fit: each count by the same factor, and a
+// product whose scaled count falls below 1 runs once with its panels scaled instead (a big model's head), so the
+// probe reads about `bytes`, in the step's proportions. The products interleave as a step's layers do, and every
+// product gets its own weights. Returns the elements the weights span (a panel and feature hold panel_bytes /
+// element size of them: `panel_elements`), or -1 for empty or bad shapes.
 inline int64_t PlanProbe(const int64_t* shapes, int64_t n, int64_t bytes, int64_t panel_bytes, int64_t panel_elements,
                          std::vector<ProbeProduct>& products) {
   if (n < 1) return -1;
@@ -280,18 +282,20 @@ inline int64_t PlanProbe(const int64_t* shapes, int64_t n, int64_t bytes, int64_
     step += static_cast<double>(shapes[3 * i] * shapes[3 * i + 1] * panel_bytes) * shapes[3 * i + 2];
   }
   const double scale = std::min(1.0, static_cast<double>(bytes) / step);
-  std::vector<int64_t> counts(n);
+  std::vector<int64_t> counts(n), panels(n);
   int64_t most = 0;
   for (int64_t i = 0; i < n; ++i) {
-    counts[i] = std::max<int64_t>(1, std::llround(shapes[3 * i + 2] * scale));
+    const double count = shapes[3 * i + 2] * scale;
+    counts[i] = count >= 1.0 ? std::llround(count) : 1;
+    panels[i] = count >= 1.0 ? shapes[3 * i] : std::max<int64_t>(1, std::llround(shapes[3 * i] * count));
     most = std::max(most, counts[i]);
   }
   int64_t elements = 0;
   for (int64_t r = 0; r < most; ++r)  // round r runs every product whose count exceeds r, in the given order
     for (int64_t i = 0; i < n; ++i)
       if (r < counts[i]) {
-        products.push_back({elements, shapes[3 * i], shapes[3 * i + 1]});
-        elements += shapes[3 * i] * shapes[3 * i + 1] * panel_elements;
+        products.push_back({elements, panels[i], shapes[3 * i + 1]});
+        elements += panels[i] * shapes[3 * i + 1] * panel_elements;
       }
   return elements;
 }
