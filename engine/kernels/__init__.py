@@ -193,10 +193,10 @@ def one_token_prefetch(products: Sequence[tuple[int, int, int]], *, int8: bool =
     on the CPU and on the products' shapes (float32 on a Zen 5 VM: 1.01-1.06x with over SmolLM2's K = 576 panels,
     level over K = 1024 ones; on a Zen 3 VM 2-6% slower), hence per model and format. The result is kept beside the
     library per thread count, format and shapes (`<library>.prefetch-<threads>t-<digest>.json`), so a machine probes
-    once per model (~0.5 s); a lock file
-    keeps processes that load at once from probing together (each would see half the bandwidth). A step of under
-    PROBE_MIN_BYTES is not probed (off). Prefetching changes no result, only the speed. Returns {"prefetch": bool,
-    "source": ...} (a probe's with its GB/s without and with, and its threads). Builds the kernels if needed."""
+    once per model (~0.1-0.7 s); a lock file keeps processes that load at once from probing together (each would see
+    half the bandwidth). A step of under PROBE_MIN_BYTES is not probed (off). Prefetching changes no result, only
+    the speed. Returns {"prefetch": bool, "source": ...} (a probe's with its GB/s without and with, and its
+    threads). Builds the kernels if needed."""
     products = [tuple(int(v) for v in p) for p in products]
     if any(len(p) != 3 or min(p) < 1 for p in products) or not products:
         raise ValueError(f"products must be (panels, K, count) triples of positive sizes, got {products}")
@@ -252,7 +252,12 @@ def _cached_choice(cache: Path) -> dict | None:
     gb_s = (choice.get("gb_s_without"), choice.get("gb_s_with"))
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in gb_s):
         return None
-    return {**choice, "prefetch": gb_s[1] > PREFETCH_MARGIN * gb_s[0]}
+    return {**choice, "prefetch": _pays(*gb_s)}
+
+
+def _pays(gb_s_without: float, gb_s_with: float) -> bool:
+    """The probe's rule: prefetching only where PREFETCH_MARGIN faster."""
+    return gb_s_with > PREFETCH_MARGIN * gb_s_without
 
 
 def _store_choice(cache: Path, choice: dict) -> None:
@@ -287,7 +292,7 @@ def _probe_prefetch(lib: ctypes.CDLL, threads: int, products: list[tuple[int, in
         log.warning("the prefetch probe could not run (memory or threads): the one-token product prefetches nothing")
         return {"prefetch": False, "source": "default: probe failed"}
     choice = {
-        "prefetch": gb_s[1] > PREFETCH_MARGIN * gb_s[0],
+        "prefetch": _pays(gb_s[0], gb_s[1]),
         "source": "probe",
         "threads": threads,
         "gb_s_without": gb_s[0],
